@@ -1,0 +1,74 @@
+"""What trains for each task of a sequence: all weights, one shared LoRA, or one LoRA expert per task (via peft).
+
+All LoRA work is peft's: `get_peft_model` wraps the model the first time an adapter is needed, `add_adapter`
+adds the next expert, `set_adapter` makes it the (only) trainable and active one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+SHARED_ADAPTER = "default"
+
+
+def expert_name(task_name: str) -> str:
+    """Adapter name of a task's expert under `lora_per_task` (peft adapter names are plain identifiers)."""
+    return "expert_" + "".join(c if c.isalnum() or c == "_" else "_" for c in task_name)
+
+
+def is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def lora_config(args: Any):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules),
+    )
+
+
+def adapter_for_task(strategy: str, task_name: str) -> str | None:
+    """The adapter that holds what was learned for `task_name` (None: the model's own weights)."""
+    if strategy == "full":
+        return None
+    if strategy == "shared_lora":
+        return SHARED_ADAPTER
+    return expert_name(task_name)
+
+
+def prepare_task_parameters(model: torch.nn.Module, strategy: str, task_name: str, args: Any) -> torch.nn.Module:
+    """Make the parameters of `task_name` trainable and return the (possibly newly wrapped) model.
+
+    * ``full``: the model as it is (every parameter that requires grad trains);
+    * ``shared_lora``: wrap once in a peft LoRA model (adapter ``default``) and keep training it;
+    * ``lora_per_task``: one adapter per task (``expert_<task>``), created on first use and activated.
+    """
+    adapter = adapter_for_task(strategy, task_name)
+    if adapter is None:
+        return model
+    from peft import get_peft_model
+
+    if not is_peft_model(model):
+        return get_peft_model(model, lora_config(args), adapter_name=adapter)
+    if adapter not in model.peft_config:
+        model.add_adapter(adapter, lora_config(args))
+    model.set_adapter(adapter)
+    return model
+
+
+def activate_adapter(model: torch.nn.Module, adapter: str | None) -> None:
+    """Activate `adapter` for inference (no-op for models without adapters or unknown names)."""
+    if adapter is None or not is_peft_model(model) or adapter not in model.peft_config:
+        return
+    model.set_adapter(adapter)

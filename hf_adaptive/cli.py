@@ -1,0 +1,222 @@
+"""`hf-adaptive demo` (the main job) and `hf-adaptive run CONFIG.yaml` (any run, through `HfArgumentParser`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEMO_OUTPUT_DIR = "outputs/demo"
+
+
+@dataclass
+class ModelArguments:
+    """Which causal LM to train."""
+
+    model_name_or_path: str = field(
+        default="tiny-gemma",
+        metadata={"help": "'tiny-gemma' (the embedded default, built offline) or any causal LM name or path."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa or flash_attention_2 (needs the `flash` extra)."}
+    )
+    quantization: str | None = field(default=None, metadata={"help": "None, '8bit' or '4bit' (bitsandbytes)."})
+    torch_dtype: str | None = field(default=None, metadata={"help": "e.g. bfloat16; None keeps the default."})
+
+
+@dataclass
+class TaskArguments:
+    """Which tasks, in which order, and which plugins."""
+
+    tasks: list[str] = field(
+        default_factory=lambda: [],
+        metadata={"help": "Task names: built-in ones (see `hf_adaptive.tasks.RULES`) or 'glue/<name>' (needs the "
+                  "network or a local GLUE copy). Empty: the built-in default suite."},
+    )
+    n_train: int = field(default=256, metadata={"help": "Training examples per built-in task (GLUE: max, 0 = all)."})
+    n_eval: int = field(default=128, metadata={"help": "Evaluation examples per built-in task (GLUE: max, 0 = all)."})
+    task_seed: int = field(default=0, metadata={"help": "Seed of the built-in task generator."})
+    glue_data_dir: str | None = field(default=None, metadata={"help": "Local folder with GLUE files (offline)."})
+    plugins: list[str] = field(
+        default_factory=lambda: [],
+        metadata={"help": "Plugins built from the ContinualConfig options, e.g. ewc replay (see hf_adaptive.registry)."},
+    )
+    joint_upper_bound: bool = field(
+        default=False, metadata={"help": "Also train one model on all tasks at once and report it as the upper bound."}
+    )
+    joint_num_train_epochs: float | None = field(
+        default=None, metadata={"help": "Epochs of the joint run over the union of tasks (None: num_train_epochs)."}
+    )
+    joint_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the joint run (None: learning_rate)."}
+    )
+
+
+def build_tasks(task_args: TaskArguments, tokenizer=None) -> list:
+    from .tasks import DEFAULT_SUITE, builtin_suite
+    from .tasks.glue import load_glue_task
+
+    names = list(task_args.tasks) or list(DEFAULT_SUITE)
+    tasks = []
+    for name in names:
+        if name.startswith("glue/"):
+            limit = lambda n: n or None  # noqa: E731
+            tasks.append(
+                load_glue_task(name.split("/", 1)[1], data_dir=task_args.glue_data_dir,
+                               max_train=limit(task_args.n_train), max_eval=limit(task_args.n_eval))
+            )
+        else:
+            tasks.extend(builtin_suite([name], n_train=task_args.n_train, n_eval=task_args.n_eval,
+                                       seed=task_args.task_seed))
+    return tasks
+
+
+def run_sequence(model_args: ModelArguments, task_args: TaskArguments, config: Any) -> dict[str, Any]:
+    """Build model, tokenizer, tasks and plugins, run the sequence (and the joint bound), return the summary."""
+    from transformers import set_seed
+
+    from .models import load_model_and_tokenizer
+    from .registry import build_plugins
+    from .trainer import ContinualTrainer
+
+    set_seed(config.seed)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.model_name_or_path, model_args.attn_implementation, model_args.quantization,
+        model_args.torch_dtype, seed=config.seed,
+    )
+    tasks = build_tasks(task_args, tokenizer)
+    trainer = ContinualTrainer(
+        model=model, args=config, processing_class=tokenizer, callbacks=build_plugins(task_args.plugins, config)
+    )
+    result = trainer.train_sequence(tasks, resume_from_checkpoint=config.resume_from_checkpoint or None)
+    summary: dict[str, Any] = {"metrics": result.metrics(), "output_dir": config.output_dir}
+    if task_args.joint_upper_bound:
+        joint_model, _ = load_model_and_tokenizer(
+            model_args.model_name_or_path, model_args.attn_implementation, model_args.quantization,
+            model_args.torch_dtype, seed=config.seed,
+        )
+        joint_config = _replace(
+            config,
+            output_dir=os.path.join(config.output_dir, "joint"),
+            num_train_epochs=task_args.joint_num_train_epochs or config.num_train_epochs,
+            learning_rate=task_args.joint_learning_rate or config.learning_rate,
+            resume_from_checkpoint=None,
+        )
+        joint = ContinualTrainer(model=joint_model, args=joint_config, processing_class=tokenizer)
+        accuracies = joint.train_joint(tasks)
+        result.extra["joint_upper_bound"] = dict(zip(result.task_names, accuracies))
+        result.extra["joint_avg_acc"] = sum(accuracies) / len(accuracies)
+        summary["joint_avg_acc"] = result.extra["joint_avg_acc"]
+        if config.should_save:
+            result.save(config.output_dir, plot=config.save_results_plot)
+        if joint.is_world_process_zero():
+            print(f"\njoint multi-task upper bound: avg_acc={result.extra['joint_avg_acc']:.4f}", flush=True)
+    return summary
+
+
+def _replace(config: Any, **changes: Any) -> Any:
+    """A copy of a TrainingArguments subclass with some fields changed (re-running its validation)."""
+    import dataclasses
+
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    values.update(changes)
+    return type(config)(**values)
+
+
+def demo_arguments(output_dir: str = DEMO_OUTPUT_DIR, quick: bool = False, seed: int = 0):
+    """The main job: naive sequential full fine-tuning of the tiny Gemma on the built-in suite."""
+    from .config import ContinualConfig
+
+    model_args = ModelArguments()
+    task_args = TaskArguments(
+        n_train=128 if quick else 256,
+        n_eval=64 if quick else 128,
+        joint_upper_bound=not quick,
+        joint_num_train_epochs=40,
+        joint_learning_rate=1e-3,
+    )
+    config = ContinualConfig(
+        output_dir=output_dir,
+        adapter_strategy="full",
+        num_train_epochs=2 if quick else 20,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=20,
+        weight_decay=0.0,
+        logging_steps=20,
+        save_strategy="epoch",
+        save_total_limit=1,
+        report_to=[],
+        seed=seed,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    return model_args, task_args, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="hf-adaptive", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="continual-learning run on the embedded default (tiny Gemma, built-in suite)")
+    demo.add_argument("--output-dir", default=DEMO_OUTPUT_DIR)
+    demo.add_argument("--quick", action="store_true", help="fewer examples and epochs (a smoke run)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    run = sub.add_parser("run", help="any run: a YAML/JSON config file and/or --flags of the dataclasses",
+                         add_help=False)
+    run.add_argument("rest", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv[:1] if argv and argv[0] == "run" else argv)
+
+    if ns.command == "demo":
+        model_args, task_args, config = demo_arguments(ns.output_dir, ns.quick, ns.seed)
+        if ns.resume:
+            config.resume_from_checkpoint = ns.output_dir
+        summary = run_sequence(model_args, task_args, config)
+    else:
+        model_args, task_args, config = parse_run_arguments(argv[1:])
+        summary = run_sequence(model_args, task_args, config)
+    print(json.dumps(summary, indent=2), flush=True)
+    return 0
+
+
+def parse_run_arguments(argv: list[str]):
+    """`CONFIG.yaml|json [--flag value ...]`: the file gives defaults, flags override them."""
+    import yaml
+    from transformers import HfArgumentParser
+
+    from .config import ContinualConfig
+
+    parser = HfArgumentParser((ModelArguments, TaskArguments, ContinualConfig))
+    values: dict[str, Any] = {}
+    if argv and not argv[0].startswith("-"):
+        path = Path(argv.pop(0))
+        if not path.is_file():
+            raise SystemExit(f"hf-adaptive run: config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        values = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+        if not isinstance(values, dict):
+            raise SystemExit(f"hf-adaptive run: {path} must hold a mapping of option names to values")
+    known = {f for dc in parser.dataclass_types for f in dc.__dataclass_fields__}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"hf-adaptive run: unknown option(s) {unknown} in the config file")
+    if argv:
+        # flags override the file: parse them with the file's values as defaults
+        for action in parser._actions:
+            if action.dest in values:
+                action.default = values[action.dest]
+                action.required = False
+        return parser.parse_args_into_dataclasses(args=argv)
+    if "output_dir" not in values:
+        values["output_dir"] = "outputs/run"
+    return parser.parse_dict(values)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""`ContinualConfig`: every continual-learning option, on top of `TrainingArguments`.
+
+Like TRL's `SFTConfig`, it is a `TrainingArguments` subclass, so it works with `HfArgumentParser`, YAML
+files and everything that already takes training arguments. Every option is validated in `__post_init__`;
+a bad value raises a `ValueError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+ADAPTER_STRATEGIES = ("full", "shared_lora", "lora_per_task")
+CONTINUAL_METRICS = ("avg_acc", "bwt", "fwt", "forgetting")
+EWC_MODES = ("separate", "online")
+FISHER_TYPES = ("empirical", "true")
+REPLAY_POLICIES = ("reservoir", "balanced")
+EARLY_STOPPING_METRICS = ("accuracy", "loss")
+
+
+def _fail(name: str, value, allowed: str) -> None:
+    raise ValueError(f"ContinualConfig.{name}={value!r} is not allowed: {allowed}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        _fail(name, value, f"choose one of {list(choices)}")
+
+
+def check_range(name: str, value, low=None, high=None, low_open=False, integer=False, optional=False) -> None:
+    """`low <= value <= high` (or `low < value` when `low_open`); `None` passes when `optional`."""
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        _fail(name, value, f"must be {kind}")
+    if isinstance(value, float) and math.isnan(value):
+        _fail(name, value, "must not be NaN")
+    bounds = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+    if high is not None:
+        bounds = f"{bounds} and <= {high}" if bounds else f"<= {high}"
+    if low is not None and (value <= low if low_open else value < low):
+        _fail(name, value, f"must be {bounds}")
+    if high is not None and value > high:
+        _fail(name, value, f"must be {bounds}")
+
+
+@dataclass
+class ContinualConfig(TrainingArguments):
+    """Training arguments plus the options of a continual run and of the built-in plugins."""
+
+    # --- task sequence -------------------------------------------------------------------------------
+    adapter_strategy: str = field(
+        default="full",
+        metadata={
+            "help": "What trains for each task: 'full' (all trainable parameters of the model), 'shared_lora' "
+            "(one LoRA adapter shared by all tasks) or 'lora_per_task' (a new LoRA expert per task).",
+            "choices": list(ADAPTER_STRATEGIES),
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Module names LoRA adapts (peft `target_modules`)."},
+    )
+    evaluate_unseen_tasks: bool = field(
+        default=True,
+        metadata={"help": "Also evaluate tasks not trained yet, and before the first task (needed for FWT)."},
+    )
+    continual_eval_batch_size: int = field(
+        default=64, metadata={"help": "Examples per batch when scoring tasks by rank classification."}
+    )
+    continual_eval_limit: int | None = field(
+        default=None, metadata={"help": "Score at most this many evaluation examples per task (None: all)."}
+    )
+    continual_metrics: list[str] = field(
+        default_factory=lambda: list(CONTINUAL_METRICS),
+        metadata={"help": f"Continual metrics to report, from {list(CONTINUAL_METRICS)}."},
+    )
+    save_results_plot: bool = field(default=True, metadata={"help": "Write the accuracy matrix as a PNG heatmap."})
+
+    # --- EWC ----------------------------------------------------------------------------------------
+    ewc_lambda: float = field(
+        default=0.0, metadata={"help": "EWC strength lambda in (lambda/2) sum F (theta - theta*)^2; 0 disables EWC."}
+    )
+    ewc_mode: str = field(
+        default="separate",
+        metadata={"help": "'separate' (one Fisher and anchor per task) or 'online' (decayed running Fisher).",
+                  "choices": list(EWC_MODES)},
+    )
+    ewc_gamma: float = field(default=1.0, metadata={"help": "Online EWC decay of the old Fisher, in [0, 1]."})
+    fisher_samples: int = field(default=50, metadata={"help": "Examples of a task used for its Fisher."})
+    fisher_type: str = field(
+        default="empirical",
+        metadata={"help": "'empirical' (dataset labels) or 'true' (labels sampled from the model).",
+                  "choices": list(FISHER_TYPES)},
+    )
+    fisher_chunk_size: int = field(default=16, metadata={"help": "Per-sample gradients computed per vmap chunk."})
+    gamma_gated_ewc: bool = field(
+        default=False, metadata={"help": "Scale how much new Fisher accumulates by the neuromodulatory gamma gain."}
+    )
+    gamma_gain_lambda: float = field(default=3.0, metadata={"help": "Global scale of the gamma gain (>= 0)."})
+    ewc_fixed_lambda_bypass_gamma: bool = field(
+        default=False, metadata={"help": "Ignore the gamma gain even when gamma_gated_ewc is on."}
+    )
+
+    # --- replay -------------------------------------------------------------------------------------
+    replay_alpha: float = field(default=0.0, metadata={"help": "Weight of the replay loss, in [0, 1]; 0 disables."})
+    replay_buffer_size: int = field(default=200, metadata={"help": "Examples kept in the replay memory."})
+    replay_policy: str = field(
+        default="balanced",
+        metadata={"help": "'reservoir' or 'balanced' (equal share per task).", "choices": list(REPLAY_POLICIES)},
+    )
+    replay_batch_size: int = field(default=8, metadata={"help": "Replayed examples per training step."})
+    generative_replay_ratio: float = field(
+        default=0.0, metadata={"help": "Pseudo-examples generated per new-task example (LAMOL); 0 disables."}
+    )
+    feature_replay_alpha: float = field(
+        default=0.0, metadata={"help": "Weight of the feature-distillation loss, in [0, 1]; 0 disables."}
+    )
+
+    # --- early stopping of adapter training ---------------------------------------------------------
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Epochs without improvement before a task stops; None disables."}
+    )
+    early_stopping_metric: str = field(
+        default="accuracy",
+        metadata={"help": "'accuracy' (maximized) or 'loss' (minimized).", "choices": list(EARLY_STOPPING_METRICS)},
+    )
+    early_stopping_min_epochs: int = field(default=1, metadata={"help": "Epochs always run before stopping."})
+    early_stopping_min_delta: float = field(default=0.001, metadata={"help": "Smallest change that counts."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("adapter_strategy", self.adapter_strategy, ADAPTER_STRATEGIES)
+        check_range("lora_r", self.lora_r, 1, integer=True)
+        check_range("lora_alpha", self.lora_alpha, 0, low_open=True)
+        check_range("lora_dropout", self.lora_dropout, 0, 0.999)
+        if not self.lora_target_modules or not all(isinstance(m, str) and m for m in self.lora_target_modules):
+            _fail("lora_target_modules", self.lora_target_modules, "must be a non-empty list of module names")
+        check_range("continual_eval_batch_size", self.continual_eval_batch_size, 1, integer=True)
+        check_range("continual_eval_limit", self.continual_eval_limit, 1, integer=True, optional=True)
+        for metric in self.continual_metrics:
+            check_choice("continual_metrics", metric, CONTINUAL_METRICS)
+        check_range("ewc_lambda", self.ewc_lambda, 0)
+        check_choice("ewc_mode", self.ewc_mode, EWC_MODES)
+        check_range("ewc_gamma", self.ewc_gamma, 0, 1)
+        check_range("fisher_samples", self.fisher_samples, 1, integer=True)
+        check_choice("fisher_type", self.fisher_type, FISHER_TYPES)
+        check_range("fisher_chunk_size", self.fisher_chunk_size, 1, integer=True)
+        check_range("gamma_gain_lambda", self.gamma_gain_lambda, 0)
+        check_range("replay_alpha", self.replay_alpha, 0, 1)
+        check_range("replay_buffer_size", self.replay_buffer_size, 1, integer=True)
+        check_choice("replay_policy", self.replay_policy, REPLAY_POLICIES)
+        check_range("replay_batch_size", self.replay_batch_size, 1, integer=True)
+        check_range("generative_replay_ratio", self.generative_replay_ratio, 0)
+        check_range("feature_replay_alpha", self.feature_replay_alpha, 0, 1)
+        check_range("early_stopping_patience", self.early_stopping_patience, 1, integer=True, optional=True)
+        check_choice("early_stopping_metric", self.early_stopping_metric, EARLY_STOPPING_METRICS)
+        check_range("early_stopping_min_epochs", self.early_stopping_min_epochs, 0, integer=True)
+        check_range("early_stopping_min_delta", self.early_stopping_min_delta, 0)

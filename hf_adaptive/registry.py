@@ -1,0 +1,35 @@
+"""Plugins and callbacks by name, so that YAML configs and `hf-adaptive run --plugins ...` can name them.
+
+Each entry is imported lazily and built with its `from_config(config)` classmethod, which reads the matching
+`ContinualConfig` options (e.g. `ewc_lambda` for "ewc").
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+PLUGINS: dict[str, str] = {
+    "ewc": "hf_adaptive.consolidation:EWCPlugin",
+    "early_stopping": "hf_adaptive.consolidation:AdapterEarlyStoppingCallback",
+    "replay": "hf_adaptive.replay:ReplayPlugin",
+    "generative_replay": "hf_adaptive.replay:GenerativeReplayPlugin",
+    "feature_replay": "hf_adaptive.replay:FeatureReplayPlugin",
+    "adaptive_scheduler": "hf_adaptive.scheduling:AdaptiveSchedulerCallback",
+    "freezing": "hf_adaptive.scheduling:SelectiveFreezingCallback",
+}
+
+
+def plugin_class(name: str) -> type:
+    if name not in PLUGINS:
+        raise ValueError(f"plugins: unknown plugin name={name!r}; allowed: {sorted(PLUGINS)}")
+    module, attr = PLUGINS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_plugins(names: Sequence[str], config: Any) -> list[Any]:
+    """One instance per name, configured from `config` (a `ContinualConfig`)."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"plugins: names must be unique, got {list(names)}")
+    return [plugin_class(name).from_config(config) for name in names]
