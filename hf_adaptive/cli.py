@@ -34,8 +34,10 @@ class TaskArguments:
 
     tasks: list[str] = field(
         default_factory=lambda: [],
-        metadata={"help": "Task names: built-in ones (see `hf_adaptive.tasks.RULES`) or 'glue/<name>' (needs the "
-                  "network or a local GLUE copy). Empty: the built-in default suite."},
+        metadata={
+            "help": "Task names: built-in ones (see `hf_adaptive.tasks.RULES`) or 'glue/<name>' (needs the "
+            "network or a local GLUE copy). Empty: the built-in default suite."
+        },
     )
     n_train: int = field(default=256, metadata={"help": "Training examples per built-in task (GLUE: max, 0 = all)."})
     n_eval: int = field(default=128, metadata={"help": "Evaluation examples per built-in task (GLUE: max, 0 = all)."})
@@ -43,7 +45,9 @@ class TaskArguments:
     glue_data_dir: str | None = field(default=None, metadata={"help": "Local folder with GLUE files (offline)."})
     plugins: list[str] = field(
         default_factory=lambda: [],
-        metadata={"help": "Plugins built from the ContinualConfig options, e.g. ewc replay (see hf_adaptive.registry)."},
+        metadata={
+            "help": "Plugins built from the ContinualConfig options, e.g. ewc replay (see hf_adaptive.registry)."
+        },
     )
     joint_upper_bound: bool = field(
         default=False, metadata={"help": "Also train one model on all tasks at once and report it as the upper bound."}
@@ -66,12 +70,17 @@ def build_tasks(task_args: TaskArguments, tokenizer=None) -> list:
         if name.startswith("glue/"):
             limit = lambda n: n or None  # noqa: E731
             tasks.append(
-                load_glue_task(name.split("/", 1)[1], data_dir=task_args.glue_data_dir,
-                               max_train=limit(task_args.n_train), max_eval=limit(task_args.n_eval))
+                load_glue_task(
+                    name.split("/", 1)[1],
+                    data_dir=task_args.glue_data_dir,
+                    max_train=limit(task_args.n_train),
+                    max_eval=limit(task_args.n_eval),
+                )
             )
         else:
-            tasks.extend(builtin_suite([name], n_train=task_args.n_train, n_eval=task_args.n_eval,
-                                       seed=task_args.task_seed))
+            tasks.extend(
+                builtin_suite([name], n_train=task_args.n_train, n_eval=task_args.n_eval, seed=task_args.task_seed)
+            )
     return tasks
 
 
@@ -85,8 +94,11 @@ def run_sequence(model_args: ModelArguments, task_args: TaskArguments, config: A
 
     set_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(
-        model_args.model_name_or_path, model_args.attn_implementation, model_args.quantization,
-        model_args.torch_dtype, seed=config.seed,
+        model_args.model_name_or_path,
+        model_args.attn_implementation,
+        model_args.quantization,
+        model_args.torch_dtype,
+        seed=config.seed,
     )
     tasks = build_tasks(task_args, tokenizer)
     trainer = ContinualTrainer(
@@ -96,8 +108,11 @@ def run_sequence(model_args: ModelArguments, task_args: TaskArguments, config: A
     summary: dict[str, Any] = {"metrics": result.metrics(), "output_dir": config.output_dir}
     if task_args.joint_upper_bound:
         joint_model, _ = load_model_and_tokenizer(
-            model_args.model_name_or_path, model_args.attn_implementation, model_args.quantization,
-            model_args.torch_dtype, seed=config.seed,
+            model_args.model_name_or_path,
+            model_args.attn_implementation,
+            model_args.quantization,
+            model_args.torch_dtype,
+            seed=config.seed,
         )
         joint_config = _replace(
             config,
@@ -168,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="fewer examples and epochs (a smoke run)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    run = sub.add_parser("run", help="any run: a YAML/JSON config file and/or --flags of the dataclasses",
-                         add_help=False)
+    run = sub.add_parser(
+        "run", help="any run: a YAML/JSON config file and/or --flags of the dataclasses", add_help=False
+    )
     run.add_argument("rest", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv[:1] if argv and argv[0] == "run" else argv)
 
@@ -181,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_args, task_args, config = parse_run_arguments(argv[1:])
         summary = run_sequence(model_args, task_args, config)
-    print(json.dumps(summary, indent=2), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2), flush=True)
     return 0
 
 

@@ -89,15 +89,19 @@ class ContinualConfig(TrainingArguments):
     )
     ewc_mode: str = field(
         default="separate",
-        metadata={"help": "'separate' (one Fisher and anchor per task) or 'online' (decayed running Fisher).",
-                  "choices": list(EWC_MODES)},
+        metadata={
+            "help": "'separate' (one Fisher and anchor per task) or 'online' (decayed running Fisher).",
+            "choices": list(EWC_MODES),
+        },
     )
     ewc_gamma: float = field(default=1.0, metadata={"help": "Online EWC decay of the old Fisher, in [0, 1]."})
     fisher_samples: int = field(default=50, metadata={"help": "Examples of a task used for its Fisher."})
     fisher_type: str = field(
         default="empirical",
-        metadata={"help": "'empirical' (dataset labels) or 'true' (labels sampled from the model).",
-                  "choices": list(FISHER_TYPES)},
+        metadata={
+            "help": "'empirical' (dataset labels) or 'true' (labels sampled from the model).",
+            "choices": list(FISHER_TYPES),
+        },
     )
     fisher_chunk_size: int = field(default=16, metadata={"help": "Per-sample gradients computed per vmap chunk."})
     gamma_gated_ewc: bool = field(

@@ -149,7 +149,9 @@ class ContinualTrainer(Trainer):
             self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
             self._term_counts[name] = self._term_counts.get(name, 0) + 1
         for name, weight in weights.items():
-            self._weights_last[name] = float(weight.detach().float().mean()) if torch.is_tensor(weight) else float(weight)
+            self._weights_last[name] = (
+                float(weight.detach().float().mean()) if torch.is_tensor(weight) else float(weight)
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add `loss_<term>` (mean since the last log, averaged over processes) and `weight_<term>` to training logs."""
@@ -345,8 +347,14 @@ class ContinualTrainer(Trainer):
 
         if state is None:
             baseline = self.evaluate_tasks(stream) if evaluate_baseline else None
-            state = {"task_names": names, "completed": 0, "matrix": [], "baseline": baseline, "train_time": [],
-                     "extra": {"train_loss": [], "steps": []}}
+            state = {
+                "task_names": names,
+                "completed": 0,
+                "matrix": [],
+                "baseline": baseline,
+                "train_time": [],
+                "extra": {"train_loss": [], "steps": []},
+            }
         start = state["completed"]
         original_output_dir = self.args.output_dir
         try:
@@ -381,7 +389,10 @@ class ContinualTrainer(Trainer):
             self.args.output_dir = original_output_dir
             self.current_task = None
         result = ContinualResult(
-            task_names=names, matrix=state["matrix"], baseline=state["baseline"], train_time=state["train_time"],
+            task_names=names,
+            matrix=state["matrix"],
+            baseline=state["baseline"],
+            train_time=state["train_time"],
             extra=state["extra"],
         )
         self._finish_sequence(base, result)

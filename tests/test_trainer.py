@@ -41,8 +41,15 @@ def _data(tokenizer, small_tasks, n=32):
 
 
 def _trainer(cls, model, args, tokenizer, train, evals, **kw):
-    return cls(model=model, args=args, train_dataset=train, eval_dataset=evals,
-               data_collator=CausalLMCollator(tokenizer), processing_class=tokenizer, **kw)
+    return cls(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evals,
+        data_collator=CausalLMCollator(tokenizer),
+        processing_class=tokenizer,
+        **kw,
+    )
 
 
 def _losses(trainer):
@@ -58,8 +65,15 @@ def test_drop_in_equality_with_trainer(tmp_path, tokenizer, small_tasks, make_ar
     results = {}
     for cls in (Trainer, ContinualTrainer):
         model, _ = build_tiny_gemma(tokenizer, seed=0)
-        args = make_args(tmp_path / cls.__name__, cls=TrainingArguments, gradient_accumulation_steps=accumulation,
-                         per_device_train_batch_size=4, num_train_epochs=2, save_strategy="steps", save_steps=4)
+        args = make_args(
+            tmp_path / cls.__name__,
+            cls=TrainingArguments,
+            gradient_accumulation_steps=accumulation,
+            per_device_train_batch_size=4,
+            num_train_epochs=2,
+            save_strategy="steps",
+            save_steps=4,
+        )
         trainer = _trainer(cls, model, args, tokenizer, train, evals)
         trainer.train()
         results[cls] = (
@@ -102,7 +116,7 @@ def test_loss_terms_are_added_weighted_and_logged(tmp_path, tiny_model, tokenize
     tiny_model.train()
     total = trainer.compute_loss(tiny_model, dict(tiny_batch))
     task = tiny_model(**tiny_batch).loss
-    l2 = sum((p ** 2).sum() for p in tiny_model.parameters())
+    l2 = sum((p**2).sum() for p in tiny_model.parameters())
     torch.testing.assert_close(total, task + 0.25 * l2)
     # evaluation is Trainer's: no terms
     tiny_model.eval()
@@ -124,8 +138,14 @@ def test_accumulation_scales_terms(tmp_path, tokenizer, small_tasks, make_args, 
     weights = []
     for batch, accumulation in ((8, 1), (4, 2)):
         model, _ = build_tiny_gemma(tokenizer, seed=0)
-        args = make_args(tmp_path / f"{batch}", per_device_train_batch_size=batch,
-                         gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.1, max_steps=1)
+        args = make_args(
+            tmp_path / f"{batch}",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=0.1,
+            max_steps=1,
+        )
         trainer = _trainer(ContinualTrainer, model, args, tokenizer, train, evals, callbacks=[L2Plugin(0.5)])
         if not scaled:
             trainer.model_accepts_loss_kwargs = False  # mean loss per micro-batch; Trainer divides by GA
@@ -150,16 +170,18 @@ def test_plugin_state_is_checkpointed_and_restored(tmp_path, tokenizer, small_ta
 
     model2, _ = build_tiny_gemma(tokenizer, seed=0)
     fresh = L2Plugin()
-    trainer = _trainer(ContinualTrainer, model2, make_args(tmp_path, max_steps=2), tokenizer, train, evals,
-                       callbacks=[fresh])
+    trainer = _trainer(
+        ContinualTrainer, model2, make_args(tmp_path, max_steps=2), tokenizer, train, evals, callbacks=[fresh]
+    )
     trainer.train(resume_from_checkpoint=str(ckpt))
     assert fresh.calls == 1 + 1  # restored 1 call from the checkpoint, then one more step
 
 
 def test_duplicate_term_names_are_rejected(tmp_path, tiny_model, tokenizer, small_tasks, tiny_batch, make_args):
     train, evals = _data(tokenizer, small_tasks, 8)
-    trainer = _trainer(ContinualTrainer, tiny_model, make_args(tmp_path), tokenizer, train, evals,
-                       callbacks=[L2Plugin(), L2Plugin()])
+    trainer = _trainer(
+        ContinualTrainer, tiny_model, make_args(tmp_path), tokenizer, train, evals, callbacks=[L2Plugin(), L2Plugin()]
+    )
     tiny_model.train()
     with pytest.raises(ValueError, match="duplicate loss term"):
         trainer.compute_loss(tiny_model, dict(tiny_batch))
@@ -167,7 +189,8 @@ def test_duplicate_term_names_are_rejected(tmp_path, tiny_model, tokenizer, smal
 
 def test_user_optimizer_instance_is_rejected_for_sequences(tmp_path, tiny_model, tokenizer, small_tasks, make_args):
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
-    trainer = ContinualTrainer(model=tiny_model, args=make_args(tmp_path), processing_class=tokenizer,
-                               optimizers=(opt, None))
+    trainer = ContinualTrainer(
+        model=tiny_model, args=make_args(tmp_path), processing_class=tokenizer, optimizers=(opt, None)
+    )
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         trainer.train_sequence(small_tasks)

@@ -33,8 +33,10 @@ class ContinualMetrics(evaluate.Metric):
             citation="Lopez-Paz & Ranzato 2017 (GEM); Chaudhry et al. 2018 (forgetting)",
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float64")),
-                 "references": datasets.Sequence(datasets.Value("float64"))}
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float64")),
+                    "references": datasets.Sequence(datasets.Value("float64")),
+                }
             ),
         )
 

@@ -44,7 +44,9 @@ def load_model_and_tokenizer(
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as err:  # pragma: no cover - depends on the optional extra
-            raise ImportError(f"quantization={quantization!r} needs bitsandbytes: pip install 'hf_adaptive[quant]'") from err
+            raise ImportError(
+                f"quantization={quantization!r} needs bitsandbytes: pip install 'hf_adaptive[quant]'"
+            ) from err
         from transformers import BitsAndBytesConfig
 
         model_kwargs["quantization_config"] = (

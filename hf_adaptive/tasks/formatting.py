@@ -116,7 +116,9 @@ def rank_classify(
     return preds, scores
 
 
-def task_accuracy(model, tokenizer, task: Task, split: str = "eval", batch_size: int = 64, limit: int | None = None) -> float:
+def task_accuracy(
+    model, tokenizer, task: Task, split: str = "eval", batch_size: int = 64, limit: int | None = None
+) -> float:
     """Rank-classification accuracy of `model` on the task's split."""
     data = task.eval_dataset if split == "eval" else task.train_dataset
     if limit is not None:

@@ -24,28 +24,42 @@ class GlueSpec:
 
 
 GLUE_TASKS: dict[str, GlueSpec] = {
-    "sst2": GlueSpec(("sentence",), ("negative", "positive"), "review: {text} sentiment:",
-                     "binary sentiment of a movie review sentence"),
-    "cola": GlueSpec(("sentence",), ("no", "yes"), "sentence: {text} grammatical:",
-                     "is the sentence grammatically acceptable"),
-    "rte": GlueSpec(("sentence1", "sentence2"), ("yes", "no"), "{text} entailment:",
-                    "does the first sentence entail the second"),
-    "mrpc": GlueSpec(("sentence1", "sentence2"), ("no", "yes"), "{text} paraphrase:",
-                     "are the two sentences paraphrases"),
-    "qnli": GlueSpec(("question", "sentence"), ("yes", "no"), "{text} answerable:",
-                     "does the sentence answer the question"),
-    "qqp": GlueSpec(("question1", "question2"), ("no", "yes"), "{text} duplicate:",
-                    "are the two questions duplicates"),
-    "wnli": GlueSpec(("sentence1", "sentence2"), ("no", "yes"), "{text} entailment:",
-                     "does the first sentence entail the second (Winograd)"),
+    "sst2": GlueSpec(
+        ("sentence",),
+        ("negative", "positive"),
+        "review: {text} sentiment:",
+        "binary sentiment of a movie review sentence",
+    ),
+    "cola": GlueSpec(
+        ("sentence",), ("no", "yes"), "sentence: {text} grammatical:", "is the sentence grammatically acceptable"
+    ),
+    "rte": GlueSpec(
+        ("sentence1", "sentence2"), ("yes", "no"), "{text} entailment:", "does the first sentence entail the second"
+    ),
+    "mrpc": GlueSpec(
+        ("sentence1", "sentence2"), ("no", "yes"), "{text} paraphrase:", "are the two sentences paraphrases"
+    ),
+    "qnli": GlueSpec(
+        ("question", "sentence"), ("yes", "no"), "{text} answerable:", "does the sentence answer the question"
+    ),
+    "qqp": GlueSpec(("question1", "question2"), ("no", "yes"), "{text} duplicate:", "are the two questions duplicates"),
+    "wnli": GlueSpec(
+        ("sentence1", "sentence2"),
+        ("no", "yes"),
+        "{text} entailment:",
+        "does the first sentence entail the second (Winograd)",
+    ),
 }
 _EXTENSIONS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
 
 
 def _join(spec: GlueSpec):
     def fn(example: dict) -> dict:
-        parts = [f"{f}: {example[f]}" for f in spec.text_fields] if len(spec.text_fields) > 1 else [
-            str(example[spec.text_fields[0]])]
+        parts = (
+            [f"{f}: {example[f]}" for f in spec.text_fields]
+            if len(spec.text_fields) > 1
+            else [str(example[spec.text_fields[0]])]
+        )
         return {"text": " ".join(parts), "label": int(example["label"])}
 
     return fn
@@ -62,8 +76,9 @@ def _local_split(data_dir: Path, name: str, split: str):
     raise FileNotFoundError(f"GLUE {name!r}: no {split} file under {data_dir / name} (tried {sorted(_EXTENSIONS)})")
 
 
-def load_glue_task(name: str, data_dir: str | None = None, max_train: int | None = None,
-                   max_eval: int | None = None, seed: int = 0) -> Task:
+def load_glue_task(
+    name: str, data_dir: str | None = None, max_train: int | None = None, max_eval: int | None = None, seed: int = 0
+) -> Task:
     """A GLUE task; evaluation uses the labelled `validation` split (GLUE's test labels are hidden)."""
     if name not in GLUE_TASKS:
         raise ValueError(f"load_glue_task: name={name!r} is not allowed; choose one of {sorted(GLUE_TASKS)}")
@@ -84,5 +99,12 @@ def load_glue_task(name: str, data_dir: str | None = None, max_train: int | None
         if limit is not None and limit < len(data):
             data = data.shuffle(seed=seed).select(range(limit))
         splits.append(data.map(_join(spec), remove_columns=data.column_names))
-    return Task(name=f"glue_{name}", train_dataset=splits[0], eval_dataset=splits[1], verbalizer=list(spec.verbalizer),
-                template=spec.template, description=spec.description, metadata={"source": GLUE_REPO, "config": name})
+    return Task(
+        name=f"glue_{name}",
+        train_dataset=splits[0],
+        eval_dataset=splits[1],
+        verbalizer=list(spec.verbalizer),
+        template=spec.template,
+        description=spec.description,
+        metadata={"source": GLUE_REPO, "config": name},
+    )

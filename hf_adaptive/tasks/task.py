@@ -34,7 +34,8 @@ class Task:
             raise ValueError(f"Task.template must contain '{{text}}', got {self.template!r} (task {self.name!r})")
         if len(self.verbalizer) < 2 or len(set(self.verbalizer)) != len(self.verbalizer):
             raise ValueError(
-                f"Task.verbalizer must hold at least 2 distinct label words, got {self.verbalizer!r} (task {self.name!r})"
+                f"Task.verbalizer must hold at least 2 distinct label words, got {self.verbalizer!r} "
+                f"(task {self.name!r})"
             )
         for split in ("train_dataset", "eval_dataset"):
             data = getattr(self, split)

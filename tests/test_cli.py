@@ -1,0 +1,132 @@
+"""The console script: `run CONFIG.yaml` with flag overrides, the demo, and a real 2-process accelerate launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_adaptive.cli import main, parse_run_arguments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_yaml_and_flags(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"output_dir": str(tmp_path / "o"), "tasks": ["has_cat"], "ewc_lambda": 5.0, "report_to": "none"}
+        )
+    )
+    model_args, task_args, args = parse_run_arguments([str(config), "--ewc_lambda", "7", "--n_train", "16"])
+    assert model_args.model_name_or_path == "tiny-gemma"
+    assert task_args.tasks == ["has_cat"] and task_args.n_train == 16
+    assert args.ewc_lambda == 7.0 and args.output_dir == str(tmp_path / "o")
+    _, _, args = parse_run_arguments([str(config)])
+    assert args.ewc_lambda == 5.0
+    config.write_text(yaml.safe_dump({"output_dir": "x", "no_such_option": 1}))
+    with pytest.raises(SystemExit, match="no_such_option"):
+        parse_run_arguments([str(config)])
+    config.write_text(yaml.safe_dump({"output_dir": "x", "replay_alpha": 3}))
+    with pytest.raises(ValueError, match="replay_alpha"):
+        parse_run_arguments([str(config)])
+
+
+def test_run_writes_results(tmp_path, capsys):
+    config = yaml.safe_load((ROOT / "examples" / "sequence.yaml").read_text())
+    config.update(
+        output_dir=str(tmp_path),
+        tasks=["first_color", "has_cat"],
+        n_train=16,
+        n_eval=8,
+        save_strategy="no",
+        ddp_backend=None,
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "=== task 2/2: has_cat ===" in out and "avg_acc=" in out and "bwt=" in out
+    assert json.loads((tmp_path / "results.json").read_text())["task_names"] == ["first_color", "has_cat"]
+
+
+def test_unknown_plugin_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown plugin name='nope'"):
+        main(
+            [
+                "run",
+                "--output_dir",
+                str(tmp_path),
+                "--plugins",
+                "nope",
+                "--report_to",
+                "none",
+                "--n_train",
+                "8",
+                "--n_eval",
+                "4",
+                "--tasks",
+                "has_cat",
+            ]
+        )
+
+
+def test_demo_quick_in_a_fresh_process(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_adaptive.cli", "demo", "--quick", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "avg_acc=" in out.stdout and "| after \\ on |" in out.stdout
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert len(result["matrix"]) == 5 and (tmp_path / "accuracy_matrix.png").exists()
+
+
+def test_accelerate_launch_two_processes(tmp_path):
+    """A real 2-process run (torch.distributed, gloo, CPU) of a LoRA-per-task sequence."""
+    config = yaml.safe_load((ROOT / "examples" / "sequence.yaml").read_text())
+    config.update(output_dir=str(tmp_path / "out"), tasks=["first_color", "has_cat"], n_train=32, n_eval=16)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "hf_adaptive.cli",
+        "run",
+        str(path),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    state = json.loads((tmp_path / "out" / "sequence_state.json").read_text())
+    # 32 rows, batch 8 per process, 2 processes, 2 epochs -> 4 optimizer steps per task (8 with one process)
+    assert state["extra"]["steps"] == [4, 4]
+    assert out.stdout.count('"metrics"') == 1  # the summary is printed by the main process only
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["matrix"]) == 2
