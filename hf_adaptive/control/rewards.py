@@ -1,0 +1,72 @@
+"""The gate controller's reward: validation-loss improvement plus an efficiency bonus, squashed and smoothed.
+
+    improvement = (previous_loss - current_loss) / max(previous_loss, eps)
+    reward      = tanh(improvement + efficiency_factor * pruned_fraction)
+    smoothed    = ema_decay * smoothed + (1 - ema_decay) * reward      (the first reward starts the average)
+
+The improvement is *relative* (normalised by the previous loss) so that the same efficiency factor means the
+same trade-off whether the loss is 3.0 early in training or 0.05 late: a 1% loss increase is worth the same
+number of pruned heads at any scale. `tanh` keeps rewards in (-1, 1) so that value targets and advantages
+stay in a stable range; the exponential moving average damps the noise of a small validation subset.
+An `ema_decay` of 0 disables the smoothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+_EPS = 1e-8
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        raise ValueError(f"gate_reward: {name}={value!r} is not allowed: a number in [0, 1]")
+
+
+def gate_reward(previous_loss: float, current_loss: float, pruned_fraction: float, efficiency_factor: float) -> float:
+    """`tanh(relative loss improvement + efficiency_factor * pruned_fraction)` (see the module docstring)."""
+    _check_fraction("pruned_fraction", pruned_fraction)
+    for name, value in (("previous_loss", previous_loss), ("current_loss", current_loss)):
+        if not math.isfinite(value):
+            raise ValueError(f"gate_reward: {name}={value!r} is not allowed: a finite number")
+    improvement = (previous_loss - current_loss) / max(abs(previous_loss), _EPS)
+    return math.tanh(improvement + efficiency_factor * pruned_fraction)
+
+
+class RewardTracker:
+    """Turns a stream of losses into smoothed rewards; remembers the previous loss and the running average."""
+
+    def __init__(self, efficiency_factor: float = 0.1, ema_decay: float = 0.0) -> None:
+        if not (0.0 <= ema_decay < 1.0):
+            raise ValueError(f"RewardTracker.ema_decay={ema_decay!r} is not allowed: a number in [0, 1)")
+        if not math.isfinite(efficiency_factor):
+            raise ValueError(f"RewardTracker.efficiency_factor={efficiency_factor!r} is not allowed: a finite number")
+        self.efficiency_factor = float(efficiency_factor)
+        self.ema_decay = float(ema_decay)
+        self.previous_loss: float | None = None
+        self.ema: float | None = None
+        self.last_raw: float | None = None
+
+    def smooth(self, reward: float) -> float:
+        """Fold `reward` into the moving average and return the new average."""
+        self.ema = reward if self.ema is None else self.ema_decay * self.ema + (1.0 - self.ema_decay) * reward
+        self.last_raw = float(reward)
+        return self.ema
+
+    def observe(self, loss: float, pruned_fraction: float) -> float | None:
+        """Record a new loss; the smoothed reward, or None for the first loss (nothing to compare with)."""
+        if not math.isfinite(loss):
+            raise ValueError(f"RewardTracker.observe: loss={loss!r} is not allowed: a finite number")
+        previous, self.previous_loss = self.previous_loss, float(loss)
+        if previous is None:
+            return None
+        return self.smooth(gate_reward(previous, loss, pruned_fraction, self.efficiency_factor))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous_loss": self.previous_loss, "ema": self.ema, "last_raw": self.last_raw}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.previous_loss = state["previous_loss"]
+        self.ema = state["ema"]
+        self.last_raw = state["last_raw"]

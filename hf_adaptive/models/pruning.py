@@ -1,0 +1,241 @@
+"""Physical head pruning: remove query heads (and key/value heads no longer used) from the projection weights.
+
+transformers 5.x has no `prune_heads`, and its attention modules read the head count from the weight shapes
+(`view(*, -1, head_dim)`) and the GQA fan-out from `module.num_key_value_groups`. So pruning a layer means:
+slice the q rows / o columns of the kept query heads, keep the k/v rows of the kv heads that still serve a
+query head, and set `num_key_value_groups`. GQA needs every kv head to serve the same number `g` of
+consecutive query heads; when pruning leaves kv groups of unequal size c_i, `g = gcd(c_i)` and kv head i is
+stored `c_i / g` times (exact; costs a little kv memory, never more than the unpruned layer). A layer that
+loses every head keeps one query head whose o_proj columns are zeroed (exactly what gates at 0 compute).
+
+The per-layer layout is written into the config as `pruned_heads_layout`:
+    {"<layer>": {"heads": [original query head ids kept], "kv_heads": [original kv head id of each kv slot],
+                 "zeroed": bool}}
+The stock model classes size every layer from `num_attention_heads`, so a plain `from_pretrained` refuses the
+checkpoint (size mismatch). Two ways back: `load_pruned_model(path)` (hf_adaptive installed: empty model from
+the config, every layer reshaped from the layout, then the weights), or, since `save_pruned_model` also writes a
+self-contained modeling file and an `auto_map` into the folder, `AutoModelForCausalLM.from_pretrained(path,
+trust_remote_code=True)` anywhere transformers is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import pruned_modeling
+from .gated import attention_modules
+from .pruned_modeling import LAYOUT_KEY, reshape_to_layout, set_bookkeeping
+
+REMOTE_CODE_FILE = "modeling_pruned_heads.py"
+
+
+def _base(linear: nn.Module) -> nn.Linear:
+    if hasattr(linear, "base_layer"):
+        raise ValueError("prune_heads: the attention projections carry peft adapters; merge_and_unload() first")
+    return linear
+
+
+def current_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The per-layer head layout of `model` (the identity layout for an unpruned model)."""
+    stored = getattr(model.config, LAYOUT_KEY, None) or {}
+    layout = {}
+    for i, attn in enumerate(attention_modules(model)):
+        if str(i) in stored:
+            layout[str(i)] = {k: (list(v) if isinstance(v, list) else v) for k, v in stored[str(i)].items()}
+            continue
+        hd = int(attn.head_dim)
+        nq = _base(attn.q_proj).out_features // hd
+        nkv = _base(attn.k_proj).out_features // hd
+        layout[str(i)] = {"heads": list(range(nq)), "kv_heads": list(range(nkv)), "zeroed": False}
+    return layout
+
+
+def _slice_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(
+        linear.in_features,
+        len(rows),
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[rows])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[rows])
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def _slice_cols(linear: nn.Linear, cols: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(
+        len(cols),
+        linear.out_features,
+        bias=linear.bias is not None,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[:, cols])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def _rows(heads: list[int], hd: int) -> torch.Tensor:
+    return torch.tensor([h * hd + d for h in heads for d in range(hd)], dtype=torch.long)
+
+
+def _plan(layout: dict[str, Any], drop: set[int]) -> tuple[list[int], list[int], list[int], list[int], bool]:
+    """New (heads, kv_heads) in original ids + the current slots to take them from; GQA-consistent."""
+    heads, kv_heads = layout["heads"], layout["kv_heads"]
+    group = len(heads) // len(kv_heads)
+    # current query slot j is served by current kv slot j // group, i.e. original kv head kv_heads[j // group]
+    keep = [j for j, h in enumerate(heads) if h not in drop and not layout.get("zeroed", False)]
+    zeroed = not keep
+    if zeroed:  # keep one head, zero its output: exact equivalent of all gates at 0, no 0-sized tensors
+        keep = [0]
+    by_kv: dict[int, list[int]] = {}
+    for j in keep:
+        by_kv.setdefault(kv_heads[j // group], []).append(j)
+    g = math.gcd(*(len(v) for v in by_kv.values()))
+    q_slots, kv_slots, new_heads, new_kv = [], [], [], []
+    for kv_orig, slots in by_kv.items():  # dict order = order of first appearance = original head order
+        first_kv_slot = slots[0] // group
+        for c in range(len(slots) // g):
+            kv_slots.append(first_kv_slot)
+            new_kv.append(kv_orig)
+            for j in slots[c * g : (c + 1) * g]:
+                q_slots.append(j)
+                new_heads.append(heads[j])
+    return new_heads, new_kv, q_slots, kv_slots, zeroed
+
+
+def prune_heads(model: nn.Module, heads_to_prune: Mapping[int, list[int]] | Mapping[str, list[int]]) -> nn.Module:
+    """Remove the given query heads (original head ids per layer) from `model`, in place; returns `model`.
+
+    Works on an already pruned model (ids stay the original ones). Updates `num_key_value_groups`,
+    `num_heads` / `num_key_value_heads` where the module has them, and `config.pruned_heads_layout`.
+    """
+    attns = attention_modules(model)
+    layout = current_layout(model)
+    for key, drop in heads_to_prune.items():
+        i = int(key)
+        if not (0 <= i < len(attns)):
+            raise ValueError(f"prune_heads: layer={key!r} is not allowed: layers are 0..{len(attns) - 1}")
+        if not drop:
+            continue
+        attn = attns[i]
+        hd = int(attn.head_dim)
+        bad = [h for h in drop if not (0 <= int(h) < model.config.num_attention_heads)]
+        if bad:
+            raise ValueError(
+                f"prune_heads: heads {bad} of layer {i} are not allowed: ids are 0.."
+                f"{model.config.num_attention_heads - 1}"
+            )
+        heads, kv_heads, q_slots, kv_slots, zeroed = _plan(layout[str(i)], {int(h) for h in drop})
+        q_rows, kv_rows = _rows(q_slots, hd), _rows(kv_slots, hd)
+        attn.q_proj = _slice_rows(_base(attn.q_proj), q_rows)
+        attn.k_proj = _slice_rows(_base(attn.k_proj), kv_rows)
+        attn.v_proj = _slice_rows(_base(attn.v_proj), kv_rows)
+        attn.o_proj = _slice_cols(_base(attn.o_proj), q_rows)
+        if zeroed:
+            with torch.no_grad():
+                attn.o_proj.weight.zero_()
+        set_bookkeeping(attn, len(heads), len(kv_heads))
+        layout[str(i)] = {"heads": heads, "kv_heads": kv_heads, "zeroed": zeroed}
+    setattr(model.config, LAYOUT_KEY, layout)
+    return model
+
+
+def _base_architecture(model: nn.Module) -> str:
+    import transformers
+
+    for cls in type(model).__mro__:
+        if cls.__name__ != "PrunedCausalLM" and getattr(transformers, cls.__name__, None) is cls:
+            return cls.__name__
+    raise ValueError(f"save_pruned_model: {type(model).__name__} is not a transformers architecture")
+
+
+def save_pruned_model(model: nn.Module, path: str | os.PathLike, remote_code: bool = True, **kwargs: Any) -> None:
+    """`save_pretrained`; the layout travels in config.json.
+
+    With `remote_code` (default) the folder also gets a small self-contained modeling file and an `auto_map`,
+    so that `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` rebuilds the pruned shapes
+    without hf_adaptive. `load_pruned_model` works either way, without remote code.
+    Refuses a model that still carries head gates.
+    """
+    if getattr(model, "head_gates", None) is not None:
+        raise ValueError("save_pruned_model: remove the head gates first (gated.remove())")
+    config = model.config
+    previous = getattr(config, "auto_map", None)
+    if remote_code:
+        config.auto_map = {**(previous or {}), "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.PrunedCausalLM"}
+    try:
+        model.save_pretrained(path, **kwargs)
+    finally:
+        if previous is None and hasattr(config, "auto_map"):
+            del config.auto_map
+        elif previous is not None:
+            config.auto_map = previous
+    if remote_code:
+        from ..utils.io import atomic_write_text
+
+        source = Path(pruned_modeling.__file__).read_text(encoding="utf-8")
+        source = source.replace('_BASE = "GemmaForCausalLM"', f'_BASE = "{_base_architecture(model)}"', 1)
+        atomic_write_text(Path(path) / REMOTE_CODE_FILE, source)
+
+
+def load_pruned_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    **config_overrides: Any,
+) -> nn.Module:
+    """Load a model saved after `prune_heads`: empty model from config, reshaped from the layout, then weights."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path, **config_overrides)
+    if hasattr(config, "auto_map"):  # the shapes are rebuilt here: no remote code needed
+        del config.auto_map
+    layout = getattr(config, LAYOUT_KEY, None)
+    if not layout:
+        raise ValueError(f"load_pruned_model: {path}/config.json has no {LAYOUT_KEY}: use from_pretrained")
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        reshape_to_layout(model, layout)
+    index = path / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"load_pruned_model: checkpoint does not match the layout: "
+            f"missing={sorted(set(missing) - tied)}, unexpected={sorted(unexpected)}"
+        )
+    model.tie_weights()
+    model.eval()
+    return model
