@@ -103,7 +103,19 @@ class ContinualConfig(TrainingArguments):
             "choices": list(FISHER_TYPES),
         },
     )
-    fisher_chunk_size: int = field(default=16, metadata={"help": "Per-sample gradients computed per vmap chunk."})
+    fisher_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per vmap call of the per-sample Fisher; None: as many as fit the memory budget."},
+    )
+    fisher_method: str = field(
+        default="vmap",
+        metadata={"help": "'vmap' (vectorized per-sample gradients) or 'loop' (one row at a time, the reference)."},
+    )
+    fisher_normalization: str = field(
+        default="none",
+        metadata={"help": "'none', 'max' or 'mean': divide each task's Fisher by its largest/mean entry so that "
+                  "ewc_lambda does not depend on how confident the model is on the task."},
+    )
     gamma_gated_ewc: bool = field(
         default=False, metadata={"help": "Scale how much new Fisher accumulates by the neuromodulatory gamma gain."}
     )
@@ -155,7 +167,9 @@ class ContinualConfig(TrainingArguments):
         check_range("ewc_gamma", self.ewc_gamma, 0, 1)
         check_range("fisher_samples", self.fisher_samples, 1, integer=True)
         check_choice("fisher_type", self.fisher_type, FISHER_TYPES)
-        check_range("fisher_chunk_size", self.fisher_chunk_size, 1, integer=True)
+        check_range("fisher_chunk_size", self.fisher_chunk_size, 1, integer=True, optional=True)
+        check_choice("fisher_method", self.fisher_method, ("vmap", "loop"))
+        check_choice("fisher_normalization", self.fisher_normalization, ("none", "max", "mean"))
         check_range("gamma_gain_lambda", self.gamma_gain_lambda, 0)
         check_range("replay_alpha", self.replay_alpha, 0, 1)
         check_range("replay_buffer_size", self.replay_buffer_size, 1, integer=True)

@@ -1,0 +1,266 @@
+"""Early stopping of per-task (adapter) training on that task's own validation set.
+
+After every epoch the callback scores the current task's validation split — rank-classification
+`accuracy` (maximized, the default) or the mean answer-token `loss` (minimized) — and stops the task once
+`patience` epochs in a row brought no improvement larger than `min_delta`, but never before `min_epochs`
+epochs. At the end of training it puts back the best epoch's weights (only the trainable parameters: the
+adapter under LoRA, so the snapshot is small) and reports how many epochs, and roughly how much time, the
+stop saved.
+
+Validation split: `task.metadata["validation_dataset"]` when the task has one, else `task.eval_dataset`
+(the built-in tasks have no separate validation split; stopping on the evaluation split makes the final
+accuracy of the stopped task slightly optimistic — give tasks a validation split for clean numbers).
+
+Works inside `ContinualTrainer.train_sequence` (the task comes from `on_task_begin`) and with a plain
+`Trainer` (pass `task=`). Every process evaluates the same full split, so all of them stop together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..plugins import ContinualPlugin
+from .fisher import trainable_parameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import ContinualConfig
+    from ..tasks import Task
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "loss")
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"AdapterEarlyStoppingCallback.{field_name}={value!r} is not allowed: {allowed}")
+
+
+def validation_task(task: Task) -> Task:
+    """`task` whose eval split is its validation split (see the module docstring)."""
+    validation = (task.metadata or {}).get("validation_dataset")
+    return task if validation is None else dataclasses.replace(task, eval_dataset=validation)
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, tokenizer: Any, task: Task, batch_size: int = 64,
+                    limit: int | None = None) -> float:
+    """Mean next-token NLL over all answer tokens of the task's eval split (the training loss, without dropout)."""
+    from ..tasks import CausalLMCollator, tokenize_task
+
+    rows = tokenize_task(task, tokenizer, "eval")
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    collator = CausalLMCollator(tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            targets = batch["labels"][:, 1:]
+            mask = targets != -100
+            nll = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+            total += float(nll)
+            count += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+class AdapterEarlyStoppingCallback(ContinualPlugin):
+    """Stop a task's training when its validation metric stops improving; restore the best weights.
+
+    `metric`: "accuracy" (default) or "loss"; `patience` (3): epochs without an improvement > `min_delta`
+    (0.001) before stopping; `min_epochs` (1): epochs always run; `restore_best` (True); `task` /
+    `processing_class`: needed only with a plain `Trainer`; `eval_batch_size` / `eval_limit`: how the
+    validation split is scored (default: the config's `continual_eval_batch_size` / `continual_eval_limit`).
+    `reports` holds one dict per finished task (epochs run, planned, saved, best epoch, seconds saved).
+    """
+
+    name = "early_stopping"
+
+    def __init__(
+        self,
+        metric: str = "accuracy",
+        patience: int = 3,
+        min_epochs: int = 1,
+        min_delta: float = 0.001,
+        restore_best: bool = True,
+        task: Task | None = None,
+        processing_class: Any = None,
+        eval_batch_size: int | None = None,
+        eval_limit: int | None = None,
+    ) -> None:
+        if metric not in METRICS:
+            _fail("metric", metric, f"choose one of {list(METRICS)}")
+        for field_name, value, low in (("patience", patience, 1), ("min_epochs", min_epochs, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                _fail(field_name, value, f"must be an integer >= {low}")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
+            _fail("min_delta", min_delta, "must be a number >= 0")
+        for field_name, value in (("eval_batch_size", eval_batch_size), ("eval_limit", eval_limit)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                _fail(field_name, value, "must be None or an integer >= 1")
+        self.metric = metric
+        self.patience = patience
+        self.min_epochs = min_epochs
+        self.min_delta = float(min_delta)
+        self.restore_best = bool(restore_best)
+        self.task = task
+        self.processing_class = processing_class
+        self.eval_batch_size = eval_batch_size
+        self.eval_limit = eval_limit
+        self.reports: list[dict[str, Any]] = []
+        self._resumed = False
+        self._reset(task.name if task is not None else None)
+
+    @classmethod
+    def from_config(cls, args: ContinualConfig, **overrides: Any) -> AdapterEarlyStoppingCallback:
+        """The callback described by the `early_stopping_*` fields (patience None there means the default 3)."""
+        kwargs: dict[str, Any] = dict(
+            metric=args.early_stopping_metric,
+            patience=args.early_stopping_patience if args.early_stopping_patience is not None else 3,
+            min_epochs=args.early_stopping_min_epochs,
+            min_delta=args.early_stopping_min_delta,
+            eval_batch_size=args.continual_eval_batch_size,
+            eval_limit=args.continual_eval_limit,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _reset(self, task_name: str | None) -> None:
+        self.task_name = task_name
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.epochs_done = 0
+        self.wait = 0
+        self.stopped = False
+        self.epoch_seconds: list[float] = []
+        self.values: list[float] = []
+        self.best_weights: dict[str, torch.Tensor] = {}
+        self._epoch_started: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task_name": self.task_name, "best": self.best, "best_epoch": self.best_epoch,
+            "epochs_done": self.epochs_done, "wait": self.wait, "stopped": self.stopped,
+            "epoch_seconds": list(self.epoch_seconds), "values": list(self.values),
+            "best_weights": dict(self.best_weights), "reports": [dict(r) for r in self.reports],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.task_name = state.get("task_name")
+        self.best = state.get("best")
+        self.best_epoch = int(state.get("best_epoch", 0))
+        self.epochs_done = int(state.get("epochs_done", 0))
+        self.wait = int(state.get("wait", 0))
+        self.stopped = bool(state.get("stopped", False))
+        self.epoch_seconds = [float(s) for s in state.get("epoch_seconds", [])]
+        self.values = [float(v) for v in state.get("values", [])]
+        self.best_weights = {n: t.detach().clone() for n, t in state.get("best_weights", {}).items()}
+        self.reports = [dict(r) for r in state.get("reports", [])]
+        self._resumed = True
+
+    # ------------------------------------------------------------------------------------------- callbacks
+    def on_task_begin(self, trainer: Any, task: Task, task_index: int) -> None:
+        self.task = task
+        self._reset(task.name)
+        self._resumed = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.task is None:
+            raise ValueError(
+                "AdapterEarlyStoppingCallback.task=None is not allowed with a plain Trainer: pass task= (the "
+                "task being trained), or run it inside ContinualTrainer.train_sequence"
+            )
+        if self.processing_class is None and kwargs.get("processing_class") is None:
+            raise ValueError(
+                "AdapterEarlyStoppingCallback.processing_class=None is not allowed: give the Trainer a "
+                "processing_class (the tokenizer) or pass processing_class= to the callback"
+            )
+        resuming = self._resumed and self.task_name == self.task.name and state.global_step > 0
+        if not resuming:
+            self._reset(self.task.name)
+        self._resumed = False
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._epoch_started = time.perf_counter()
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, args: Any = None) -> float:
+        """The validation metric of the current task for `model`."""
+        from ..tasks import task_accuracy
+
+        batch_size = self.eval_batch_size or getattr(args, "continual_eval_batch_size", None) or 64
+        limit = self.eval_limit if self.eval_limit is not None else getattr(args, "continual_eval_limit", None)
+        task = validation_task(self.task)
+        if self.metric == "accuracy":
+            return task_accuracy(model, tokenizer, task, "eval", batch_size=batch_size, limit=limit)
+        return validation_loss(model, tokenizer, task, batch_size=batch_size, limit=limit)
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return math.isfinite(value)
+        if self.metric == "accuracy":
+            return value > self.best + self.min_delta
+        return value < self.best - self.min_delta
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        tokenizer = self.processing_class or kwargs.get("processing_class")
+        value = self.evaluate(model, tokenizer, args)
+        started = self._epoch_started if self._epoch_started is not None else time.perf_counter()
+        self.epoch_seconds.append(time.perf_counter() - started)
+        self._epoch_started = None
+        self.epochs_done += 1
+        self.values.append(value)
+        if self._improved(value):
+            self.best, self.best_epoch, self.wait = value, self.epochs_done, 0
+            if self.restore_best:
+                self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable_parameters(model).items()}
+        else:
+            self.wait += 1
+        logger.info("early stopping [%s] epoch %d: %s %.4f (best %.4f at epoch %d, %d without improvement)",
+                    self.task_name, self.epochs_done, self.metric, value, self.best if self.best is not None else value,
+                    self.best_epoch, self.wait)
+        if self.epochs_done >= self.min_epochs and self.wait >= self.patience:
+            self.stopped = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        restored = False
+        if self.restore_best and self.best_weights and self.best_epoch < self.epochs_done and model is not None:
+            params = trainable_parameters(model)
+            missing = sorted(set(self.best_weights) - set(params))
+            if missing:
+                raise ValueError(f"AdapterEarlyStoppingCallback: cannot restore the best weights, parameters "
+                                 f"{missing[:3]} are no longer trainable in the model")
+            with torch.no_grad():
+                for name, saved in self.best_weights.items():
+                    params[name].copy_(saved.to(params[name].device, params[name].dtype))
+            restored = True
+        planned = int(math.ceil(float(getattr(state, "num_train_epochs", 0) or args.num_train_epochs)))
+        saved_epochs = max(planned - self.epochs_done, 0) if self.stopped else 0
+        per_epoch = sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else 0.0
+        report = {
+            "task": self.task_name, "metric": self.metric, "best": self.best, "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_done, "epochs_planned": planned, "epochs_saved": saved_epochs,
+            "stopped_early": self.stopped, "restored_best": restored, "seconds_per_epoch": per_epoch,
+            "seconds_saved_estimate": saved_epochs * per_epoch, "values": list(self.values),
+        }
+        self.reports.append(report)
+        logger.info("early stopping [%s]: %d/%d epochs, best %s %.4f at epoch %d, ~%.1fs saved", self.task_name,
+                    self.epochs_done, planned, self.metric, self.best if self.best is not None else float("nan"),
+                    self.best_epoch, report["seconds_saved_estimate"])
+        self.best_weights = {}  # the weights are back in the model; do not carry them into later checkpoints
+
+
+__all__ = ["METRICS", "AdapterEarlyStoppingCallback", "validation_loss", "validation_task"]

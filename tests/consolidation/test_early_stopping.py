@@ -1,0 +1,137 @@
+"""AdapterEarlyStoppingCallback with real Trainer runs on a tiny task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_adaptive.config import ContinualConfig
+from hf_adaptive.consolidation import AdapterEarlyStoppingCallback, trainable_parameters, validation_loss
+from hf_adaptive.tasks import CausalLMCollator, task_accuracy, tokenize_task
+from hf_adaptive.trainer import ContinualTrainer
+from hf_adaptive.utils.io import load_state, save_state
+
+COMMON = dict(per_device_train_batch_size=16, report_to=[], logging_strategy="no", use_cpu=True, disable_tqdm=True,
+              seed=0, dataloader_num_workers=0)
+
+
+def _trainer(model, tokenizer, task, callback, tmp_path, epochs, lr, cls=Trainer, args_cls=TrainingArguments, **kw):
+    options = {**COMMON, "save_strategy": "no", **kw}
+    args = args_cls(output_dir=str(tmp_path), num_train_epochs=epochs, learning_rate=lr, **options)
+    return cls(model=model, args=args, train_dataset=tokenize_task(task, tokenizer), processing_class=tokenizer,
+               data_collator=CausalLMCollator(tokenizer), callbacks=[callback])
+
+
+def test_stops_after_patience_epochs_without_improvement(tiny_model, tokenizer, small_tasks, tmp_path):
+    task = small_tasks[0]
+    callback = AdapterEarlyStoppingCallback(patience=3, min_epochs=1, task=task)
+    output = _trainer(tiny_model, tokenizer, task, callback, tmp_path, epochs=8, lr=0.0).train()
+    (report,) = callback.reports
+    # learning rate 0: the accuracy never changes, so epoch 1 stays best and epochs 2-4 count as no improvement
+    assert len(set(report["values"])) == 1
+    counts = (report["epochs_run"], report["best_epoch"], report["epochs_planned"], report["epochs_saved"])
+    assert counts == (4, 1, 8, 4)
+    assert report["stopped_early"] and output.global_step == 4 * 4  # 64 rows / 16 per step
+    assert report["seconds_saved_estimate"] == pytest.approx(4 * report["seconds_per_epoch"])
+
+
+def test_min_epochs_delays_the_stop(tiny_model, tokenizer, small_tasks, tmp_path):
+    task = small_tasks[0]
+    callback = AdapterEarlyStoppingCallback(patience=1, min_epochs=5, task=task)
+    _trainer(tiny_model, tokenizer, task, callback, tmp_path, epochs=8, lr=0.0).train()
+    assert callback.reports[0]["epochs_run"] == 5 and callback.reports[0]["epochs_saved"] == 3
+
+
+def test_restores_the_best_weights(tiny_model, tokenizer, small_tasks, tmp_path):
+    """With an unreachable min_delta only epoch 1 counts as best: the weights after training are epoch 1's."""
+    task = small_tasks[1]
+    callback = AdapterEarlyStoppingCallback(metric="loss", patience=2, min_delta=1e9, task=task)
+    _trainer(tiny_model, tokenizer, task, callback, tmp_path, epochs=5, lr=5e-3).train()
+    (report,) = callback.reports
+    assert report["epochs_run"] == 3 and report["best_epoch"] == 1 and report["restored_best"]
+    assert report["values"][0] != report["values"][-1]  # training did move the weights
+    assert validation_loss(tiny_model, tokenizer, task) == pytest.approx(report["values"][0], rel=1e-6)
+    assert callback.best_weights == {}  # not carried into later checkpoints
+
+
+def test_accuracy_run_learns_stops_on_the_plateau_and_ends_on_its_best_epoch(tiny_model, tokenizer, tmp_path):
+    from hf_adaptive.tasks import builtin_suite
+
+    (task,) = builtin_suite(["has_cat"], n_train=256, n_eval=64, seed=0)
+    callback = AdapterEarlyStoppingCallback(patience=3, task=task)
+    _trainer(tiny_model, tokenizer, task, callback, tmp_path, epochs=10, lr=3e-3, per_device_train_batch_size=8).train()
+    (report,) = callback.reports
+    values = report["values"]
+    assert report["best"] > values[0] + 0.2  # it did learn the task
+    assert report["best"] == values[report["best_epoch"] - 1] and report["best"] >= max(values) - 0.001
+    assert report["stopped_early"] and report["epochs_run"] == report["best_epoch"] + 3 < 10
+    assert task_accuracy(tiny_model, tokenizer, task) == pytest.approx(report["best"])
+
+
+def test_resumes_its_counters_from_a_checkpoint(tokenizer, small_tasks, tmp_path):
+    """Through ContinualTrainer's checkpoints: a run resumed after epoch 2 continues epochs 1-2's record."""
+    from hf_adaptive.models import build_tiny_gemma
+
+    task = small_tasks[0]
+    first = AdapterEarlyStoppingCallback(patience=10, task=task)
+    model, _ = build_tiny_gemma(tokenizer, seed=0)
+    _trainer(model, tokenizer, task, first, tmp_path, epochs=3, lr=3e-3, cls=ContinualTrainer,
+             args_cls=ContinualConfig, save_strategy="epoch").train()
+    checkpoint = tmp_path / "checkpoint-8"
+    assert (checkpoint / "continual" / "early_stopping" / "state.json").is_file()
+
+    second = AdapterEarlyStoppingCallback(patience=10, task=task)
+    model, _ = build_tiny_gemma(tokenizer, seed=0)
+    _trainer(model, tokenizer, task, second, tmp_path / "resumed", epochs=3, lr=3e-3, cls=ContinualTrainer,
+             args_cls=ContinualConfig).train(resume_from_checkpoint=str(checkpoint))
+    (report,) = second.reports
+    assert report["epochs_run"] == 3
+    assert report["values"][:2] == first.reports[0]["values"][:2]
+    assert report["values"][2] == pytest.approx(first.reports[0]["values"][2], abs=1 / 32 + 1e-9)
+
+
+def test_in_a_task_sequence_every_task_gets_its_own_stop(tokenizer, small_tasks, tmp_path):
+    from hf_adaptive.models import build_tiny_gemma
+
+    model, _ = build_tiny_gemma(tokenizer, seed=0)
+    callback = AdapterEarlyStoppingCallback(patience=1, min_epochs=2)  # the task comes from on_task_begin
+    args = ContinualConfig(output_dir=str(tmp_path), num_train_epochs=6, learning_rate=0.0, save_results_plot=False,
+                           **{**COMMON, "save_strategy": "no"})
+    trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[callback])
+    trainer.train_sequence(small_tasks[:2], evaluate_baseline=False)
+    assert [r["task"] for r in callback.reports] == [t.name for t in small_tasks[:2]]
+    assert [(r["epochs_run"], r["epochs_saved"]) for r in callback.reports] == [(2, 4), (2, 4)]
+
+
+def test_state_dict_round_trip(tiny_model, small_tasks, tmp_path):
+    callback = AdapterEarlyStoppingCallback(task=small_tasks[0])
+    callback.best, callback.best_epoch, callback.epochs_done, callback.wait = 0.75, 2, 3, 1
+    callback.values = [0.5, 0.75, 0.7]
+    callback.best_weights = {n: p.detach().clone() for n, p in trainable_parameters(tiny_model).items()}
+    save_state(tmp_path / "es", callback.state_dict())
+    restored = AdapterEarlyStoppingCallback(task=small_tasks[0])
+    restored.load_state_dict(load_state(tmp_path / "es"))
+    assert (restored.task_name, restored.best, restored.best_epoch, restored.epochs_done, restored.wait,
+            restored.values) == (small_tasks[0].name, 0.75, 2, 3, 1, [0.5, 0.75, 0.7])
+    assert all(torch.equal(restored.best_weights[n], t) for n, t in callback.best_weights.items())
+
+
+def test_needs_a_task_with_a_plain_trainer(tiny_model, tokenizer, small_tasks, tmp_path):
+    callback = AdapterEarlyStoppingCallback()
+    trainer = _trainer(tiny_model, tokenizer, small_tasks[0], callback, tmp_path, epochs=1, lr=0.0)
+    with pytest.raises(ValueError, match="AdapterEarlyStoppingCallback.task=None"):
+        trainer.train()
+
+
+def test_from_config_and_validation(tmp_path):
+    args = ContinualConfig(output_dir=str(tmp_path), early_stopping_patience=5, early_stopping_metric="loss",
+                           early_stopping_min_epochs=2, early_stopping_min_delta=0.01, continual_eval_limit=16)
+    cb = AdapterEarlyStoppingCallback.from_config(args)
+    assert (cb.patience, cb.metric, cb.min_epochs, cb.min_delta, cb.eval_limit) == (5, "loss", 2, 0.01, 16)
+    args.early_stopping_patience = None
+    assert AdapterEarlyStoppingCallback.from_config(args).patience == 3
+    for kwargs, match in (({"metric": "f1"}, "metric='f1'"), ({"patience": 0}, "patience=0"),
+                          ({"min_epochs": -1}, "min_epochs=-1"), ({"min_delta": -0.1}, "min_delta=-0.1")):
+        with pytest.raises(ValueError, match=f"AdapterEarlyStoppingCallback.{match}"):
+            AdapterEarlyStoppingCallback(**kwargs)
