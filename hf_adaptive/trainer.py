@@ -234,8 +234,9 @@ class ContinualTrainer(Trainer):
     def evaluate_tasks(self, tasks: Sequence[Task], trained: int | None = None) -> list[float]:
         """Rank-classification accuracy on each task's eval split.
 
-        Under a LoRA-per-task strategy task j < `trained` is scored with its own expert, later tasks with the
-        newest one (what a user would deploy for an unseen task).
+        Under a LoRA-per-task strategy (or with a routing plugin that implements `expert_for_task`) task
+        j < `trained` is scored with its own expert, later tasks with the newest one (what a user would deploy
+        for an unseen task).
         """
         model = self.accelerator.unwrap_model(self.model)
         strategy = self.adapter_strategy
@@ -245,7 +246,10 @@ class ContinualTrainer(Trainer):
         accuracies = []
         try:
             for j, task in enumerate(tasks):
-                if strategy == "lora_per_task" and trained is not None and j < trained:
+                routed = self._routed_expert(task.name) if trained is not None and j < trained else None
+                if routed is not None:
+                    activate_adapter(model, routed)
+                elif strategy == "lora_per_task" and trained is not None and j < trained:
                     activate_adapter(model, adapter_for_task(strategy, task.name))
                 else:
                     activate_adapter(model, current)
@@ -253,6 +257,14 @@ class ContinualTrainer(Trainer):
         finally:
             activate_adapter(model, current)
         return accuracies
+
+    def _routed_expert(self, task_name: str) -> str | None:
+        """The adapter a routing plugin (one with `expert_for_task`) assigned to `task_name`, if any."""
+        for plugin in self.plugins:
+            lookup = getattr(plugin, "expert_for_task", None)
+            if callable(lookup) and (name := lookup(task_name)) is not None:
+                return name
+        return None
 
     def _require_tokenizer(self) -> Any:
         if self.processing_class is None:

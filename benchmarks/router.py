@@ -1,0 +1,159 @@
+"""Routing latency of `Router.route` for 10 ... 100 000 experts on the CPU.
+
+For each library size N and signature dimension d, it times (medians over interleaved repetitions):
+
+* `route`: the full decision (exact matrix search + top-k + decision rule) with the cosine, linear and MLP scorers;
+* `search`: the bare nearest-expert search (`profiles @ q` + `topk`), the floor `route` builds on;
+* `loop`: a naive per-expert Python loop of cosine similarities (the baseline; only up to 1 000 experts);
+* `faiss`: the same route with a faiss `IndexFlatIP` when faiss is installed.
+
+d = 86 is the tiny Gemma's signature (64 text + 16 sketch + 6 context); d = 2118 a Gemma-2B-sized one
+(2048 + 64 + 6); d = 198 the same with `SignatureConfig(text_dim=128)` (text embedding projected to 128).
+Target: < 1 ms per decision at 10 000 experts. Writes docs/results/router.md|json.
+
+    python benchmarks/router.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_adaptive.experts import Router, RouterConfig, faiss_available  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def _time(fn, reps: int) -> float:
+    """Median seconds of one call over `reps` calls (after a warm-up call)."""
+    fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _loop_baseline(names: list[str], profiles: list[torch.Tensor], q: torch.Tensor) -> str:
+    best, best_s = None, -2.0
+    for n, p in zip(names, profiles, strict=True):
+        s = float(torch.dot(p, q) / (p.norm() * q.norm()))
+        if s > best_s:
+            best, best_s = n, s
+    return best
+
+
+def bench(n: int, dim: int, reps: int, rounds: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    profiles = torch.randn(n, dim, generator=gen)
+    names = [f"e{i}" for i in range(n)]
+    queries = [torch.randn(dim, generator=gen) for _ in range(8)]
+    routers = {}
+    for scorer in ("cosine", "linear", "mlp"):
+        r = Router(RouterConfig(dim=dim, scorer=scorer, decision="threshold", top_k=8))
+        r.add_experts(names, profiles)
+        routers[scorer] = r
+    if faiss_available():
+        r = Router(RouterConfig(dim=dim, index="faiss", top_k=8))
+        r.add_experts(names, profiles)
+        r.route(queries[0])  # builds the index
+        routers["faiss"] = r
+    search_router = routers["cosine"]
+    rows_list = [p.clone() for p in profiles] if n <= 1000 else None
+    timings: dict[str, list[float]] = {k: [] for k in [*routers, "search"] + (["loop"] if rows_list else [])}
+    i = 0
+    for _ in range(rounds):  # interleave: every variant once per round, medians over rounds
+        q = queries[i % len(queries)]
+        i += 1
+        for key, r in routers.items():
+            timings[key].append(_time(lambda r=r, q=q: r.route(q), reps))
+        timings["search"].append(_time(lambda q=q: search_router.nearest(q), reps))
+        if rows_list is not None:
+            timings["loop"].append(_time(lambda q=q: _loop_baseline(names, rows_list, q), max(1, reps // 10)))
+    med = {k: statistics.median(v) * 1e3 for k, v in timings.items()}
+    out = {"experts": n, "dim": dim, **{f"{k}_ms": v for k, v in med.items()}}
+    if "loop_ms" in out:
+        out["speedup_vs_loop"] = out["loop_ms"] / out["cosine_ms"]
+    out["route_over_search"] = out["cosine_ms"] / out["search_ms"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (seconds instead of a minute)")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    reps, rounds = (5, 3) if args.quick else (20, 7)
+    grid = [
+        (10, 86),
+        (1000, 86),
+        (10000, 86),
+        (100000, 86),
+        (10, 198),
+        (1000, 198),
+        (10000, 198),
+        (100000, 198),
+        (10, 2118),
+        (1000, 2118),
+        (10000, 2118),
+    ]
+    rows = []
+    for n, dim in grid:
+        row = bench(n, dim, reps if n < 100000 else max(3, reps // 4), rounds)
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "faiss": faiss_available(),
+        "quick": args.quick,
+        "target": "< 1 ms per routing decision at 10 000 experts",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "router.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    cols = ["cosine_ms", "linear_ms", "mlp_ms", "search_ms", "loop_ms", "speedup_vs_loop"]
+    if meta["faiss"]:
+        cols.insert(4, "faiss_ms")
+    lines = [
+        "# Router latency",
+        "",
+        f"Median milliseconds per routing decision (`Router.route`, exact matrix search, top-8, threshold rule) on "
+        f"{meta['threads']} CPU thread(s), torch {meta['torch']}{', quick run' if args.quick else ''}. "
+        "`search` is the bare `profiles @ q` + `topk`; `loop` a per-expert Python loop (baseline, up to 1 000 "
+        "experts); variants interleaved, medians over rounds. faiss installed: " + str(meta["faiss"]) + ".",
+        "",
+        "| experts | dim | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        cells = [f"{r[c]:.4f}" if c in r else "-" for c in cols]
+        lines.append(f"| {r['experts']} | {r['dim']} | " + " | ".join(cells) + " |")
+    at_10k = [r for r in rows if r["experts"] == 10000]
+    verdict = ", ".join(f"{r['cosine_ms']:.3f} ms at d={r['dim']}" for r in at_10k)
+    lines += [
+        "",
+        f"Target < 1 ms at 10 000 experts: {verdict}. The exact search reads the whole N x d profile matrix per "
+        "query, so its cost is memory bandwidth: a full Gemma-2B-sized signature (d = 2118) misses the target at "
+        "10 000 experts, while `SignatureConfig(text_dim=128)` (d = 198) meets it; an ANN index (faiss) is the "
+        "other way out when installed.",
+    ]
+    (RESULTS / "router.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""`ExpertRoutingPlugin`: the router chooses, for every task of a sequence, which LoRA expert trains on it.
+
+At `on_task_begin` the task's signature (from its training examples, backbone only) is routed: reuse the best
+expert, fork it into a new one, or create a new one; the chosen expert becomes the active, trainable adapter
+of the trainer's `PeftModel` (the library's model). At `on_task_end` the expert's profile is recomputed from
+the task's validation examples (the mean of the signatures of the tasks it serves), its accuracy is recorded,
+and for a reuse the outcome (did the tasks it served before keep their accuracy within `tolerance`?) goes
+back to the router (rewards, τ, calibration).
+
+Use it with `adapter_strategy="full"` and the library's `PeftModel` as the trainer's model: the trainer then
+leaves the parameters alone and this plugin decides which adapter trains.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..plugins import ContinualPlugin
+from .library import ExpertInfo, ExpertLibrary
+from .router import Router, RoutingDecision
+from .signature import SignatureConfig, TaskSignature
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..tasks import Task
+
+
+class ExpertRoutingPlugin(ContinualPlugin):
+    name = "expert_routing"
+
+    def __init__(
+        self,
+        library: ExpertLibrary,
+        router: Router,
+        signature_config: SignatureConfig | None = None,
+        tolerance: float = 0.05,
+        eval_limit: int | None = 64,
+    ) -> None:
+        if not 0.0 <= tolerance <= 1.0:
+            raise ValueError(f"ExpertRoutingPlugin.tolerance={tolerance!r} is not allowed: in [0, 1]")
+        self.library = library
+        self.router = router
+        self.library.router = router
+        self.signature_config = signature_config or SignatureConfig()
+        self.tolerance = tolerance
+        self.eval_limit = eval_limit
+        self.task_expert: dict[str, str] = {}
+        self.task_accuracy: dict[str, float] = {}
+        self.task_signatures: dict[str, torch.Tensor] = {}
+        self.decisions: list[dict[str, Any]] = []
+        self._pending: tuple[RoutingDecision, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _signer(self, trainer: Any) -> TaskSignature:
+        signer = TaskSignature(self.library.model, trainer.processing_class, self.signature_config)
+        if signer.dim != self.router.config.dim:
+            raise ValueError(
+                f"signature dimension {signer.dim} ({signer.part_dims}) does not match RouterConfig.dim="
+                f"{self.router.config.dim}"
+            )
+        return signer
+
+    def _new_name(self, task: Task) -> str:
+        base = "expert_" + "".join(c if c.isalnum() or c == "_" else "_" for c in task.name)
+        name, i = base, 1
+        while name in self.library:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    def _accuracy(self, trainer: Any, task: Task, expert: str) -> float:
+        from ..tasks import task_accuracy
+
+        self.library.model.set_adapter(expert)
+        return task_accuracy(self.library.model, trainer.processing_class, task, "eval", limit=self.eval_limit)
+
+    def _tasks_by_name(self, trainer: Any) -> dict[str, Task]:
+        return {t.name: t for t in (getattr(trainer, "tasks", None) or [])}
+
+    # ------------------------------------------------------------------ task boundaries
+    def on_task_begin(self, trainer: Any, task: Task, task_index: int) -> None:
+        if trainer.model is not self.library.model and len(self.library):
+            raise ValueError("ExpertRoutingPlugin: the trainer's model must be the library's model (library.model)")
+        query = self._signer(trainer).compute(task, split="train").vector
+        decision = self.router.route(query)
+        if decision.action == "reuse" and decision.expert is not None:
+            expert = decision.expert
+            self.library.activate(expert)
+            new = None
+        else:
+            expert = self._new_name(task)
+            if decision.action == "fork" and decision.expert is not None:
+                self.library.fork(decision.expert, expert, task_id=task.name)
+            else:
+                self.library.create(expert, task_id=task.name, description=task.description)
+            new = expert
+        self.router.record_decision(decision, new_expert=new)
+        if trainer.model is not self.library.model:  # the first expert wrapped the backbone
+            trainer.model = self.library.model.to(trainer.args.device)
+            trainer.model_wrapped = trainer.model
+        trainer.optimizer, trainer.lr_scheduler = None, None
+        self.task_expert[task.name] = expert
+        self._pending = (decision, query)
+        self.decisions.append(
+            {
+                "task": task.name,
+                "action": decision.action,
+                "expert": expert,
+                "source": decision.expert,
+                "score": decision.score,
+                "rule": decision.rule,
+            }
+        )
+
+    def on_task_end(self, trainer: Any, task: Task, task_index: int) -> None:
+        expert = self.task_expert[task.name]
+        signer = self._signer(trainer)
+        self.task_signatures[task.name] = signer.compute(task, split="eval").vector
+        served = [t for t, e in self.task_expert.items() if e == expert and t in self.task_signatures]
+        profile = torch.stack([self.task_signatures[t] for t in served]).mean(0)
+        self.router.update_profile(expert, profile)
+        known = self._tasks_by_name(trainer)
+        acc = self._accuracy(trainer, task, expert)
+        self.task_accuracy[task.name] = acc
+        self.library.set_metrics(expert, **{f"accuracy/{task.name}": acc})
+        decision, query = self._pending or (None, None)
+        if decision is not None and decision.action == "reuse":
+            kept = True
+            for other in served:
+                if other == task.name or other not in known:
+                    continue
+                now = self._accuracy(trainer, known[other], expert)
+                kept = kept and now >= self.task_accuracy[other] - self.tolerance
+                self.library.set_metrics(expert, **{f"accuracy/{other}": now})
+            self.router.record_outcome(query, expert, decision.score, kept)
+            self.decisions[-1]["success"] = kept
+        self.library.model.set_adapter(expert)
+        self._pending = None
+
+    def expert_for_task(self, task_name: str) -> str | None:
+        """The expert that learned `task_name` (for evaluating each task with its own expert)."""
+        return self.task_expert.get(task_name)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        from peft import get_peft_model_state_dict
+
+        adapters: dict[str, Any] = {}
+        for name in self.library.names:
+            config = self.library.model.peft_config[name].to_dict()
+            config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+            adapters[name] = {
+                "config": {
+                    k: v for k, v in config.items() if v is None or isinstance(v, (bool, int, float, str, list, dict))
+                },
+                "weights": {
+                    k: v.detach().cpu().clone()
+                    for k, v in get_peft_model_state_dict(self.library.model, adapter_name=name).items()
+                },
+            }
+        return {
+            "router": self.router.state_dict(),
+            "library": self.library.manifest(),
+            "adapters": adapters,
+            "task_expert": dict(self.task_expert),
+            "task_accuracy": dict(self.task_accuracy),
+            "task_signatures": dict(self.task_signatures),
+            "decisions": list(self.decisions),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from peft import LoraConfig, set_peft_model_state_dict
+
+        self.router.load_state_dict(state["router"])
+        infos = [ExpertInfo.from_dict(d) for d in state["library"]["experts"]]
+        for info in infos:
+            if info.name not in self.library:
+                entry = state["adapters"][info.name]
+                known = set(LoraConfig.__dataclass_fields__)
+                config = LoraConfig(**{k: v for k, v in entry["config"].items() if k in known})
+                self.library.create(info.name, lora_config=config, activate=False)
+            set_peft_model_state_dict(
+                self.library.model, state["adapters"][info.name]["weights"], adapter_name=info.name
+            )
+            self.library.experts[info.name] = info
+        self.task_expert = dict(state["task_expert"])
+        self.task_accuracy = {k: float(v) for k, v in state["task_accuracy"].items()}
+        self.task_signatures = {k: v.float() for k, v in state["task_signatures"].items()}
+        self.decisions = list(state["decisions"])
