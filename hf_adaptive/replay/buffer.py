@@ -1,0 +1,211 @@
+"""`ReplayMemory`: an exact, count-capped memory of past tokenized examples.
+
+Why a memory of token ids and not of text: replaying needs no re-tokenization, and what is replayed is
+exactly what was trained on. Two admission policies:
+
+* ``"reservoir"`` (Vitter's algorithm R over the whole stream): after ``n`` examples were offered, every one
+  of them is in memory with probability ``capacity / n``, whatever task it came from. The ``n``-th offered
+  example (0-based) is stored if the memory is not full; otherwise a slot ``j ~ U{0..n}`` is drawn and the
+  example replaces slot ``j`` when ``j < capacity``.
+* ``"balanced"`` (per-task balanced): the capacity is split into equal shares, one per task seen so far
+  (the first ``capacity mod T`` tasks, in order of arrival, get one more). Inside its share a task keeps a
+  uniform sample of its examples (algorithm R per task). When a new task arrives the older tasks shrink to
+  their new share by dropping a uniformly drawn subset, which keeps each of them a uniform sample.
+
+Every random draw comes from one seeded ``torch.Generator`` whose state is part of ``state_dict``, so a
+resumed run admits and samples exactly as an uninterrupted one.
+
+Memory bound: an item of ``L`` tokens costs ``8 L`` bytes of payload (``input_ids`` and ``labels`` as
+int32) plus ~ 200 bytes of Python/tensor object overhead; the memory holds at most ``capacity`` items, so at
+most ``capacity × (8 L_max + 200)`` bytes (``nbytes()`` reports the payload). On the built-in suite
+(``L = 13``) that is 104 bytes of payload per item, ~ 60 KB for the default 200 items with overhead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+REPLAY_POLICIES = ("reservoir", "balanced")
+_FIELDS = ("input_ids", "labels")
+
+
+def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{cls}.{name}={value!r} is not allowed: {allowed}")
+
+
+def _as_int32(values: Any) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.int32).reshape(-1).clone()
+
+
+class ReplayMemory:
+    """A capped memory of ``{"input_ids", "labels"}`` rows tagged with their task.
+
+    Args:
+        capacity: the most items kept (>= 1).
+        policy: ``"reservoir"`` or ``"balanced"``, see the module docstring.
+        seed: seed of the generator behind every admission and sampling draw.
+    """
+
+    def __init__(self, capacity: int, policy: str = "balanced", seed: int = 0) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            _fail("ReplayMemory", "capacity", capacity, "must be an integer >= 1")
+        if policy not in REPLAY_POLICIES:
+            _fail("ReplayMemory", "policy", policy, f"choose one of {list(REPLAY_POLICIES)}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            _fail("ReplayMemory", "seed", seed, "must be an integer")
+        self.capacity = capacity
+        self.policy = policy
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tasks: list[str] = []  # in order of arrival
+        self.seen: dict[str, int] = {}  # examples offered per task
+        self.total_seen = 0
+        # an item is one int32 tensor [2, L] (input_ids; labels), a single object to keep the overhead small.
+        # reservoir: one list of (task, item); balanced: one list of items per task
+        self._items: list[tuple[str, torch.Tensor]] = []
+        self._per_task: dict[str, list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ admission
+    def _randint(self, high: int) -> int:
+        """A uniform draw from {0, ..., high - 1}."""
+        return int(torch.randint(high, (1,), generator=self.generator).item())
+
+    def quota(self, task: str) -> int:
+        """The share of `task` under the balanced policy (tasks seen so far)."""
+        base, extra = divmod(self.capacity, max(len(self.tasks), 1))
+        return base + (1 if self.tasks.index(task) < extra else 0)
+
+    def _register(self, task: str) -> None:
+        if task in self.seen:
+            return
+        self.tasks.append(task)
+        self.seen[task] = 0
+        if self.policy == "balanced":
+            self._per_task[task] = []
+            for name in self.tasks:  # older tasks shrink to their new share: keep a uniform subset
+                items, keep = self._per_task[name], self.quota(name)
+                if len(items) > keep:
+                    order = torch.randperm(len(items), generator=self.generator)[:keep].sort().values
+                    self._per_task[name] = [items[i] for i in order.tolist()]
+
+    def add(self, task: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Offer `rows` (each with ``input_ids`` and ``labels``) of `task` to the memory."""
+        if not isinstance(task, str) or not task:
+            _fail("ReplayMemory", "task", task, "must be a non-empty string")
+        self._register(task)
+        for row in rows:
+            missing = [f for f in _FIELDS if f not in row]
+            if missing:
+                raise ValueError(f"ReplayMemory.add: a row of task {task!r} lacks {missing}")
+            ids, labels = (_as_int32(row[f]) for f in _FIELDS)
+            if ids.numel() != labels.numel() or ids.numel() == 0:
+                raise ValueError(f"ReplayMemory.add: a row of task {task!r} has empty or mismatched input_ids/labels")
+            item = torch.stack([ids, labels])
+            if self.policy == "reservoir":
+                n = self.total_seen
+                if len(self._items) < self.capacity:
+                    self._items.append((task, item))
+                else:
+                    j = self._randint(n + 1)
+                    if j < self.capacity:
+                        self._items[j] = (task, item)
+            else:
+                n, slots, keep = self.seen[task], self._per_task[task], self.quota(task)
+                if len(slots) < keep:
+                    slots.append(item)
+                else:
+                    j = self._randint(n + 1)
+                    if j < keep:
+                        slots[j] = item
+            self.seen[task] += 1
+            self.total_seen += 1
+
+    # ------------------------------------------------------------------ reading
+    def _stored(self) -> list[tuple[str, torch.Tensor]]:
+        if self.policy == "reservoir":
+            return list(self._items)
+        return [(t, item) for t in self.tasks for item in self._per_task[t]]
+
+    def items(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        """Every stored ``(task, {"input_ids", "labels"})`` (int32 views), in a deterministic order."""
+        return [(t, {"input_ids": item[0], "labels": item[1]}) for t, item in self._stored()]
+
+    def __len__(self) -> int:
+        return len(self._stored())
+
+    def counts(self) -> dict[str, int]:
+        """Stored items per task."""
+        out = dict.fromkeys(self.tasks, 0)
+        for task, _ in self._stored():
+            out[task] += 1
+        return out
+
+    def sample(self, k: int, tasks: Sequence[str] | None = None) -> list[dict[str, list[int]]]:
+        """`min(k, len)` stored rows drawn uniformly without replacement (optionally only from `tasks`).
+
+        Rows come back as ``{"input_ids": [...], "labels": [...], "task_name": str}``, ready for a collator.
+        """
+        pool = [(t, it) for t, it in self._stored() if tasks is None or t in tasks]
+        if not pool or k <= 0:
+            return []
+        picks = torch.randperm(len(pool), generator=self.generator)[: min(k, len(pool))].tolist()
+        return [
+            {"input_ids": pool[i][1][0].tolist(), "labels": pool[i][1][1].tolist(), "task_name": pool[i][0]}
+            for i in picks
+        ]
+
+    def nbytes(self) -> int:
+        """Payload bytes of the stored token tensors (object overhead excluded)."""
+        return sum(item.numel() * item.element_size() for _, item in self._stored())
+
+    def clear(self) -> None:
+        """Forget every item and task (the generator keeps its state)."""
+        self.tasks, self.seen, self.total_seen = [], {}, 0
+        self._items, self._per_task = [], {}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Flat tensors (concatenated tokens + lengths + task index per item) and JSON counters."""
+        stored = self._stored()
+        lengths = torch.tensor([it.shape[1] for _, it in stored], dtype=torch.int64)
+        empty = torch.zeros(0, dtype=torch.int32)
+        return {
+            "capacity": self.capacity,
+            "policy": self.policy,
+            "seed": self.seed,
+            "tasks": list(self.tasks),
+            "seen": dict(self.seen),
+            "total_seen": self.total_seen,
+            "generator_state": self.generator.get_state(),
+            "lengths": lengths,
+            "task_index": torch.tensor([self.tasks.index(t) for t, _ in stored], dtype=torch.int64),
+            "input_ids": torch.cat([it[0] for _, it in stored]) if stored else empty,
+            "labels": torch.cat([it[1] for _, it in stored]) if stored else empty,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["policy"] != self.policy or int(state["capacity"]) != self.capacity:
+            raise ValueError(
+                f"ReplayMemory.load_state_dict: saved policy={state['policy']!r} capacity={state['capacity']} "
+                f"differ from this memory's policy={self.policy!r} capacity={self.capacity}"
+            )
+        self.clear()
+        self.seed = int(state["seed"])
+        self.tasks = list(state["tasks"])
+        self.seen = {k: int(v) for k, v in state["seen"].items()}
+        self.total_seen = int(state["total_seen"])
+        self.generator.set_state(state["generator_state"].to(torch.uint8).cpu())
+        self._per_task = {t: [] for t in self.tasks} if self.policy == "balanced" else {}
+        ids, labels = state["input_ids"].to(torch.int32).cpu(), state["labels"].to(torch.int32).cpu()
+        offset = 0
+        for length, t_idx in zip(state["lengths"].tolist(), state["task_index"].tolist(), strict=True):
+            item = torch.stack([ids[offset : offset + length], labels[offset : offset + length]])
+            offset += length
+            task = self.tasks[t_idx]
+            if self.policy == "reservoir":
+                self._items.append((task, item))
+            else:
+                self._per_task[task].append(item)

@@ -1,0 +1,370 @@
+"""`GenerativeReplayPlugin`: LAMOL-style generative replay, plain or prototype-conditioned.
+
+LAMOL (Sun et al., 2020) lets the language model itself be the memory: while learning a task it is also
+trained to *generate* that task's examples (a language-modelling loss over the whole row, prompt included,
+weighted by `lm_lambda`; LAMOL uses 0.25), and before a new task starts it writes pseudo-examples of every
+old task, which are then replayed.
+
+Here, with a task's template ``"<task name> : {text} ?"`` and verbalizer ``["yes", "no"]``:
+
+* Learning to generate: the term ``generative_lm`` is the causal-LM loss over every non-padding token of
+  the current batch (taken from the batch's own logits, no extra forward) and of the replayed pseudo rows.
+* Generating (`on_task_begin` with index > 0): ``n = round(generative_replay_ratio × len(new task's train
+  split))`` pseudo-examples, split evenly over the old tasks. Each is sampled from the prompt ``<bos> <task
+  name> :`` (the template's text before ``{text}``) until ``<eos>`` (or `max_new_tokens`).
+* Quality filter (`parse_generated`): the decoded row must be exactly ``template(text) + " " + label`` with a
+  non-empty text free of ``<unk>``, of the task name and of the template's own literal words (``:``, ``?``:
+  they would make the row ambiguous), a label word from the task's
+  verbalizer, and the generation must have stopped at ``<eos>``; anything else is dropped. Up to
+  `max_rounds` rounds of sampling (each asking for 1.5 × what is still missing) fill each task's share.
+* Replaying: accepted pseudo-examples are re-encoded exactly like real rows (`encode_example`), kept in a
+  balanced `ReplayMemory` that is rebuilt before every new task, and replayed like exact replay:
+  ``LossTerm("generative_replay", answer loss of replay_batch_size pseudo rows, weight=replay_alpha)``.
+
+Prototype-conditioned variant (``conditioning="prototype"``): at the end of each task the answer-position
+features of `prototype_samples` real rows are computed (see `feature.py`); for each class, the
+`prototypes_per_class` real rows nearest to the class mean (the class prototype, L2 distance) with distinct
+prefixes are kept, but only the first `prefix_words` tokens of their text. Generation for that task then starts
+from ``<bos> <task name> : <prototype prefix>``, cycling over the stored prototypes of every class, so the
+pseudo-examples are anchored near real, class-representative inputs and balanced over classes (plain LAMOL
+sampling drifts toward the majority label). The filter is the same.
+
+Memory bound: the pseudo memory holds at most ``n`` rows of ``8 L`` bytes (+ ~ 200 bytes overhead), rebuilt
+per task (104 bytes of payload per row on the built-in suite); per old task the plain variant keeps only its
+name, template and verbalizer (JSON), the prototype variant also ``prototypes_per_class × n_classes ×
+prefix_words × 4`` bytes of prefix tokens and ``n_classes × hidden × 4`` bytes of prototypes (16 + 512 bytes
+per task with the defaults on the tiny model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from ..plugins import ContinualPlugin, LossTerm
+from ..tasks import Task, encode_example
+from ._common import IGNORE_INDEX, check_number, collate, fail, model_device, task_rows, trainer_tokenizer
+from .buffer import ReplayMemory
+from .feature import class_prototypes, extract_features, prompt_tokens
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import ContinualConfig
+
+CONDITIONINGS = ("task", "prototype")
+
+
+@dataclass
+class TaskSpec:
+    """What generation needs to know of an old task (JSON only)."""
+
+    name: str
+    template: str
+    verbalizer: list[str]
+
+    @property
+    def prefix(self) -> str:
+        """The template's text before ``{text}``, e.g. ``"first_color :"``."""
+        return self.template.split("{text}")[0].strip()
+
+    def as_task(self) -> Task:
+        return Task(
+            name=self.name, train_dataset=None, eval_dataset=None, verbalizer=self.verbalizer, template=self.template
+        )
+
+
+def parse_generated(text: str, spec: TaskSpec, unk_token: str | None = "<unk>") -> tuple[str, int] | None:
+    """The quality filter: ``(input text, label index)`` when `text` is a well-formed example, else None.
+
+    `text` is the decoded row without special tokens, e.g. ``"first_color : red cat ... ? yes"``.
+    """
+    words = text.split()
+    before, after = (part.split() for part in spec.template.split("{text}", 1))
+    if words[: len(before)] != before:
+        return None
+    # the label: the longest verbalizer entry (labels may be several words) that ends the row
+    label = None
+    for index in sorted(range(len(spec.verbalizer)), key=lambda i: -len(spec.verbalizer[i].split())):
+        label_words = spec.verbalizer[index].split()
+        if label_words and words[-len(label_words) :] == label_words:
+            label = index
+            break
+    if label is None:
+        return None
+    end = len(words) - len(spec.verbalizer[label].split())
+    if end - len(after) <= len(before) or words[end - len(after) : end] != after:
+        return None
+    body = words[len(before) : end - len(after)]
+    literal = set(before) | set(after) | {spec.name}
+    if any(w in literal or w == unk_token for w in body):
+        return None
+    return " ".join(body), label
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over every non-padding token (the LAMOL generation loss)."""
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+class GenerativeReplayPlugin(ContinualPlugin):
+    """LAMOL-style generative replay (plain task-prefixed or prototype-conditioned generation).
+
+    Args:
+        ratio: pseudo-examples generated per example of the new task (`generative_replay_ratio`).
+        alpha: weight of the pseudo-example answer loss (`replay_alpha`).
+        lm_lambda: weight of the generation (LM) loss on real and pseudo rows; 0 turns it off.
+        batch_size: pseudo rows replayed per step (`replay_batch_size`).
+        conditioning: ``"task"`` (plain LAMOL) or ``"prototype"``.
+        max_new_tokens: generation budget per pseudo-example.
+        top_k: top-k sampling (0: sample the full distribution); temperature: sampling temperature.
+        max_rounds: sampling rounds per old task before giving up on its share.
+        prototype_samples, prototypes_per_class, prefix_words: prototype variant, see the module docstring.
+        seed: seed of generation and sampling.
+    """
+
+    name = "generative_replay"
+
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        alpha: float = 0.2,
+        lm_lambda: float = 0.25,
+        batch_size: int = 8,
+        conditioning: str = "task",
+        max_new_tokens: int = 32,
+        top_k: int = 0,
+        temperature: float = 1.0,
+        max_rounds: int = 3,
+        prototype_samples: int = 64,
+        prototypes_per_class: int = 2,
+        prefix_words: int = 1,
+        seed: int = 0,
+    ) -> None:
+        cls = "GenerativeReplayPlugin"
+        check_number(cls, "ratio", ratio, 0)
+        check_number(cls, "alpha", alpha, 0, 1)
+        check_number(cls, "lm_lambda", lm_lambda, 0)
+        check_number(cls, "batch_size", batch_size, 1, integer=True)
+        check_number(cls, "max_new_tokens", max_new_tokens, 1, integer=True)
+        check_number(cls, "top_k", top_k, 0, integer=True)
+        check_number(cls, "max_rounds", max_rounds, 1, integer=True)
+        check_number(cls, "prototype_samples", prototype_samples, 1, integer=True)
+        check_number(cls, "prototypes_per_class", prototypes_per_class, 1, integer=True)
+        check_number(cls, "prefix_words", prefix_words, 0, integer=True)
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+            fail(cls, "temperature", temperature, "must be a number > 0")
+        if conditioning not in CONDITIONINGS:
+            fail(cls, "conditioning", conditioning, f"choose one of {list(CONDITIONINGS)}")
+        self.ratio, self.alpha, self.lm_lambda = float(ratio), float(alpha), float(lm_lambda)
+        self.batch_size, self.conditioning = batch_size, conditioning
+        self.max_new_tokens, self.top_k, self.temperature, self.max_rounds = (
+            max_new_tokens,
+            top_k,
+            temperature,
+            max_rounds,
+        )
+        self.prototype_samples, self.prototypes_per_class, self.prefix_words = (
+            prototype_samples,
+            prototypes_per_class,
+            prefix_words,
+        )
+        self.seed = seed
+        self.specs: list[TaskSpec] = []
+        #: prototype variant, per task name: {"prefixes": [[ids]], "prefix_classes": [int], "prototypes": tensor}
+        self.prototypes: dict[str, dict[str, Any]] = {}
+        self.pseudo = ReplayMemory(1, policy="balanced", seed=seed)
+        self.stats: dict[str, dict[str, int]] = {}  # per old task: generated / accepted at the last generation
+
+    @classmethod
+    def from_config(cls, args: ContinualConfig, **overrides: Any) -> GenerativeReplayPlugin:
+        kwargs = dict(
+            ratio=args.generative_replay_ratio,
+            alpha=args.replay_alpha,
+            batch_size=args.replay_batch_size,
+            seed=args.seed,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ task boundaries
+    def on_task_end(self, trainer: Any, task: Any, task_index: int) -> None:
+        if task.name not in [s.name for s in self.specs]:
+            self.specs.append(TaskSpec(task.name, task.template, list(task.verbalizer)))
+        if self.conditioning == "prototype":
+            tokenizer = trainer_tokenizer(trainer, "GenerativeReplayPlugin")
+            rows = task_rows(task, tokenizer, self.prototype_samples)
+            classes = torch.tensor([int(x) for x in task.train_dataset["label"][: len(rows)]], dtype=torch.long)
+            self.prototypes[task.name] = self.select_prototypes(trainer.model, task, rows, classes, tokenizer)
+
+    def select_prototypes(
+        self, model: torch.nn.Module, task: Any, rows: list[dict], classes: torch.Tensor, tokenizer: Any
+    ) -> dict[str, Any]:
+        """Per class, the prefixes of the real rows nearest (L2, answer-position features) to the class mean."""
+        prompts = prompt_tokens(rows)
+        feats = extract_features(model, prompts, tokenizer.pad_token_id or 0)
+        protos, present = class_prototypes(feats, classes)
+        n_template = len(
+            tokenizer(TaskSpec(task.name, task.template, []).prefix, add_special_tokens=False)["input_ids"]
+        )
+        start = n_template + (1 if tokenizer.bos_token_id is not None else 0)
+        prefixes, prefix_classes = [], []
+        for proto, c in zip(protos, present.tolist(), strict=True):
+            members = (classes == c).nonzero().flatten()
+            dist = (feats[members] - proto).pow(2).sum(-1)
+            kept: list[list[int]] = []
+            for j in members[dist.argsort()].tolist():  # nearest first, distinct prefixes only
+                prefix = prompts[j][start : start + self.prefix_words]
+                if prefix not in kept:
+                    kept.append(prefix)
+                if len(kept) == self.prototypes_per_class:
+                    break
+            prefixes += kept
+            prefix_classes += [c] * len(kept)
+        return {"prefixes": prefixes, "prefix_classes": prefix_classes, "prototypes": protos}
+
+    def on_task_begin(self, trainer: Any, task: Any, task_index: int) -> None:
+        old = [s for s in self.specs if s.name != task.name]
+        n_total = round(self.ratio * len(task.train_dataset))
+        if task_index == 0 or not old or n_total == 0:
+            self.pseudo = ReplayMemory(1, policy="balanced", seed=self.seed)
+            return
+        tokenizer = trainer_tokenizer(trainer, "GenerativeReplayPlugin")
+        self.pseudo = ReplayMemory(max(n_total, len(old)), policy="balanced", seed=self.seed + task_index)
+        self.stats = {}
+        for j, spec in enumerate(old):
+            share = self.pseudo.capacity // len(old) + (1 if j < self.pseudo.capacity % len(old) else 0)
+            rows, generated = self.generate(
+                trainer.model, tokenizer, spec, share, seed=self.seed + 1000 * task_index + j
+            )
+            self.pseudo.add(spec.name, rows)
+            self.stats[spec.name] = {"wanted": share, "generated": generated, "accepted": len(rows)}
+
+    # ------------------------------------------------------------------ generation
+    def _prompts(self, tokenizer: Any, spec: TaskSpec, n: int) -> list[list[int]]:
+        base = tokenizer(spec.prefix, add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None:
+            base = [tokenizer.bos_token_id] + base
+        stored = self.prototypes.get(spec.name) if self.conditioning == "prototype" else None
+        if not stored or not stored["prefixes"]:
+            return [base] * n
+        # cycle over classes first, then over each class's prototypes, so every class gets an equal share
+        by_class: dict[int, list[list[int]]] = {}
+        for p, c in zip(stored["prefixes"], stored["prefix_classes"], strict=True):
+            by_class.setdefault(int(c), []).append(list(p))
+        order = [by_class[c][i % len(by_class[c])] for i in range(max(map(len, by_class.values()))) for c in by_class]
+        return [base + order[i % len(order)] for i in range(n)]
+
+    @torch.no_grad()
+    def generate(
+        self, model: torch.nn.Module, tokenizer: Any, spec: TaskSpec, n: int, seed: int = 0
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Up to `n` filtered pseudo-examples of `spec` as training rows, and how many sequences were sampled."""
+        accepted: list[dict[str, Any]] = []
+        generated = 0
+        was_training = model.training
+        model.eval()
+        device = model_device(model)
+        eos = tokenizer.eos_token_id
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                for _ in range(self.max_rounds):
+                    missing = n - len(accepted)
+                    if missing <= 0:
+                        break
+                    prompts = self._prompts(tokenizer, spec, math.ceil(1.5 * missing))
+                    generated += len(prompts)
+                    for length in sorted({len(p) for p in prompts}):  # equal-length groups: no padding needed
+                        group = torch.tensor([p for p in prompts if len(p) == length], device=device)
+                        out = model.generate(
+                            input_ids=group,
+                            attention_mask=torch.ones_like(group),
+                            do_sample=True,
+                            top_k=self.top_k,
+                            temperature=self.temperature,
+                            max_new_tokens=self.max_new_tokens,
+                            eos_token_id=eos,
+                            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+                        )
+                        for seq in out[:, length:].tolist():
+                            if eos is None or eos not in seq:
+                                continue  # ran out of tokens: not a finished example
+                            full = group[0].tolist() + seq[: seq.index(eos)]
+                            parsed = parse_generated(
+                                tokenizer.decode(full, skip_special_tokens=True), spec, tokenizer.unk_token
+                            )
+                            if parsed is not None and len(accepted) < n:
+                                row = encode_example(spec.as_task(), {"text": parsed[0], "label": parsed[1]}, tokenizer)
+                                accepted.append(row)
+        finally:
+            model.train(was_training)
+        return accepted, generated
+
+    # ------------------------------------------------------------------ loss
+    def loss_terms(self, trainer: Any, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> list[LossTerm]:
+        if not model.training:
+            return []
+        terms, lm_parts = [], []
+        if self.lm_lambda > 0 and "input_ids" in inputs:
+            logits = getattr(outputs, "logits", None)
+            if logits is None and isinstance(outputs, dict):
+                logits = outputs.get("logits")
+            if logits is None:
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+            mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+            lm_parts.append(lm_loss(logits, inputs["input_ids"], mask))
+        if self.alpha > 0 and len(self.pseudo) > 0:
+            batch = collate(
+                self.pseudo.sample(self.batch_size),
+                trainer_tokenizer(trainer, "GenerativeReplayPlugin"),
+                model_device(model),
+            )
+            out = model(**batch)
+            terms.append(LossTerm(self.name, out.loss, weight=self.alpha))
+            if self.lm_lambda > 0:
+                lm_parts.append(lm_loss(out.logits, batch["input_ids"], batch["attention_mask"]))
+        if lm_parts:
+            terms.append(LossTerm("generative_lm", torch.stack(lm_parts).mean(), weight=self.lm_lambda))
+        return terms
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        protos = {
+            name: {
+                "prefix_lengths": torch.tensor([len(p) for p in v["prefixes"]], dtype=torch.int64),
+                "prefix_ids": torch.tensor([t for p in v["prefixes"] for t in p], dtype=torch.int32),
+                "prefix_classes": list(v["prefix_classes"]),
+                "prototypes": v["prototypes"],
+            }
+            for name, v in self.prototypes.items()
+        }
+        return {
+            "specs": [s.__dict__ for s in self.specs],
+            "prototypes": protos,
+            "stats": self.stats,
+            "pseudo_capacity": self.pseudo.capacity,
+            "pseudo": self.pseudo.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.specs = [TaskSpec(s["name"], s["template"], list(s["verbalizer"])) for s in state["specs"]]
+        self.prototypes = {}
+        for name, v in state["prototypes"].items():
+            flat, prefixes, offset = v["prefix_ids"].tolist(), [], 0
+            for n in v["prefix_lengths"].tolist():
+                prefixes.append(flat[offset : offset + n])
+                offset += n
+            self.prototypes[name] = {
+                "prefixes": prefixes,
+                "prefix_classes": [int(c) for c in v["prefix_classes"]],
+                "prototypes": v["prototypes"],
+            }
+        self.stats = state.get("stats", {})
+        self.pseudo = ReplayMemory(int(state["pseudo_capacity"]), policy="balanced", seed=self.seed)
+        self.pseudo.load_state_dict(state["pseudo"])
