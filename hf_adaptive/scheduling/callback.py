@@ -1,0 +1,103 @@
+"""`AdaptiveSchedulerCallback`: the adaptive scheduler inside a `transformers.Trainer` (or `ContinualTrainer`).
+
+The Trainer owns the optimizer step, so the scheduler's pieces run at its hooks:
+
+* `on_pre_optimizer_step`: non-finite gradients (a NaN/inf loss) are dropped, so `optimizer.step()` changes nothing;
+* `on_optimizer_step`: exploration dither (when enabled);
+* `on_step_end`: the adaptive LR/momentum are written back over what the Trainer's own LR scheduler just wrote;
+* `on_log`: each logged training loss (every `logging_steps`) is one observation of the adaptive laws; a skipped
+  step since the last log counts as a non-finite observation (LR backed off).
+
+Each `train()` call builds a fresh scheduler on the optimizer the Trainer created (in a task sequence every task
+starts from the configured LR); a state loaded with `load_state_dict` (a resumed checkpoint) is applied on top.
+Set `logging_steps=1` for per-step control. The callback owns the learning rate, so the Trainer's schedule must be
+`lr_scheduler_type="constant"`; both are checked in `on_train_begin`, like `EarlyStoppingCallback` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..plugins import ContinualPlugin
+from .adaptive_scheduler import AdaptiveScheduler, AdaptiveSchedulerConfig
+
+
+class AdaptiveSchedulerCallback(ContinualPlugin):
+    """Feedback control of LR / momentum / dither from the Trainer's logged training loss (and an optional reward)."""
+
+    name = "adaptive_scheduler"
+
+    def __init__(self, config: AdaptiveSchedulerConfig | None = None, reward_key: str | None = None) -> None:
+        self.config = config or AdaptiveSchedulerConfig()
+        self.reward_key = reward_key
+        self.scheduler: AdaptiveScheduler | None = None
+        self.history: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] | None = None
+        self._skipped_since_log = False
+        self._skipped_this_step = False
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) != "constant":
+            raise ValueError(
+                f"TrainingArguments.lr_scheduler_type={str(args.lr_scheduler_type)!r} is not allowed with "
+                "AdaptiveSchedulerCallback: use 'constant' (the callback owns the learning rate)"
+            )
+        if str(getattr(args.logging_strategy, "value", args.logging_strategy)) != "steps":
+            raise ValueError(
+                f"TrainingArguments.logging_strategy={str(args.logging_strategy)!r} is not allowed with "
+                "AdaptiveSchedulerCallback: use 'steps' (each logged training loss is one observation)"
+            )
+        if optimizer is None:
+            raise ValueError("AdaptiveSchedulerCallback.optimizer=None is not allowed: the Trainer must pass one")
+        if self.scheduler is None or self.scheduler.optimizer is not optimizer:
+            self.scheduler = AdaptiveScheduler(optimizer, self.config)
+        if self._pending is not None:
+            self.scheduler.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.scheduler is not None:
+            self._skipped_this_step = not self.scheduler.guard_gradients()
+            self._skipped_since_log |= self._skipped_this_step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.scheduler is not None and not self._skipped_this_step:
+            self.scheduler.apply_dither()
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        if self.scheduler is not None:
+            self.scheduler.apply_gains()
+            self._sync_logged_lr(lr_scheduler)
+
+    def _sync_logged_lr(self, lr_scheduler) -> None:
+        """Make the Trainer's logged `learning_rate` (read from its scheduler's last LR) the one really in force."""
+        if lr_scheduler is not None and hasattr(lr_scheduler, "_last_lr"):
+            lr_scheduler._last_lr = [float(g["lr"]) for g in self.scheduler.optimizer.param_groups]
+
+    def on_log(self, args, state, control, logs=None, lr_scheduler=None, **kwargs):
+        if self.scheduler is None or logs is None or "loss" not in logs:
+            return
+        reward = logs.get(self.reward_key) if self.reward_key else None
+        snap = self.scheduler.observe(logs["loss"], reward=reward, skipped=self._skipped_since_log)
+        self._sync_logged_lr(lr_scheduler)
+        self._skipped_since_log = False
+        extra = {"adaptive_lr": snap.lr, "adaptive_sigma": snap.sigma, "skipped_steps": self.scheduler.num_skipped}
+        if snap.momentum is not None:
+            extra["adaptive_momentum"] = snap.momentum
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+        self.history.append({"step": state.global_step, **snap.to_dict()})
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.scheduler is None:
+            return dict(self._pending or {})
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Applied now if running, and again in `on_train_begin` (a resumed Trainer rebuilds its optimizer first)."""
+        if not state:
+            return
+        self._pending = state
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)

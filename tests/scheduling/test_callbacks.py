@@ -1,0 +1,152 @@
+"""The scheduling callbacks inside a real `transformers.Trainer` / `ContinualTrainer` on the tiny Gemma."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_adaptive.config import ContinualConfig
+from hf_adaptive.scheduling import (
+    AdaptiveSchedulerCallback,
+    AdaptiveSchedulerConfig,
+    FreezingConfig,
+    SelectiveFreezingCallback,
+)
+from hf_adaptive.tasks import CausalLMCollator, tokenize_task
+from hf_adaptive.trainer import ContinualTrainer
+
+COMMON = dict(per_device_train_batch_size=8, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+              save_strategy="no", seed=0, lr_scheduler_type="constant")
+
+
+def _args(tmp_path, **kw):
+    return TrainingArguments(output_dir=str(tmp_path), **{**COMMON, **kw})
+
+
+class NaNAtStep(Trainer):
+    """A real Trainer whose loss turns NaN on one optimizer step (as an overflow would)."""
+
+    nan_step = 3
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.state.global_step == self.nan_step:
+            loss = loss * float("nan")
+        return loss
+
+
+@pytest.fixture
+def rows(tokenizer, small_tasks):
+    return tokenize_task(small_tasks[0], tokenizer)
+
+
+def test_adaptive_callback_controls_the_trainer_lr(tiny_model, tokenizer, rows, tmp_path):
+    cb = AdaptiveSchedulerCallback(AdaptiveSchedulerConfig(warmup=1, cooldown=0))
+    used: list[float] = []
+
+    class Spy(AdaptiveSchedulerCallback.__mro__[1]):  # records the LR each optimizer step really uses
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            used.append(optimizer.param_groups[0]["lr"])
+
+    trainer = Trainer(model=tiny_model, args=_args(tmp_path, max_steps=8, learning_rate=5e-3), train_dataset=rows,
+                      data_collator=CausalLMCollator(tokenizer), callbacks=[cb, Spy()])
+    trainer.train()
+    assert used[0] == 5e-3
+    assert used[1:] == pytest.approx([h["lr"] for h in cb.history[:-1]])
+    sched = cb.scheduler
+    assert sched is not None and len(cb.history) == 8
+    logged = [h for h in trainer.state.log_history if "adaptive_lr" in h]
+    assert len(logged) == 8 and logged[-1]["adaptive_lr"] == sched.lr
+    assert sched.lr != 5e-3  # the laws acted
+    assert all(g["lr"] == pytest.approx(sched.lr) for g in trainer.optimizer.param_groups)
+    # the lr the Trainer logged for step t+1 is the one the scheduler chose after step t
+    train_logs = [h for h in trainer.state.log_history if "learning_rate" in h]
+    for prev, cur in zip(train_logs, train_logs[1:], strict=False):
+        assert cur["learning_rate"] == pytest.approx(prev["adaptive_lr"])
+    assert sched.optimizer.param_groups[0]["betas"][0] == sched.momentum
+
+
+def test_nan_step_is_skipped_inside_the_trainer(tiny_model, tokenizer, rows, tmp_path):
+    cb = AdaptiveSchedulerCallback(AdaptiveSchedulerConfig(nan_backoff=0.5, warmup=100))
+    seen: dict[str, torch.Tensor] = {}
+
+    class Watch(AdaptiveSchedulerCallback.__mro__[1]):  # a plain ContinualPlugin/TrainerCallback spy
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == NaNAtStep.nan_step:
+                seen["before"] = model.model.embed_tokens.weight.detach().clone()
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == NaNAtStep.nan_step + 1:
+                seen["after"] = model.model.embed_tokens.weight.detach().clone()
+
+    trainer = NaNAtStep(model=tiny_model, args=_args(tmp_path, max_steps=6, learning_rate=1e-2), train_dataset=rows,
+                        data_collator=CausalLMCollator(tokenizer), callbacks=[cb, Watch()])
+    trainer.train()
+    assert cb.scheduler.num_skipped == 1
+    assert torch.equal(seen["before"], seen["after"])  # the NaN step moved nothing
+    assert all(torch.isfinite(p).all() for p in tiny_model.parameters())
+    events = [h["event"] for h in cb.history]
+    assert events.count("skipped") == 1
+    skipped = events.index("skipped")
+    assert cb.history[skipped]["lr"] == pytest.approx(cb.history[skipped - 1]["lr"] * 0.5)
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize(("field", "value"), [("lr_scheduler_type", "linear"), ("logging_strategy", "epoch")])
+def test_callback_validates_training_arguments(tiny_model, tokenizer, rows, tmp_path, field, value):
+    trainer = Trainer(model=tiny_model, args=_args(tmp_path, max_steps=2, **{field: value}), train_dataset=rows,
+                      data_collator=CausalLMCollator(tokenizer), callbacks=[AdaptiveSchedulerCallback()])
+    with pytest.raises(ValueError, match=rf"TrainingArguments\.{field}="):
+        trainer.train()
+
+
+def test_freezing_callback_in_trainer_logs_fraction_and_releases(tiny_model, tokenizer, rows, tmp_path):
+    cb = SelectiveFreezingCallback(FreezingConfig(threshold=0.3, threshold_mode="relative", warmup_steps=2,
+                                                  probe_every=0, granularity="module"))
+    trainer = Trainer(model=tiny_model, args=_args(tmp_path, max_steps=6, learning_rate=5e-3), train_dataset=rows,
+                      data_collator=CausalLMCollator(tokenizer), callbacks=[cb])
+    trainer.train()
+    fractions = [h["frozen_fraction"] for h in trainer.state.log_history if "frozen_fraction" in h]
+    assert len(fractions) == 6 and fractions[0] == 0.0 and max(fractions) > 0.0
+    assert cb.freezer.steps == 6
+    assert all(p.requires_grad for p in tiny_model.parameters())  # released at train end
+
+
+def test_through_continual_trainer_with_resume(tiny_model, tokenizer, rows, tmp_path):
+    """Both callbacks are plugins: their state lands in every checkpoint and is restored on resume."""
+    def make(model):
+        args = ContinualConfig(output_dir=str(tmp_path), max_steps=6, learning_rate=5e-3, save_strategy="steps",
+                               save_steps=3, **{k: v for k, v in COMMON.items() if k != "save_strategy"})
+        sched = AdaptiveSchedulerCallback(AdaptiveSchedulerConfig(warmup=1, cooldown=0))
+        freeze = SelectiveFreezingCallback(FreezingConfig(threshold=0.3, threshold_mode="relative", warmup_steps=1,
+                                                          probe_every=0, granularity="module"))
+        trainer = ContinualTrainer(model=model, args=args, train_dataset=rows,
+                                   data_collator=CausalLMCollator(tokenizer), callbacks=[sched, freeze])
+        return trainer, sched, freeze
+
+    trainer, sched, freeze = make(tiny_model)
+    trainer.train()
+    at_3 = sched.history[2]
+    assert (tmp_path / "checkpoint-3" / "continual" / "adaptive_scheduler").is_dir()
+    assert (tmp_path / "checkpoint-3" / "continual" / "selective_freezing").is_dir()
+
+    from hf_adaptive.models import build_tiny_gemma
+
+    model, _ = build_tiny_gemma(tokenizer, seed=0)
+    trainer2, sched2, freeze2 = make(model)
+    restored: dict = {}
+
+    class Spy(AdaptiveSchedulerCallback.__mro__[1]):
+        def on_step_begin(self, args, state, control, **kw):
+            if not restored:
+                restored.update(lr=sched2.scheduler.lr, steps=sched2.scheduler.num_steps,
+                                frozen=freeze2.freezer.steps)
+
+    trainer2.add_callback(Spy())
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert restored == {"lr": pytest.approx(at_3["lr"]), "steps": 3, "frozen": 3}
+    # same data order, same state: the resumed run ends where the uninterrupted one did
+    assert sched2.scheduler.lr == pytest.approx(sched.scheduler.lr, rel=1e-4)
