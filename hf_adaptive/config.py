@@ -18,6 +18,7 @@ EWC_MODES = ("separate", "online")
 FISHER_TYPES = ("empirical", "true")
 REPLAY_POLICIES = ("reservoir", "balanced")
 EARLY_STOPPING_METRICS = ("accuracy", "loss")
+LOSS_WEIGHTINGS = ("none", "uncertainty", "softmax")
 
 
 def _fail(name: str, value, allowed: str) -> None:
@@ -150,6 +151,35 @@ class ContinualConfig(TrainingArguments):
     early_stopping_min_epochs: int = field(default=1, metadata={"help": "Epochs always run before stopping."})
     early_stopping_min_delta: float = field(default=0.001, metadata={"help": "Smallest change that counts."})
 
+    # --- adaptive scheduling and freezing (plugins "adaptive_scheduler", "freezing") -----------------------
+    adaptive_lr_up: float = field(default=1.02, metadata={"help": "Adaptive scheduler: LR factor on improvement."})
+    adaptive_lr_down: float = field(default=0.8, metadata={"help": "Adaptive scheduler: LR factor on worsening."})
+    adaptive_patience: int = field(default=5, metadata={"help": "Adaptive scheduler: logs without improvement."})
+    adaptive_cooldown: int = field(default=5, metadata={"help": "Adaptive scheduler: logs held after a cut."})
+    adaptive_dither: bool = field(default=False, metadata={"help": "Adaptive scheduler: exploration noise."})
+    freeze_threshold: float = field(default=1e-3, metadata={"help": "Freezing: gradient-norm EMA threshold."})
+    freeze_threshold_mode: str = field(default="absolute", metadata={"help": "Freezing: 'absolute' or 'relative'."})
+    freeze_granularity: str = field(default="parameter", metadata={"help": "Freezing: 'parameter' or 'module'."})
+    freeze_probe_every: int = field(default=20, metadata={"help": "Freezing: steps between probes (0: never)."})
+
+    # --- optimizers and loss weighting ------------------------------------------------------------------
+    optimizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Optimizer by name through pytorch_optimizer / torch: adamw, adam, sgd, lamb, lookahead "
+                  "or any pytorch_optimizer name; None keeps TrainingArguments.optim."},
+    )
+    lookahead_inner: str = field(default="adamw", metadata={"help": "Optimizer wrapped by 'lookahead'."})
+    lookahead_k: int = field(default=5, metadata={"help": "Fast steps between Lookahead's slow-weight updates."})
+    lookahead_alpha: float = field(default=0.5, metadata={"help": "Lookahead interpolation factor in [0, 1]."})
+    gradient_centralization: bool = field(
+        default=False, metadata={"help": "Centralize the gradients of matrix parameters (needs optimizer_name)."}
+    )
+    loss_weighting: str = field(
+        default="none",
+        metadata={"help": "'none' (fixed plugin weights), 'uncertainty' (learned ½e^-s·L + ½s per term) or "
+                  "'softmax' (learned weights with a fixed sum): a differentiable loss-weight controller."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("adapter_strategy", self.adapter_strategy, ADAPTER_STRATEGIES)
@@ -181,3 +211,22 @@ class ContinualConfig(TrainingArguments):
         check_choice("early_stopping_metric", self.early_stopping_metric, EARLY_STOPPING_METRICS)
         check_range("early_stopping_min_epochs", self.early_stopping_min_epochs, 0, integer=True)
         check_range("early_stopping_min_delta", self.early_stopping_min_delta, 0)
+        check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        check_range("adaptive_lr_up", self.adaptive_lr_up, 1)
+        check_range("adaptive_lr_down", self.adaptive_lr_down, 0, 1, low_open=True)
+        check_range("adaptive_patience", self.adaptive_patience, 0, integer=True)
+        check_range("adaptive_cooldown", self.adaptive_cooldown, 0, integer=True)
+        check_range("freeze_threshold", self.freeze_threshold, 0)
+        check_choice("freeze_threshold_mode", self.freeze_threshold_mode, ("absolute", "relative"))
+        check_choice("freeze_granularity", self.freeze_granularity, ("parameter", "module"))
+        check_range("freeze_probe_every", self.freeze_probe_every, 0, integer=True)
+        if self.gradient_centralization and self.optimizer_name is None:
+            _fail("gradient_centralization", True, "needs optimizer_name (it hooks the named optimizer)")
+        if self.optimizer_name is not None:
+            from .optim import OptimizerConfig
+
+            try:
+                OptimizerConfig(self.optimizer_name, self.lookahead_inner, self.lookahead_k, self.lookahead_alpha,
+                                self.gradient_centralization)
+            except ValueError as err:
+                raise ValueError(str(err).replace("OptimizerConfig.", "ContinualConfig.")) from None

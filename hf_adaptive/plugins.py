@@ -37,6 +37,11 @@ class ContinualPlugin(TrainerCallback):
     #: unique name; used for logging (`loss_<name>`) and for the checkpoint folder of the plugin's state
     name: str = "plugin"
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """Names of the loss terms this plugin may return (a learned loss weighting sizes itself by them)."""
+        return (self.name,)
+
     def loss_terms(
         self, trainer: ContinualTrainer, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any
     ) -> list[LossTerm]:

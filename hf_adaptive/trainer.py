@@ -76,7 +76,25 @@ class ContinualTrainer(Trainer):
         optimizers = kwargs.get("optimizers", (None, None))
         self._user_optimizer = optimizers is not None and optimizers[0] is not None
         self._user_collator = kwargs.get("data_collator") is not None
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        name = getattr(training_args, "optimizer_name", None)
+        if name is not None and kwargs.get("optimizer_cls_and_kwargs") is None and not self._user_optimizer:
+            from .optim import OptimizerConfig
+
+            options = OptimizerConfig(name, training_args.lookahead_inner, training_args.lookahead_k,
+                                      training_args.lookahead_alpha, training_args.gradient_centralization)
+            kwargs["optimizer_cls_and_kwargs"] = options.trainer_optimizer(
+                training_args.learning_rate, training_args.weight_decay
+            )
         super().__init__(*args, **kwargs)
+        mode = _continual_option(self.args, "loss_weighting")
+        if loss_weighting is None and mode != "none":
+            from .control.loss_weighting import LossWeightController
+
+            names = [n for p in self.plugins for n in p.term_names]
+            if not names:
+                raise ValueError(f"ContinualConfig.loss_weighting={mode!r} needs plugins that return loss terms")
+            loss_weighting = LossWeightController(names, mode=mode)
         self.loss_weighting = loss_weighting
         if isinstance(loss_weighting, torch.nn.Module):
             loss_weighting.to(self.args.device)

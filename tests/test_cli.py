@@ -130,3 +130,28 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert state["extra"]["steps"] == [4, 4]
     assert out.stdout.count('"metrics"') == 1  # the summary is printed by the main process only
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["matrix"]) == 2
+
+
+def test_run_with_plugins_from_the_registry(tmp_path):
+    """`--plugins ewc replay` builds both from the ContinualConfig options; their terms are logged."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "o"), "tasks": ["first_color", "has_cat"], "n_train": 16, "n_eval": 8,
+        "plugins": ["ewc", "replay"], "ewc_lambda": 10.0, "fisher_samples": 8, "replay_alpha": 0.5,
+        "replay_batch_size": 4, "report_to": "none", "logging_steps": 1, "save_strategy": "no",
+        "per_device_train_batch_size": 8, "disable_tqdm": True,
+    }))
+    assert main(["run", str(config)]) == 0
+    state = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert len(state["matrix"]) == 2
+
+
+def test_registry_names_resolve():
+    from hf_adaptive.config import ContinualConfig
+    from hf_adaptive.registry import PLUGINS, build_plugins
+
+    args = ContinualConfig(output_dir="unused", report_to=[], early_stopping_patience=2)
+    plugins = build_plugins(list(PLUGINS), args)
+    assert [type(p).__name__ for p in plugins] == [path.split(":")[1] for path in PLUGINS.values()]
+    with pytest.raises(ValueError, match="unique"):
+        build_plugins(["ewc", "ewc"], args)

@@ -194,3 +194,33 @@ def test_user_optimizer_instance_is_rejected_for_sequences(tmp_path, tiny_model,
     )
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         trainer.train_sequence(small_tasks)
+
+
+def test_optimizer_by_name_from_config(tmp_path, tiny_model, tokenizer, small_tasks, make_args):
+    from pytorch_optimizer import Lookahead
+
+    train, evals = _data(tokenizer, small_tasks, 8)
+    args = make_args(tmp_path, optimizer_name="lookahead", lookahead_inner="lamb", max_steps=2)
+    trainer = _trainer(ContinualTrainer, tiny_model, args, tokenizer, train, evals)
+    trainer.train()
+    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(inner, Lookahead) and type(inner.optimizer).__name__ == "Lamb"
+    with pytest.raises(ValueError, match="ContinualConfig.optimizer_name"):
+        make_args(tmp_path, optimizer_name="no_such_optimizer")
+    with pytest.raises(ValueError, match="ContinualConfig.gradient_centralization"):
+        make_args(tmp_path, gradient_centralization=True)
+
+
+def test_learned_loss_weighting_from_config(tmp_path, tiny_model, tokenizer, small_tasks, make_args):
+    train, evals = _data(tokenizer, small_tasks, 16)
+    args = make_args(tmp_path, loss_weighting="uncertainty", save_strategy="steps", save_steps=2)
+    trainer = _trainer(ContinualTrainer, tiny_model, args, tokenizer, train, evals, callbacks=[L2Plugin()])
+    trainer.train()
+    controller = trainer.loss_weighting
+    assert controller.term_names == ["l2"]
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in in_optimizer for p in controller.parameters())
+    assert all("weight_l2" in h and "weight_task" in h for h in trainer.state.log_history if "loss" in h)
+    assert (tmp_path / "checkpoint-2" / "continual" / "loss_weighting" / "tensors.safetensors").exists()
+    with pytest.raises(ValueError, match="needs plugins"):
+        _trainer(ContinualTrainer, tiny_model, args, tokenizer, train, evals)

@@ -129,6 +129,7 @@ class GenerativeReplayPlugin(ContinualPlugin):
     """
 
     name = "generative_replay"
+    term_names = ("generative_lm", "generative_replay")
 
     def __init__(
         self,

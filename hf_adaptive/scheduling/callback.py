@@ -27,6 +27,14 @@ class AdaptiveSchedulerCallback(ContinualPlugin):
 
     name = "adaptive_scheduler"
 
+    @classmethod
+    def from_config(cls, args: Any, **overrides: Any) -> AdaptiveSchedulerCallback:
+        """The callback described by the `adaptive_*` fields of a `ContinualConfig` (keyword overrides win)."""
+        values = dict(lr_up=args.adaptive_lr_up, lr_down=args.adaptive_lr_down, patience=args.adaptive_patience,
+                      cooldown=args.adaptive_cooldown, dither=args.adaptive_dither, seed=args.seed)
+        values.update(overrides)
+        return cls(AdaptiveSchedulerConfig(**values))
+
     def __init__(self, config: AdaptiveSchedulerConfig | None = None, reward_key: str | None = None) -> None:
         self.config = config or AdaptiveSchedulerConfig()
         self.reward_key = reward_key

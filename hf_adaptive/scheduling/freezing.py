@@ -177,6 +177,14 @@ class SelectiveFreezingCallback(ContinualPlugin):
 
     name = "selective_freezing"
 
+    @classmethod
+    def from_config(cls, args: Any, **overrides: Any) -> SelectiveFreezingCallback:
+        """The callback described by the `freeze_*` fields of a `ContinualConfig` (keyword overrides win)."""
+        values = dict(threshold=args.freeze_threshold, threshold_mode=args.freeze_threshold_mode,
+                      granularity=args.freeze_granularity, probe_every=args.freeze_probe_every)
+        values.update(overrides)
+        return cls(FreezingConfig(**values))
+
     def __init__(self, config: FreezingConfig | None = None) -> None:
         self.config = config or FreezingConfig()
         self.freezer: Freezer | None = None
