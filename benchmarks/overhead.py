@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import StepTimer, median, write_results  # noqa: E402
-
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_adaptive.config import ContinualConfig  # noqa: E402
