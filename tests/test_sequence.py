@@ -179,3 +179,17 @@ def test_joint_upper_bound(tmp_path, tokenizer, small_tasks, make_args):
     accuracies = trainer.train_joint(small_tasks)
     assert len(accuracies) == len(small_tasks)
     assert trainer.state.global_step == math.ceil(sum(len(t.train_dataset) for t in small_tasks) / 8)
+
+
+def test_results_reach_wandb_offline(tmp_path, tokenizer, small_tasks, make_args, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    try:
+        _run(tmp_path / "out", tokenizer, small_tasks[:2], make_args, report_to=["wandb"])
+        summary = dict(wandb.run.summary)
+    finally:
+        wandb.finish()
+    assert "train/cl/avg_acc" in summary and "train/cl/bwt" in summary
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
