@@ -60,6 +60,27 @@ def _positive_int(field_name: str, value: Any) -> int:
 FISHER_NORMALIZATIONS = ("none", "max", "mean")
 
 
+class _QuadraticPenalty(torch.autograd.Function):
+    """scale · Σ_i Σ F_i (θ_i − θ*_i)², with the gradient 2·scale·F_i (θ_i − θ*_i) written out."""
+
+    @staticmethod
+    def forward(ctx, scale, fishers, anchors, *params):  # type: ignore[override]
+        with torch.no_grad():
+            diffs = torch._foreach_sub([p.float() for p in params], anchors)
+            weighted = torch._foreach_mul(diffs, fishers)
+            value = torch.stack([(w * d).sum() for w, d in zip(weighted, diffs)]).sum() * scale
+        ctx.save_for_backward(*weighted)
+        ctx.scale = scale
+        ctx.dtypes = [p.dtype for p in params]
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        factor = grad_output * (2.0 * ctx.scale)
+        grads = torch._foreach_mul(list(ctx.saved_tensors), factor)
+        return (None, None, None, *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)))
+
+
 def _unwrap(trainer: Any, model: torch.nn.Module) -> torch.nn.Module:
     """The model without DDP / compile wrappers, whose parameter names match `trainer.model`'s."""
     accelerator = getattr(trainer, "accelerator", None)
@@ -167,9 +188,16 @@ class EWCPlugin(ContinualPlugin):
         return self._param_cache[1]
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
-        """(λ/2) Σ F (θ − θ*)² over all entries (None when there is nothing to penalize)."""
+        """(λ/2) Σ F (θ − θ*)² over all entries (None when there is nothing to penalize).
+
+        Computed by `_QuadraticPenalty` with fused multi-tensor (`torch._foreach_*`) kernels and an analytic
+        backward (∂/∂θ = λ F (θ − θ*)), instead of one small autograd graph per parameter: the value and the
+        gradient are the same, the step is cheaper (see `benchmarks/overhead.py`).
+        """
         params = self._trainable(model)
-        total: torch.Tensor | None = None
+        fishers: list[torch.Tensor] = []
+        anchors: list[torch.Tensor] = []
+        used: list[torch.nn.Parameter] = []
         for entry in self.entries:
             fisher, anchor = entry["fisher"], entry["anchor"]
             for name, f in fisher.items():
@@ -179,9 +207,12 @@ class EWCPlugin(ContinualPlugin):
                 if f.device != p.device:  # loaded from a checkpoint on CPU: move once
                     fisher[name] = f = f.to(p.device)
                     anchor[name] = anchor[name].to(p.device)
-                term = (f * (p.float() - anchor[name]).square()).sum()
-                total = term if total is None else total + term
-        return None if total is None else 0.5 * self.ewc_lambda * total
+                fishers.append(f)
+                anchors.append(anchor[name])
+                used.append(p)
+        if not used:
+            return None
+        return _QuadraticPenalty.apply(0.5 * self.ewc_lambda, fishers, anchors, *used)
 
     def loss_terms(
         self, trainer: Any, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any
