@@ -101,8 +101,13 @@ def run_sequence(model_args: ModelArguments, task_args: TaskArguments, config: A
         seed=config.seed,
     )
     tasks = build_tasks(task_args, tokenizer)
+    if config.gate_mode is not None:
+        from .models import gate_model
+
+        gate_model(model, mode=config.gate_mode)
     trainer = ContinualTrainer(
-        model=model, args=config, processing_class=tokenizer, callbacks=build_plugins(task_args.plugins, config)
+        model=model, args=config, processing_class=tokenizer,
+        callbacks=build_plugins(task_args.plugins, config, model=model),
     )
     result = trainer.train_sequence(tasks, resume_from_checkpoint=config.resume_from_checkpoint or None)
     summary: dict[str, Any] = {"metrics": result.metrics(), "output_dir": config.output_dir}

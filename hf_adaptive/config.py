@@ -162,6 +162,23 @@ class ContinualConfig(TrainingArguments):
     freeze_granularity: str = field(default="parameter", metadata={"help": "Freezing: 'parameter' or 'module'."})
     freeze_probe_every: int = field(default=20, metadata={"help": "Freezing: steps between probes (0: never)."})
 
+    # --- head gates and their controller (plugins "head_l0", "gate_feedback") -----------------------------
+    gate_mode: str | None = field(
+        default=None,
+        metadata={"help": "Attach one gate per attention head: None (no gates), 'fixed' (set by the RL controller) "
+                  "or 'hard_concrete' (learnable L0 gates)."},
+    )
+    gate_l0_weight: float = field(default=0.01, metadata={"help": "Weight of the L0 penalty of hard-concrete gates."})
+    gate_algorithm: str = field(default="ppo", metadata={"help": "Gate controller: 'reinforce', 'a2c' or 'ppo'."})
+    gate_feedback_every: int = field(default=50, metadata={"help": "Steps between controller feedback rounds."})
+    gate_feedback_mode: str = field(
+        default="periodic", metadata={"help": "'periodic' (validation subset) or 'continuous' (training loss)."}
+    )
+    gate_eval_size: int = field(default=64, metadata={"help": "Validation rows scored per feedback round."})
+    gate_min_active_fraction: float = field(default=0.0, metadata={"help": "Fewest heads kept, as a fraction."})
+    gate_max_active_fraction: float = field(default=1.0, metadata={"help": "Compute budget: most heads active."})
+    gate_efficiency_factor: float = field(default=0.1, metadata={"help": "Reward per pruned fraction of heads."})
+
     # --- optimizers and loss weighting ------------------------------------------------------------------
     optimizer_name: str | None = field(
         default=None,
@@ -212,6 +229,14 @@ class ContinualConfig(TrainingArguments):
         check_range("early_stopping_min_epochs", self.early_stopping_min_epochs, 0, integer=True)
         check_range("early_stopping_min_delta", self.early_stopping_min_delta, 0)
         check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        check_choice("gate_mode", self.gate_mode, (None, "fixed", "hard_concrete"))
+        check_range("gate_l0_weight", self.gate_l0_weight, 0)
+        check_choice("gate_algorithm", self.gate_algorithm, ("reinforce", "a2c", "ppo"))
+        check_range("gate_feedback_every", self.gate_feedback_every, 1, integer=True)
+        check_choice("gate_feedback_mode", self.gate_feedback_mode, ("periodic", "continuous"))
+        check_range("gate_eval_size", self.gate_eval_size, 1, integer=True)
+        check_range("gate_min_active_fraction", self.gate_min_active_fraction, 0, 1)
+        check_range("gate_max_active_fraction", self.gate_max_active_fraction, self.gate_min_active_fraction, 1)
         check_range("adaptive_lr_up", self.adaptive_lr_up, 1)
         check_range("adaptive_lr_down", self.adaptive_lr_down, 0, 1, low_open=True)
         check_range("adaptive_patience", self.adaptive_patience, 0, integer=True)

@@ -18,7 +18,11 @@ PLUGINS: dict[str, str] = {
     "feature_replay": "hf_adaptive.replay:FeatureReplayPlugin",
     "adaptive_scheduler": "hf_adaptive.scheduling:AdaptiveSchedulerCallback",
     "freezing": "hf_adaptive.scheduling:SelectiveFreezingCallback",
+    "head_l0": "hf_adaptive.models:HeadGatePlugin",
+    "gate_feedback": "hf_adaptive.control:FeedbackCallback",
 }
+#: plugins whose `from_config` also needs the model (e.g. the gate controller is sized by the model's heads)
+NEEDS_MODEL = {"head_l0", "gate_feedback"}
 
 
 def plugin_class(name: str) -> type:
@@ -28,8 +32,12 @@ def plugin_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_plugins(names: Sequence[str], config: Any) -> list[Any]:
-    """One instance per name, configured from `config` (a `ContinualConfig`)."""
+def build_plugins(names: Sequence[str], config: Any, model: Any = None) -> list[Any]:
+    """One instance per name, configured from `config` (a `ContinualConfig`) and, where needed, `model`."""
     if len(set(names)) != len(names):
         raise ValueError(f"plugins: names must be unique, got {list(names)}")
-    return [plugin_class(name).from_config(config) for name in names]
+    return [
+        plugin_class(name).from_config(config, model=model) if name in NEEDS_MODEL
+        else plugin_class(name).from_config(config)
+        for name in names
+    ]

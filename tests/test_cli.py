@@ -148,10 +148,31 @@ def test_run_with_plugins_from_the_registry(tmp_path):
 
 def test_registry_names_resolve():
     from hf_adaptive.config import ContinualConfig
+    from hf_adaptive.models import build_tiny_gemma, gate_model
     from hf_adaptive.registry import PLUGINS, build_plugins
 
     args = ContinualConfig(output_dir="unused", report_to=[], early_stopping_patience=2)
-    plugins = build_plugins(list(PLUGINS), args)
+    model, _ = build_tiny_gemma()
+    gate_model(model, mode="fixed")
+    plugins = build_plugins(list(PLUGINS), args, model=model)
+    assert plugins[-1].controller.num_heads == 4 and plugins[-1].controller.num_layers == 2
     assert [type(p).__name__ for p in plugins] == [path.split(":")[1] for path in PLUGINS.values()]
     with pytest.raises(ValueError, match="unique"):
         build_plugins(["ewc", "ewc"], args)
+    with pytest.raises(ValueError, match="model=None"):
+        build_plugins(["gate_feedback"], args)
+
+
+def test_run_with_gated_heads_and_feedback_controller(tmp_path):
+    """`gate_mode: fixed` + plugin `gate_feedback`: the RL controller is built for the model's heads and reports."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "o"), "tasks": ["has_cat"], "n_train": 32, "n_eval": 16,
+        "plugins": ["gate_feedback"], "gate_mode": "fixed", "gate_feedback_every": 2, "gate_eval_size": 8,
+        "gate_max_active_fraction": 0.75, "report_to": "none", "logging_steps": 1, "save_strategy": "no",
+        "per_device_train_batch_size": 8, "disable_tqdm": True,
+    }))
+    assert main(["run", str(config)]) == 0
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["task_names"] == ["has_cat"]
+    with pytest.raises(ValueError, match="gate_max_active_fraction"):
+        parse_run_arguments([str(config), "--gate_min_active_fraction", "0.9", "--gate_max_active_fraction", "0.5"])

@@ -21,7 +21,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ..models.gated import GatedModel, attention_entropy, find_gates, head_importance
 from ..plugins import ContinualPlugin
-from .gate_controller import GateController
+from .gate_controller import GateController, GateControllerConfig
 from .pareto import ParetoArchive
 
 MODES = ("periodic", "continuous")
@@ -111,6 +111,21 @@ class FeedbackCallback(ContinualPlugin):
     """
 
     name = "gate_feedback"
+
+    @classmethod
+    def from_config(cls, args: Any, model: Any = None) -> FeedbackCallback:
+        """Controller and feedback loop from the `gate_*` fields of a `ContinualConfig`, sized by `model`'s gates."""
+        if model is None:
+            raise ValueError("FeedbackCallback.from_config: model=None is not allowed: the gates size the policy")
+        gated = find_gates(model)
+        controller = GateController(gated.num_layers, gated.num_heads, GateControllerConfig(
+            algorithm=args.gate_algorithm, min_active_fraction=args.gate_min_active_fraction,
+            max_active_fraction=args.gate_max_active_fraction, efficiency_factor=args.gate_efficiency_factor,
+            seed=args.seed,
+        ))
+        config = FeedbackConfig(eval_every=args.gate_feedback_every, mode=args.gate_feedback_mode,
+                                eval_size=args.gate_eval_size)
+        return cls(controller, config=config)
 
     def __init__(
         self,

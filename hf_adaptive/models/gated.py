@@ -320,6 +320,11 @@ class HeadGatePlugin(ContinualPlugin):
 
     name = "head_l0"
 
+    @classmethod
+    def from_config(cls, args: Any, model: nn.Module | None = None) -> HeadGatePlugin:
+        """The plugin with `ContinualConfig.gate_l0_weight`."""
+        return cls(args.gate_l0_weight)
+
     def __init__(self, weight: float = 0.01) -> None:
         if not (weight >= 0.0) or not math.isfinite(weight):
             raise ValueError(f"HeadGatePlugin.weight={weight!r} is not allowed: a finite number >= 0")
