@@ -222,9 +222,8 @@ def test_controller_errors_name_the_field(kwargs, field):
         ControlledScalar(0.0, 1.0, 1.0)
 
 
-def test_inside_the_continual_trainer(tiny_model, tokenizer, small_tasks, tmp_path):
+def test_inside_the_continual_trainer(tiny_model, tokenizer, small_tasks, tmp_path, make_args):
     """The trainer adds the controller's parameters to its optimizer; they move and the weights are logged."""
-    from hf_adaptive.config import ContinualConfig
     from hf_adaptive.plugins import ContinualPlugin, LossTerm
     from hf_adaptive.tasks import CausalLMCollator, tokenize_task
     from hf_adaptive.trainer import ContinualTrainer
@@ -241,17 +240,7 @@ def test_inside_the_continual_trainer(tiny_model, tokenizer, small_tasks, tmp_pa
 
     ctl = UncertaintyWeighting(["anchor"])
     before = [p.detach().clone() for p in ctl.parameters()]
-    args = ContinualConfig(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = make_args(tmp_path, max_steps=4, learning_rate=1e-2)
     trainer = ContinualTrainer(
         model=tiny_model,
         args=args,

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from hf_adaptive.config import ContinualConfig
 from hf_adaptive.replay import ReplayPlugin
 from hf_adaptive.trainer import ContinualTrainer
 
 
-def test_two_task_sequence_with_replay(tiny_model, tokenizer, tmp_path):
+def test_two_task_sequence_with_replay(tiny_model, tokenizer, tmp_path, make_args):
     from hf_adaptive.tasks import builtin_suite
 
     tasks = builtin_suite(["first_color", "last_color"], n_train=32, n_eval=8, seed=0)
-    args = ContinualConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_train_epochs=1,
+    args = make_args(
+        tmp_path,
         learning_rate=5e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
         replay_alpha=0.5,
         replay_buffer_size=16,
         replay_policy="balanced",
@@ -49,22 +41,15 @@ def test_two_task_sequence_with_replay(tiny_model, tokenizer, tmp_path):
     assert restored.memory.counts() == plugin.memory.counts()
 
 
-def test_generative_and_feature_replay_in_a_sequence(tiny_model, tokenizer, tmp_path):
+def test_generative_and_feature_replay_in_a_sequence(tiny_model, tokenizer, tmp_path, make_args):
     """Both plugins run inside the real trainer: their terms are logged and their memories are built."""
     from hf_adaptive.replay import FeatureReplayPlugin, GenerativeReplayPlugin
     from hf_adaptive.tasks import builtin_suite
 
     tasks = builtin_suite(["first_color", "has_cat"], n_train=16, n_eval=8, seed=0)
-    args = ContinualConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_train_epochs=1,
+    args = make_args(
+        tmp_path,
         learning_rate=5e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
         replay_alpha=0.2,
         generative_replay_ratio=0.5,
         feature_replay_alpha=0.3,
