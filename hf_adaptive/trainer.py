@@ -6,6 +6,7 @@ untouched, so losses, checkpoints, `evaluate()`, `predict()`, resuming and `push
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -336,8 +337,6 @@ class ContinualTrainer(Trainer):
             if isinstance(resume, str):
                 raise ValueError(f"resume_from_checkpoint={resume!r}: no {SEQUENCE_STATE_NAME} in {base}")
             return None
-        import json
-
         state = json.loads(path.read_text(encoding="utf-8"))
         if state.get("task_names") != names:
             raise ValueError(
