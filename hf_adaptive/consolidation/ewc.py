@@ -68,7 +68,9 @@ class _QuadraticPenalty(torch.autograd.Function):
         with torch.no_grad():
             diffs = torch._foreach_sub([p.float() for p in params], anchors)
             weighted = torch._foreach_mul(diffs, fishers)
-            value = torch.stack([(w * d).sum() for w, d in zip(weighted, diffs)]).sum() * scale
+            # dot products read F·d and d once and write nothing param-sized
+            value = torch.stack([torch.dot(w.reshape(-1), d.reshape(-1)) for w, d in zip(weighted, diffs)]).sum()
+            value = value * scale
         ctx.save_for_backward(*weighted)
         ctx.scale = scale
         ctx.dtypes = [p.dtype for p in params]
