@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--no-plugins", action="store_true", help="skip the EWC + replay variant")
+    parser.add_argument("--no-plugins", action="store_true", help="skip the EWC + replay variants")
+    parser.add_argument("--name", default="overhead", help="output name under docs/results/")
     ns = parser.parse_args()
     steps, repeats = (20, 2) if ns.quick else (ns.steps, ns.repeats)
     tokenizer = build_tokenizer()
@@ -119,7 +120,7 @@ def main() -> None:
         verdict = "" if target is None else f"<= {target} ({'met' if met else 'MISSED'})"
         lines.append(f"| {v} | {row['rows_per_step']} | {row['median_step_ms']:.2f} | {row['ratio_vs_trainer']:.3f} | "
                      f"{row['ratio_vs_trainer_same_rows']:.3f} | {verdict} |")
-    write_results("overhead", {"model": MODEL, "batch": ns.batch, "steps": steps, "repeats": repeats, "rows": rows},
+    write_results(ns.name, {"model": MODEL, "batch": ns.batch, "steps": steps, "repeats": repeats, "rows": rows},
                   "\n".join(lines))
 
 
