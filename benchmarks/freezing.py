@@ -15,26 +15,20 @@ Writes docs/results/freezing.md and docs/results/freezing.json.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
-import torch  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from common import RESULTS  # noqa: E402  (also sets the single-threaded, offline environment)
 
 from hf_adaptive.models import build_tiny_gemma, build_tokenizer  # noqa: E402
 from hf_adaptive.scheduling import Freezer, FreezingConfig  # noqa: E402
 from hf_adaptive.tasks import CausalLMCollator, builtin_suite, task_accuracy, tokenize_task  # noqa: E402
 from hf_adaptive.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def run_arm(freeze: bool, task, tokenizer, rows, steps: int, lr: float, batch_size: int, cfg: FreezingConfig,

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
-import torch  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+from common import RESULTS  # noqa: E402  (also sets the single-threaded, offline environment)
 
 from hf_adaptive.models import build_tiny_gemma, build_tokenizer  # noqa: E402
 from hf_adaptive.scheduling import AdaptiveScheduler, AdaptiveSchedulerConfig  # noqa: E402
@@ -37,7 +33,6 @@ from hf_adaptive.tasks import CausalLMCollator, builtin_suite, tokenize_task  # 
 from hf_adaptive.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 METHODS = ("constant", "cosine", "plateau", "adaptive")
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def load_data(tokenizer, names: list[str], n_train: int, n_eval: int, seed: int) -> dict[str, tuple[list, list]]:
