@@ -36,7 +36,8 @@ class TaskArguments:
         default_factory=lambda: [],
         metadata={
             "help": "Task names: built-in ones (see `hf_adaptive.tasks.RULES`) or 'glue/<name>' (needs the "
-            "network or a local GLUE copy). Empty: the built-in default suite."
+            "network or a local GLUE copy). Empty: the built-in default suite. A name may recur: its k-th "
+            "occurrence is the task '<name>_k' (built-in: new examples of the same rule, seed task_seed + k - 1)."
         },
     )
     n_train: int = field(default=256, metadata={"help": "Training examples per built-in task (GLUE: max, 0 = all)."})
@@ -61,12 +62,17 @@ class TaskArguments:
 
 
 def build_tasks(task_args: TaskArguments, tokenizer=None) -> list:
+    import dataclasses
+
     from .tasks import DEFAULT_SUITE, builtin_suite
     from .tasks.glue import load_glue_task
 
     names = list(task_args.tasks) or list(DEFAULT_SUITE)
     tasks = []
+    seen: dict[str, int] = {}
     for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        before = len(tasks)
         if name.startswith("glue/"):
             limit = lambda n: n or None  # noqa: E731
             tasks.append(
@@ -78,9 +84,10 @@ def build_tasks(task_args: TaskArguments, tokenizer=None) -> list:
                 )
             )
         else:
-            tasks.extend(
-                builtin_suite([name], n_train=task_args.n_train, n_eval=task_args.n_eval, seed=task_args.task_seed)
-            )
+            seed = task_args.task_seed + seen[name] - 1
+            tasks.extend(builtin_suite([name], n_train=task_args.n_train, n_eval=task_args.n_eval, seed=seed))
+        if seen[name] > 1:  # a recurring task: same rule and prompt, its own name (task names are unique)
+            tasks[before] = dataclasses.replace(tasks[before], name=f"{tasks[before].name}_{seen[name]}")
     return tasks
 
 
@@ -106,11 +113,16 @@ def run_sequence(model_args: ModelArguments, task_args: TaskArguments, config: A
 
         gate_model(model, mode=config.gate_mode)
     trainer = ContinualTrainer(
-        model=model, args=config, processing_class=tokenizer,
+        model=model,
+        args=config,
+        processing_class=tokenizer,
         callbacks=build_plugins(task_args.plugins, config, model=model),
     )
     result = trainer.train_sequence(tasks, resume_from_checkpoint=config.resume_from_checkpoint or None)
     summary: dict[str, Any] = {"metrics": result.metrics(), "output_dir": config.output_dir}
+    extras = plugin_results(trainer.plugins)
+    result.extra.update(extras)
+    summary.update(extras)
     if task_args.joint_upper_bound:
         joint_model, _ = load_model_and_tokenizer(
             model_args.model_name_or_path,
@@ -131,11 +143,22 @@ def run_sequence(model_args: ModelArguments, task_args: TaskArguments, config: A
         result.extra["joint_upper_bound"] = dict(zip(result.task_names, accuracies))
         result.extra["joint_avg_acc"] = sum(accuracies) / len(accuracies)
         summary["joint_avg_acc"] = result.extra["joint_avg_acc"]
-        if config.should_save:
-            result.save(config.output_dir, plot=config.save_results_plot)
         if joint.is_world_process_zero():
             print(f"\njoint multi-task upper bound: avg_acc={result.extra['joint_avg_acc']:.4f}", flush=True)
+    if (extras or task_args.joint_upper_bound) and config.should_save:  # results.json again, with the additions
+        result.save(config.output_dir, plot=config.save_results_plot)
     return summary
+
+
+def plugin_results(plugins: list[Any]) -> dict[str, Any]:
+    """What plugins add to `results.json` and the printed summary through an optional `extra_results()` hook
+    (e.g. the routing decisions of `expert_routing`): JSON values keyed by name."""
+    extras: dict[str, Any] = {}
+    for plugin in plugins:
+        hook = getattr(plugin, "extra_results", None)
+        if callable(hook):
+            extras.update(hook())
+    return extras
 
 
 def _replace(config: Any, **changes: Any) -> Any:

@@ -8,7 +8,9 @@ a bad value raises a `ValueError` naming the field, the value and what is allowe
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -23,6 +25,19 @@ LOSS_WEIGHTINGS = ("none", "uncertainty", "softmax")
 
 def _fail(name: str, value, allowed: str) -> None:
     raise ValueError(f"ContinualConfig.{name}={value!r} is not allowed: {allowed}")
+
+
+def config_error(err: ValueError, config: Any, owner: str, prefix: str) -> ValueError:
+    """`<owner>.<name>=<v> is not allowed: ...` (an error of a config that `ContinualConfig` builds) restated as
+    `ContinualConfig.<prefix><name>=<the field's value> is not allowed: ...`, so it names the option the user set."""
+    message = str(err)
+    match = re.match(rf"{owner}\.(\w+)(.*?) is not allowed: (.*)$", message, flags=re.S)
+    if match and hasattr(config, prefix + match.group(1)):
+        name, detail, allowed = prefix + match.group(1), match.group(2), match.group(3)
+        if not detail.startswith("="):  # e.g. "SignatureConfig.layers entry 'x' is not allowed: ..."
+            allowed = f"{detail.strip()}: {allowed}"
+        return ValueError(f"ContinualConfig.{name}={getattr(config, name)!r} is not allowed: {allowed}")
+    return ValueError(message.replace(f"{owner}.", f"ContinualConfig.{prefix}"))
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -114,8 +129,10 @@ class ContinualConfig(TrainingArguments):
     )
     fisher_normalization: str = field(
         default="none",
-        metadata={"help": "'none', 'max' or 'mean': divide each task's Fisher by its largest/mean entry so that "
-                  "ewc_lambda does not depend on how confident the model is on the task."},
+        metadata={
+            "help": "'none', 'max' or 'mean': divide each task's Fisher by its largest/mean entry so that "
+            "ewc_lambda does not depend on how confident the model is on the task."
+        },
     )
     gamma_gated_ewc: bool = field(
         default=False, metadata={"help": "Scale how much new Fisher accumulates by the neuromodulatory gamma gain."}
@@ -165,8 +182,10 @@ class ContinualConfig(TrainingArguments):
     # --- head gates and their controller (plugins "head_l0", "gate_feedback") -----------------------------
     gate_mode: str | None = field(
         default=None,
-        metadata={"help": "Attach one gate per attention head: None (no gates), 'fixed' (set by the RL controller) "
-                  "or 'hard_concrete' (learnable L0 gates)."},
+        metadata={
+            "help": "Attach one gate per attention head: None (no gates), 'fixed' (set by the RL controller) "
+            "or 'hard_concrete' (learnable L0 gates)."
+        },
     )
     gate_l0_weight: float = field(default=0.01, metadata={"help": "Weight of the L0 penalty of hard-concrete gates."})
     gate_algorithm: str = field(default="ppo", metadata={"help": "Gate controller: 'reinforce', 'a2c' or 'ppo'."})
@@ -182,8 +201,10 @@ class ContinualConfig(TrainingArguments):
     # --- optimizers and loss weighting ------------------------------------------------------------------
     optimizer_name: str | None = field(
         default=None,
-        metadata={"help": "Optimizer by name through pytorch_optimizer / torch: adamw, adam, sgd, lamb, lookahead "
-                  "or any pytorch_optimizer name; None keeps TrainingArguments.optim."},
+        metadata={
+            "help": "Optimizer by name through pytorch_optimizer / torch: adamw, adam, sgd, lamb, lookahead "
+            "or any pytorch_optimizer name; None keeps TrainingArguments.optim."
+        },
     )
     lookahead_inner: str = field(default="adamw", metadata={"help": "Optimizer wrapped by 'lookahead'."})
     lookahead_k: int = field(default=5, metadata={"help": "Fast steps between Lookahead's slow-weight updates."})
@@ -193,9 +214,146 @@ class ContinualConfig(TrainingArguments):
     )
     loss_weighting: str = field(
         default="none",
-        metadata={"help": "'none' (fixed plugin weights), 'uncertainty' (learned ½e^-s·L + ½s per term) or "
-                  "'softmax' (learned weights with a fixed sum): a differentiable loss-weight controller."},
+        metadata={
+            "help": "'none' (fixed plugin weights), 'uncertainty' (learned ½e^-s·L + ½s per term) or "
+            "'softmax' (learned weights with a fixed sum): a differentiable loss-weight controller."
+        },
     )
+
+    # --- expert routing (plugin "expert_routing"; defaults are RouterConfig's / SignatureConfig's) -----------------
+    router_scorer: str = field(
+        default="cosine",
+        metadata={
+            "help": "Expert routing: how a task's signature is scored against each expert's profile: "
+            "'cosine', 'linear' or 'mlp' (learned from reuse outcomes)."
+        },
+    )
+    router_decision: str = field(
+        default="threshold",
+        metadata={
+            "help": "Expert routing: decision rule for reuse / fork / create: 'threshold', 'ucb', 'calibrated' "
+            "or 'adaptive'."
+        },
+    )
+    router_normalize: str = field(
+        default="standardize",
+        metadata={
+            "help": "Expert routing: signatures compared after 'standardize' (against the signatures seen), "
+            "'center' or 'none' (raw cosine; then use higher thresholds, e.g. 0.9 / 0.75)."
+        },
+    )
+    router_reuse_threshold: float = field(
+        default=0.5, metadata={"help": "Expert routing: reuse the best expert if its score is >= this."}
+    )
+    router_fork_threshold: float = field(
+        default=0.3,
+        metadata={
+            "help": "Expert routing: fork the best expert if its score is >= this (and below the reuse "
+            "threshold), else create a new one."
+        },
+    )
+    router_bootstrap_experts: int = field(
+        default=0,
+        metadata={"help": "Expert routing: create experts (reusing only near-duplicates) until this many exist."},
+    )
+    router_index: str = field(
+        default="exact",
+        metadata={"help": "Expert routing: nearest-expert search: 'exact', 'faiss' (needs faiss-cpu) or 'auto'."},
+    )
+    router_top_k: int = field(default=8, metadata={"help": "Expert routing: candidates re-ranked by learned scorers."})
+    router_tolerance: float = field(
+        default=0.05,
+        metadata={
+            "help": "Expert routing: a reuse succeeds if the expert's earlier tasks lose at most this much "
+            "accuracy, in [0, 1]."
+        },
+    )
+    signature_parts: list[str] = field(
+        default_factory=lambda: ["text", "gradient", "context"],
+        metadata={"help": "Expert routing: parts of a task signature, from 'text', 'gradient', 'context'."},
+    )
+    signature_layers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Expert routing: parameter/module names the gradient sketch is taken on, and/or "
+            "'input_embeddings' (None: input embeddings + the last layer's attention)."
+        },
+    )
+    signature_sketch_dim: int = field(default=64, metadata={"help": "Expert routing: size of the gradient sketch."})
+    signature_text_dim: int | None = field(
+        default=128,
+        metadata={
+            "help": "Expert routing: the description embedding is projected to this size (None: the "
+            "encoder's own size)."
+        },
+    )
+    signature_text_encoder: str | None = field(
+        default=None,
+        metadata={
+            "help": "Expert routing: sentence-transformers model embedding task descriptions (e.g. "
+            "all-MiniLM-L6-v2); None: the backbone's mean-pooled hidden states."
+        },
+    )
+    signature_n_examples: int = field(
+        default=16, metadata={"help": "Expert routing: examples of a task its gradient and context parts use."}
+    )
+
+    def expert_signature_config(self) -> Any:
+        """The `SignatureConfig` of the `signature_*` fields (its errors renamed to the fields)."""
+        from .experts.signature import SignatureConfig
+
+        try:
+            return SignatureConfig(
+                parts=tuple(self.signature_parts),
+                layers=None if self.signature_layers is None else list(self.signature_layers),
+                sketch_dim=self.signature_sketch_dim,
+                text_dim=self.signature_text_dim,
+                text_encoder=self.signature_text_encoder,
+                n_examples=self.signature_n_examples,
+            )
+        except ValueError as err:
+            raise config_error(err, self, "SignatureConfig", "signature_") from None
+
+    def expert_router_config(self, dim: int) -> Any:
+        """The `RouterConfig` of the `router_*` fields for signatures of size `dim` (errors renamed to the fields)."""
+        from .experts.router import RouterConfig
+
+        try:
+            return RouterConfig(
+                dim=dim,
+                scorer=self.router_scorer,
+                decision=self.router_decision,
+                normalize=self.router_normalize,
+                reuse_threshold=self.router_reuse_threshold,
+                fork_threshold=self.router_fork_threshold,
+                bootstrap_experts=self.router_bootstrap_experts,
+                index=self.router_index,
+                top_k=self.router_top_k,
+            )
+        except ValueError as err:
+            raise config_error(err, self, "RouterConfig", "router_") from None
+
+    def _check_expert_routing(self) -> None:
+        """Validate the routing options by building the configs that own the rules (the router's `dim` is only
+        known from the model, in `ExpertRoutingPlugin.from_config`: any valid size stands in here)."""
+        from .experts.plugin import check_tolerance
+
+        for name in ("router_reuse_threshold", "router_fork_threshold", "router_tolerance"):
+            check_range(name, getattr(self, name))  # a number (the configs compare them)
+        if not isinstance(self.signature_parts, (list, tuple)) or not all(
+            isinstance(p, str) for p in self.signature_parts
+        ):
+            _fail("signature_parts", self.signature_parts, "a list of part names from ['text', 'gradient', 'context']")
+        if self.signature_text_encoder is not None and (
+            not isinstance(self.signature_text_encoder, str) or not self.signature_text_encoder
+        ):
+            _fail("signature_text_encoder", self.signature_text_encoder, "None or a sentence-transformers model name")
+        self.expert_signature_config()
+        self.expert_router_config(dim=1)
+        try:
+            check_tolerance(self.router_tolerance)
+        except ValueError as err:
+            raise config_error(err, self, "ExpertRoutingPlugin", "router_") from None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -251,7 +409,13 @@ class ContinualConfig(TrainingArguments):
             from .optim import OptimizerConfig
 
             try:
-                OptimizerConfig(self.optimizer_name, self.lookahead_inner, self.lookahead_k, self.lookahead_alpha,
-                                self.gradient_centralization)
+                OptimizerConfig(
+                    self.optimizer_name,
+                    self.lookahead_inner,
+                    self.lookahead_k,
+                    self.lookahead_alpha,
+                    self.gradient_centralization,
+                )
             except ValueError as err:
                 raise ValueError(str(err).replace("OptimizerConfig.", "ContinualConfig.")) from None
+        self._check_expert_routing()

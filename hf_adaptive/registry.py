@@ -20,9 +20,11 @@ PLUGINS: dict[str, str] = {
     "freezing": "hf_adaptive.scheduling:SelectiveFreezingCallback",
     "head_l0": "hf_adaptive.models:HeadGatePlugin",
     "gate_feedback": "hf_adaptive.control:FeedbackCallback",
+    "expert_routing": "hf_adaptive.experts:ExpertRoutingPlugin",
 }
-#: plugins whose `from_config` also needs the model (e.g. the gate controller is sized by the model's heads)
-NEEDS_MODEL = {"head_l0", "gate_feedback"}
+#: plugins whose `from_config` also needs the model (e.g. the gate controller is sized by the model's heads; the
+#: expert library puts its LoRA experts on the model and the router is sized by the model's signatures)
+NEEDS_MODEL = {"head_l0", "gate_feedback", "expert_routing"}
 
 
 def plugin_class(name: str) -> type:
@@ -37,7 +39,8 @@ def build_plugins(names: Sequence[str], config: Any, model: Any = None) -> list[
     if len(set(names)) != len(names):
         raise ValueError(f"plugins: names must be unique, got {list(names)}")
     return [
-        plugin_class(name).from_config(config, model=model) if name in NEEDS_MODEL
+        plugin_class(name).from_config(config, model=model)
+        if name in NEEDS_MODEL
         else plugin_class(name).from_config(config)
         for name in names
     ]

@@ -326,6 +326,10 @@ class ContinualTrainer(Trainer):
     def _restore_snapshot(self, base: Path, state: dict[str, Any]) -> None:
         snapshot = base / state["snapshot"]
         logger.info("restoring the end-of-task snapshot %s", snapshot)
+        for plugin in self.plugins:  # a plugin that puts adapters on the model (expert routing) rebuilds them first
+            rebuild = getattr(plugin, "restore_model", None)
+            if callable(rebuild) and (model := rebuild(snapshot)) is not None:
+                self.model = self.model_wrapped = model.to(self.args.device)
         Trainer._load_from_checkpoint(self, str(snapshot))
         self.load_continual_state(snapshot)
 

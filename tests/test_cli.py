@@ -135,12 +135,26 @@ def test_accelerate_launch_two_processes(tmp_path):
 def test_run_with_plugins_from_the_registry(tmp_path):
     """`--plugins ewc replay` builds both from the ContinualConfig options; their terms are logged."""
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "o"), "tasks": ["first_color", "has_cat"], "n_train": 16, "n_eval": 8,
-        "plugins": ["ewc", "replay"], "ewc_lambda": 10.0, "fisher_samples": 8, "replay_alpha": 0.5,
-        "replay_batch_size": 4, "report_to": "none", "logging_steps": 1, "save_strategy": "no",
-        "per_device_train_batch_size": 8, "disable_tqdm": True,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "o"),
+                "tasks": ["first_color", "has_cat"],
+                "n_train": 16,
+                "n_eval": 8,
+                "plugins": ["ewc", "replay"],
+                "ewc_lambda": 10.0,
+                "fisher_samples": 8,
+                "replay_alpha": 0.5,
+                "replay_batch_size": 4,
+                "report_to": "none",
+                "logging_steps": 1,
+                "save_strategy": "no",
+                "per_device_train_batch_size": 8,
+                "disable_tqdm": True,
+            }
+        )
+    )
     assert main(["run", str(config)]) == 0
     state = json.loads((tmp_path / "o" / "results.json").read_text())
     assert len(state["matrix"]) == 2
@@ -155,7 +169,9 @@ def test_registry_names_resolve():
     model, _ = build_tiny_gemma()
     gate_model(model, mode="fixed")
     plugins = build_plugins(list(PLUGINS), args, model=model)
-    assert plugins[-1].controller.num_heads == 4 and plugins[-1].controller.num_layers == 2
+    by_name = dict(zip(PLUGINS, plugins))
+    assert by_name["gate_feedback"].controller.num_heads == 4 and by_name["gate_feedback"].controller.num_layers == 2
+    assert by_name["expert_routing"].library.model is model  # the experts go on the model the trainer gets
     assert [type(p).__name__ for p in plugins] == [path.split(":")[1] for path in PLUGINS.values()]
     with pytest.raises(ValueError, match="unique"):
         build_plugins(["ewc", "ewc"], args)
@@ -166,13 +182,75 @@ def test_registry_names_resolve():
 def test_run_with_gated_heads_and_feedback_controller(tmp_path):
     """`gate_mode: fixed` + plugin `gate_feedback`: the RL controller is built for the model's heads and reports."""
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "o"), "tasks": ["has_cat"], "n_train": 32, "n_eval": 16,
-        "plugins": ["gate_feedback"], "gate_mode": "fixed", "gate_feedback_every": 2, "gate_eval_size": 8,
-        "gate_max_active_fraction": 0.75, "report_to": "none", "logging_steps": 1, "save_strategy": "no",
-        "per_device_train_batch_size": 8, "disable_tqdm": True,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "o"),
+                "tasks": ["has_cat"],
+                "n_train": 32,
+                "n_eval": 16,
+                "plugins": ["gate_feedback"],
+                "gate_mode": "fixed",
+                "gate_feedback_every": 2,
+                "gate_eval_size": 8,
+                "gate_max_active_fraction": 0.75,
+                "report_to": "none",
+                "logging_steps": 1,
+                "save_strategy": "no",
+                "per_device_train_batch_size": 8,
+                "disable_tqdm": True,
+            }
+        )
+    )
     assert main(["run", str(config)]) == 0
     assert json.loads((tmp_path / "o" / "results.json").read_text())["task_names"] == ["has_cat"]
     with pytest.raises(ValueError, match="gate_max_active_fraction"):
         parse_run_arguments([str(config), "--gate_min_active_fraction", "0.9", "--gate_max_active_fraction", "0.5"])
+
+
+def test_recurring_task_names_get_a_suffix():
+    from hf_adaptive.cli import TaskArguments, build_tasks
+
+    tasks = build_tasks(TaskArguments(tasks=["first_color", "has_cat", "first_color"], n_train=8, n_eval=4))
+    assert [t.name for t in tasks] == ["first_color", "has_cat", "first_color_2"]
+    first, again = tasks[0], tasks[2]
+    assert (again.template, again.description) == (first.template, first.description)
+    assert again.train_dataset["text"] != first.train_dataset["text"]  # new examples of the same rule
+
+
+def test_run_with_expert_routing(tmp_path, capsys):
+    """`plugins: [expert_routing]` from examples/expert_routing.yaml: a recurring task reuses its expert, a new
+    one does not, and the decisions reach the printed summary and results.json."""
+    config = yaml.safe_load((ROOT / "examples" / "expert_routing.yaml").read_text())
+    config.update(
+        output_dir=str(tmp_path), n_train=16, n_eval=8, num_train_epochs=1, signature_n_examples=4,
+        save_strategy="no", save_results_plot=False, evaluate_unseen_tasks=False, disable_tqdm=True,
+        continual_eval_limit=8,
+    )  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.rindex("\n{\n") :])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["task_names"] == ["first_color", "has_cat", "first_color_2"]
+    for found in (summary, results["extra"]):
+        decisions = [(d["task"], d["action"], d["expert"]) for d in found["routing_decisions"]]
+        assert decisions[0] == ("first_color", "create", "expert_first_color")
+        assert decisions[1][1] in ("create", "fork") and decisions[1][2] == "expert_has_cat"
+        assert decisions[2] == ("first_color_2", "reuse", "expert_first_color")
+        assert found["routing_decisions"][2]["success"] in (True, False)
+        assert found["task_experts"] == {
+            "first_color": "expert_first_color",
+            "has_cat": "expert_has_cat",
+            "first_color_2": "expert_first_color",
+        }
+    assert len(results["matrix"]) == 3
+
+
+def test_expert_routing_needs_the_full_strategy(tmp_path):
+    with pytest.raises(ValueError, match="ContinualConfig.adapter_strategy='shared_lora' is not allowed"):
+        main(
+            ["run", str(ROOT / "examples" / "expert_routing.yaml"), "--output_dir", str(tmp_path),
+             "--adapter_strategy", "shared_lora", "--n_train", "8", "--n_eval", "4"]
+        )  # fmt: skip

@@ -3,7 +3,7 @@ and sharing the library on the Hugging Face Hub."""
 
 from .hub import HubPullError, HubPushError, pull_library, push_library
 from .library import ExpertInfo, ExpertLibrary, default_lora_config
-from .plugin import ExpertRoutingPlugin
+from .plugin import ExpertRoutingPlugin, check_tolerance, signature_dim
 from .router import ACTIONS, DECISIONS, SCORERS, Router, RouterConfig, RoutingDecision, faiss_available, fit_logistic
 from .signature import Signature, SignatureConfig, TaskSignature, count_sketch, gaussian_project
 
@@ -22,6 +22,7 @@ __all__ = [
     "Signature",
     "SignatureConfig",
     "TaskSignature",
+    "check_tolerance",
     "count_sketch",
     "default_lora_config",
     "faiss_available",
@@ -29,4 +30,5 @@ __all__ = [
     "gaussian_project",
     "pull_library",
     "push_library",
+    "signature_dim",
 ]

