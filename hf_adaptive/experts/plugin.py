@@ -120,6 +120,24 @@ class ExpertRoutingPlugin(ContinualPlugin):
         self.library.model.set_adapter(expert)
         return task_accuracy(self.library.model, trainer.processing_class, task, "eval", limit=self.eval_limit)
 
+    @staticmethod
+    def _from_main_process(trainer: Any, tensor: torch.Tensor) -> torch.Tensor:
+        """The main process's `tensor` on every process (torch.distributed broadcast; a no-op in one process).
+
+        Every process computes signatures and accuracies itself, but the router must see the same numbers
+        everywhere, or processes could take different decisions and train different adapters under DDP."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return tensor
+        buffer = tensor.detach().to(device=trainer.args.device, dtype=torch.float32).contiguous()
+        dist.broadcast(buffer, src=0)
+        return buffer.cpu()
+
+    def _synced_accuracy(self, trainer: Any, task: Task, expert: str) -> float:
+        acc = torch.tensor([self._accuracy(trainer, task, expert)])
+        return float(self._from_main_process(trainer, acc)[0])
+
     def _tasks_by_name(self, trainer: Any) -> dict[str, Task]:
         return {t.name: t for t in (getattr(trainer, "tasks", None) or [])}
 
@@ -128,7 +146,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
         owned = (self.library.model, self.library.base_model())  # the backbone: a trainer restored from a snapshot
         if len(self.library) and not any(trainer.model is m for m in owned):
             raise ValueError("ExpertRoutingPlugin: the trainer's model must be the library's model (library.model)")
-        query = self._signer(trainer).compute(task, split="train").vector
+        query = self._from_main_process(trainer, self._signer(trainer).compute(task, split="train").vector)
         decision = self.router.route(query)
         if decision.action == "reuse" and decision.expert is not None:
             expert = decision.expert
@@ -162,12 +180,12 @@ class ExpertRoutingPlugin(ContinualPlugin):
     def on_task_end(self, trainer: Any, task: Task, task_index: int) -> None:
         expert = self.task_expert[task.name]
         signer = self._signer(trainer)
-        self.task_signatures[task.name] = signer.compute(task, split="eval").vector
+        self.task_signatures[task.name] = self._from_main_process(trainer, signer.compute(task, split="eval").vector)
         served = [t for t, e in self.task_expert.items() if e == expert and t in self.task_signatures]
         profile = torch.stack([self.task_signatures[t] for t in served]).mean(0)
         self.router.update_profile(expert, profile)
         known = self._tasks_by_name(trainer)
-        acc = self._accuracy(trainer, task, expert)
+        acc = self._synced_accuracy(trainer, task, expert)
         self.task_accuracy[task.name] = acc
         self.library.set_metrics(expert, **{f"accuracy/{task.name}": acc})
         decision, query = self._pending or (None, None)
@@ -176,7 +194,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
             for other in served:
                 if other == task.name or other not in known:
                     continue
-                now = self._accuracy(trainer, known[other], expert)
+                now = self._synced_accuracy(trainer, known[other], expert)
                 kept = kept and now >= self.task_accuracy[other] - self.tolerance
                 self.library.set_metrics(expert, **{f"accuracy/{other}": now})
             self.router.record_outcome(query, expert, decision.score, kept)

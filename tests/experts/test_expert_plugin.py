@@ -198,3 +198,76 @@ def test_from_config_errors_name_the_option(tiny_model, make_args, tmp_path):
         ExpertRoutingPlugin.from_config(make_args(tmp_path, adapter_strategy="lora_per_task"), model=tiny_model)
     with pytest.raises(ValueError, match=r"ContinualConfig.signature_layers=\['nope'\] is not allowed: entry 'nope'"):
         ExpertRoutingPlugin.from_config(make_args(tmp_path, signature_layers=["nope"]), model=tiny_model)
+
+
+_DDP_SCRIPT = '''
+import dataclasses, json, os, sys
+
+import torch
+
+from hf_adaptive.config import ContinualConfig
+from hf_adaptive.experts import ExpertRoutingPlugin
+from hf_adaptive.models import build_tiny_gemma
+from hf_adaptive.tasks import builtin_suite
+from hf_adaptive.trainer import ContinualTrainer
+
+out, desync = sys.argv[1], sys.argv[2] == "desync"
+args = ContinualConfig(
+    output_dir=out, per_device_train_batch_size=8, num_train_epochs=2, learning_rate=5e-3, save_strategy="no",
+    report_to=[], use_cpu=True, disable_tqdm=True, adapter_strategy="full", evaluate_unseen_tasks=False,
+    save_results_plot=False, seed=0, signature_n_examples=8, lora_r=4, logging_strategy="no",
+)
+rank = args.process_index
+model, tokenizer = build_tiny_gemma(seed=0)
+plugin = ExpertRoutingPlugin.from_config(args, model=model)
+if desync:  # each process computes different signatures (another projection seed): only syncing keeps them equal
+    plugin.signature_config = dataclasses.replace(plugin.signature_config, seed=rank)
+first, cat = builtin_suite(["first_color", "has_cat"], n_train=32, n_eval=16, seed=0)
+again = dataclasses.replace(builtin_suite(["first_color"], n_train=32, n_eval=16, seed=1)[0], name="first_color_again")
+trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[plugin])
+trainer.train_sequence([first, cat, again], evaluate_baseline=False)
+lora = {n: float(p.detach().double().abs().sum()) for n, p in plugin.library.model.named_parameters() if "lora_" in n}
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({
+        "world": args.world_size,
+        "decisions": [(d["task"], d["action"], d["expert"]) for d in plugin.decisions],
+        "profiles": plugin.router.profiles.tolist(),
+        "observed": plugin.router.n_observed,
+        "accuracy": plugin.task_accuracy,
+        "lora": lora,
+    }, f)
+'''
+
+
+def test_two_processes_route_identically(tmp_path):
+    """A real 2-process run (accelerate launch, gloo on CPU) in which the processes compute *different* signatures
+    (another projection seed on each): the plugin broadcasts the main process's signatures and accuracies, so both
+    processes take the same decisions, keep the same router state and train the same adapters."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "ddp_routing.py"
+    script.write_text(_DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(script), str(tmp_path), "desync",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["decisions"] == r1["decisions"]
+    assert [a for _, a, _ in r0["decisions"]][0] == "create" and r0["decisions"][2][1] == "reuse"
+    assert r0["decisions"][2][2] == "expert_first_color"
+    torch.testing.assert_close(torch.tensor(r0["profiles"]), torch.tensor(r1["profiles"]))
+    assert r0["observed"] == r1["observed"] == 5
+    assert r0["accuracy"] == r1["accuracy"]
+    assert r0["lora"].keys() == r1["lora"].keys() and len(r0["lora"]) > 0
+    for name, value in r0["lora"].items():
+        assert abs(value - r1["lora"][name]) <= 1e-5 * max(1.0, abs(value)), name
