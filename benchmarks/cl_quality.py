@@ -49,13 +49,16 @@ def run(method: str, seed: int, quick: bool) -> dict:
     tasks = build_tasks(TaskArguments(n_train=task_args.n_train, n_eval=task_args.n_eval, task_seed=seed))
     model, tokenizer = build_tiny_gemma(seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
-        config = _replace(config, output_dir=tmp, save_strategy="no", disable_tqdm=True, logging_steps=10_000,
-                          **overrides)
+        config = _replace(
+            config, output_dir=tmp, save_strategy="no", disable_tqdm=True, logging_steps=10_000, **overrides
+        )
         if method == "joint":
-            config = _replace(config, num_train_epochs=task_args.joint_num_train_epochs,
-                              learning_rate=task_args.joint_learning_rate)
-        trainer = ContinualTrainer(model=model, args=config, processing_class=tokenizer,
-                                   callbacks=build_plugins(plugins, config))
+            config = _replace(
+                config, num_train_epochs=task_args.joint_num_train_epochs, learning_rate=task_args.joint_learning_rate
+            )
+        trainer = ContinualTrainer(
+            model=model, args=config, processing_class=tokenizer, callbacks=build_plugins(plugins, config)
+        )
         start = time.perf_counter()
         if method == "joint":
             accuracies = trainer.train_joint(tasks)
@@ -93,8 +96,10 @@ def main() -> None:
                 continue
             print(f"--- {key}", flush=True)
             runs[key] = run(method, seed, ns.quick)
-            print(f"    avg_acc={runs[key]['avg_acc']:.4f} bwt={runs[key]['bwt']} ({runs[key]['seconds']:.0f} s)",
-                  flush=True)
+            print(
+                f"    avg_acc={runs[key]['avg_acc']:.4f} bwt={runs[key]['bwt']} ({runs[key]['seconds']:.0f} s)",
+                flush=True,
+            )
             write_results(name, {"runs": runs, "methods": {m: METHODS[m] for m in METHODS}}, table(runs, seeds))
     write_results(name, {"runs": runs, "methods": {m: METHODS[m] for m in METHODS}}, table(runs, seeds))
 
@@ -114,8 +119,10 @@ def table(runs: dict, seeds: list[int]) -> str:
         if not done:
             continue
         seconds = statistics.mean(r["seconds"] for r in done)
-        lines.append(f"| {method} | {mean_std([r['avg_acc'] for r in done])} | "
-                     f"{mean_std([r['bwt'] for r in done])} | {len(done)} | {seconds:.0f} |")
+        lines.append(
+            f"| {method} | {mean_std([r['avg_acc'] for r in done])} | "
+            f"{mean_std([r['bwt'] for r in done])} | {len(done)} | {seconds:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -105,7 +105,7 @@ def bench(model, rows: list[dict], rounds: int, chunk_size: int) -> dict:
     times: dict[str, list[float]] = {name: [] for name in methods}
     names = list(methods)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             methods[name]()
             times[name].append(time.perf_counter() - t0)
@@ -138,7 +138,7 @@ def _markdown(results: list[dict], env: dict, chunk: int) -> str:
         "lr 3e-3 full / 1e-2 LoRA; "
         "near a minimum the mean gradient is small, which is what the minibatch approximation gets wrong).",
         "",
-        "* `vmap auto`: `compute_fisher(method=\"vmap\")` with its default `chunk_size=None` (as many rows per vmap "
+        '* `vmap auto`: `compute_fisher(method="vmap")` with its default `chunk_size=None` (as many rows per vmap '
         "call as fit in 1 GiB of per-sample gradients and logits; chunk used in brackets);",
         f"* `vmap c{chunk}`: the same with `chunk_size={chunk}` (`ContinualConfig.fisher_chunk_size`'s default);",
         "* `loop`: one forward/backward per row, the reference; `minibatch b8`: `minibatch_fisher(batch_size=8)`.",
@@ -166,8 +166,10 @@ def _markdown(results: list[dict], env: dict, chunk: int) -> str:
     ]
     for r in results:
         m = r["minibatch"]
-        lines.append(f"| {r['model']} | {r['samples']} | {r['train_loss']:.3f} | {m['rel_error']:.3f} | "
-                     f"{m['rel_error_best_scale']:.3f} | {m['best_scale']:.2f} | {m['cosine']:.3f} |")
+        lines.append(
+            f"| {r['model']} | {r['samples']} | {r['train_loss']:.3f} | {m['rel_error']:.3f} | "
+            f"{m['rel_error_best_scale']:.3f} | {m['best_scale']:.2f} | {m['cosine']:.3f} |"
+        )
     lines += [
         "",
         f"Target: vectorized ≥ {TARGET:.0f}× faster than the loop — default (auto chunk): "
@@ -199,19 +201,34 @@ def main() -> None:
         final_loss = train_briefly(model, all_rows, tokenizer, args.train_steps, lr=1e-2 if lora else 3e-3)
         for n in sizes:
             r = bench(model, all_rows[:n], rounds, args.chunk_size)
-            r.update(model="tiny Gemma + LoRA r8 (q,k,v,o)" if lora else "tiny Gemma (full)", samples=n,
-                     train_loss=final_loss)
+            r.update(
+                model="tiny Gemma + LoRA r8 (q,k,v,o)" if lora else "tiny Gemma (full)",
+                samples=n,
+                train_loss=final_loss,
+            )
             results.append(r)
-            print(f"{r['model']:32s} N={n:4d}  " + "  ".join(f"{k}={v * 1e3:.1f}ms" for k, v in r["seconds"].items())
-                  + f"  speedup auto={r['speedup_vs_loop']['vmap_auto']:.2f}x"
-                  + f" c{args.chunk_size}={r['speedup_vs_loop']['vmap_fixed']:.2f}x"
-                  + f"  mb rel.err={r['minibatch']['rel_error']:.3f}", flush=True)
+            print(
+                f"{r['model']:32s} N={n:4d}  "
+                + "  ".join(f"{k}={v * 1e3:.1f}ms" for k, v in r["seconds"].items())
+                + f"  speedup auto={r['speedup_vs_loop']['vmap_auto']:.2f}x"
+                + f" c{args.chunk_size}={r['speedup_vs_loop']['vmap_fixed']:.2f}x"
+                + f"  mb rel.err={r['minibatch']['rel_error']:.3f}",
+                flush=True,
+            )
 
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-           "machine": platform.machine(), "processor": platform.processor() or "unknown", "rounds": rounds,
-           "quick": args.quick, "chunk_size": args.chunk_size, "fisher_type": "empirical",
-           "train_steps": args.train_steps,
-           "date": time.strftime("%Y-%m-%d")}
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or "unknown",
+        "rounds": rounds,
+        "quick": args.quick,
+        "chunk_size": args.chunk_size,
+        "fisher_type": "empirical",
+        "train_steps": args.train_steps,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "target_speedup": TARGET, "results": results}
     (RESULTS / "fisher.json").write_text(json.dumps(payload, indent=2) + "\n")

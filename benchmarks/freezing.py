@@ -31,8 +31,9 @@ from hf_adaptive.tasks import CausalLMCollator, builtin_suite, task_accuracy, to
 from hf_adaptive.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
-def run_arm(freeze: bool, task, tokenizer, rows, steps: int, lr: float, batch_size: int, cfg: FreezingConfig,
-            seed: int = 0) -> dict:
+def run_arm(
+    freeze: bool, task, tokenizer, rows, steps: int, lr: float, batch_size: int, cfg: FreezingConfig, seed: int = 0
+) -> dict:
     collate = CausalLMCollator(tokenizer)
     model, _ = build_tiny_gemma(tokenizer, seed=seed)
     model.train()
@@ -65,8 +66,11 @@ def run_arm(freeze: bool, task, tokenizer, rows, steps: int, lr: float, batch_si
     accuracy = task_accuracy(model, tokenizer, task)
     skip = min(10, steps // 4)  # first steps include allocator warm-up
     return {
-        "freeze": freeze, "median_step_s": statistics.median(times[skip:]), "accuracy": accuracy,
-        "final_train_loss": statistics.fmean(losses[-10:]), "mean_frozen_fraction": statistics.fmean(fractions),
+        "freeze": freeze,
+        "median_step_s": statistics.median(times[skip:]),
+        "accuracy": accuracy,
+        "final_train_loss": statistics.fmean(losses[-10:]),
+        "mean_frozen_fraction": statistics.fmean(fractions),
         "max_frozen_fraction": max(fractions),
         "steps_frozen_by_module": dict(sorted(frozen_steps.items(), key=lambda kv: -kv[1])),
     }
@@ -82,20 +86,29 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     steps, reps, n_train = (40, 1, 128) if args.quick else (200, 5, 256)
     lr, batch_size = 3e-3, 16
-    cfg = FreezingConfig(threshold=args.threshold, threshold_mode="relative", granularity="module",
-                         warmup_steps=max(steps // 10, 5), probe_every=max(steps // 5, 10), max_frozen_fraction=0.9)
+    cfg = FreezingConfig(
+        threshold=args.threshold,
+        threshold_mode="relative",
+        granularity="module",
+        warmup_steps=max(steps // 10, 5),
+        probe_every=max(steps // 5, 10),
+        max_frozen_fraction=0.9,
+    )
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     (task,) = builtin_suite([args.task], n_train=n_train, n_eval=64, seed=0)
     rows = [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in tokenize_task(task, tokenizer)]
     runs = []
     for rep in range(reps):
-        for freeze in ((False, True) if rep % 2 == 0 else (True, False)):  # A B, B A, ...
+        for freeze in (False, True) if rep % 2 == 0 else (True, False):  # A B, B A, ...
             r = run_arm(freeze, task, tokenizer, rows, steps, lr, batch_size, cfg)
             r["rep"] = rep
             runs.append(r)
-            print(f"rep {rep} freeze={freeze!s:5s} step {r['median_step_s'] * 1e3:.2f} ms acc {r['accuracy']:.3f} "
-                  f"frozen mean {r['mean_frozen_fraction']:.2f} max {r['max_frozen_fraction']:.2f}", flush=True)
+            print(
+                f"rep {rep} freeze={freeze!s:5s} step {r['median_step_s'] * 1e3:.2f} ms acc {r['accuracy']:.3f} "
+                f"frozen mean {r['mean_frozen_fraction']:.2f} max {r['max_frozen_fraction']:.2f}",
+                flush=True,
+            )
 
     def arm(freeze: bool, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["freeze"] == freeze)
@@ -109,36 +122,46 @@ def main(argv: list[str] | None = None) -> dict:
     }
     summary["step_time_ratio"] = summary["freezing_step_ms"] / summary["baseline_step_ms"]
     summary["accuracy_delta"] = summary["freezing_accuracy"] - summary["baseline_accuracy"]
-    meta = {"quick": args.quick, "task": args.task, "steps": steps, "repetitions": reps, "lr": lr,
-            "batch_size": batch_size, "freezing": vars(cfg), "wall_s": time.perf_counter() - start,
-            "torch": torch.__version__}
+    meta = {
+        "quick": args.quick,
+        "task": args.task,
+        "steps": steps,
+        "repetitions": reps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "freezing": vars(cfg),
+        "wall_s": time.perf_counter() - start,
+        "torch": torch.__version__,
+    }
     counts: dict[str, list[int]] = {}
     for r in runs:
         for name, n in r["steps_frozen_by_module"].items():
             counts.setdefault(name, []).append(n)
     often = sorted(counts, key=lambda n: -statistics.fmean(counts[n]))[:8]
     frozen = [f"`{n or '(root)'}` ({statistics.fmean(counts[n]) / steps:.0%})" for n in often]
-    report = "\n".join([
-        "# Selective freezing",
-        "",
-        f"Tiny Gemma trained from scratch on `{args.task}` ({n_train} examples, batch {batch_size}, AdamW lr {lr}, "
-        f"{steps} steps), with and without a `Freezer` (module granularity, relative threshold {args.threshold}, "
-        f"warm-up {cfg.warmup_steps}, probe every {cfg.probe_every} steps). {reps} interleaved repetition(s) per arm, "
-        f"medians. Produced by `python benchmarks/freezing.py{' --quick' if args.quick else ''}` in "
-        f"{meta['wall_s']:.0f} s on a shared CPU core.",
-        "",
-        "| arm | median step (ms) | eval accuracy | mean fraction frozen |",
-        "|---|---|---|---|",
-        f"| no freezing | {summary['baseline_step_ms']:.2f} | {summary['baseline_accuracy']:.3f} | 0 |",
-        f"| freezing | {summary['freezing_step_ms']:.2f} | {summary['freezing_accuracy']:.3f} | "
-        f"{summary['mean_frozen_fraction']:.2f} |",
-        "",
-        f"Step-time ratio freezing / no freezing: **{summary['step_time_ratio']:.3f}**; accuracy change "
-        f"{summary['accuracy_delta']:+.3f}.",
-        "",
-        f"Modules frozen longest (share of steps): {', '.join(frozen) if frozen else 'none'}.",
-        "",
-    ])
+    report = "\n".join(
+        [
+            "# Selective freezing",
+            "",
+            f"Tiny Gemma trained from scratch on `{args.task}` ({n_train} examples, batch {batch_size}, AdamW lr {lr}, "
+            f"{steps} steps), with and without a `Freezer` (module granularity, relative threshold {args.threshold}, "
+            f"warm-up {cfg.warmup_steps}, probe every {cfg.probe_every} steps). {reps} interleaved repetition(s) "
+            f"per arm, medians. Produced by `python benchmarks/freezing.py{' --quick' if args.quick else ''}` in "
+            f"{meta['wall_s']:.0f} s on a shared CPU core.",
+            "",
+            "| arm | median step (ms) | eval accuracy | mean fraction frozen |",
+            "|---|---|---|---|",
+            f"| no freezing | {summary['baseline_step_ms']:.2f} | {summary['baseline_accuracy']:.3f} | 0 |",
+            f"| freezing | {summary['freezing_step_ms']:.2f} | {summary['freezing_accuracy']:.3f} | "
+            f"{summary['mean_frozen_fraction']:.2f} |",
+            "",
+            f"Step-time ratio freezing / no freezing: **{summary['step_time_ratio']:.3f}**; accuracy change "
+            f"{summary['accuracy_delta']:+.3f}.",
+            "",
+            f"Modules frozen longest (share of steps): {', '.join(frozen) if frozen else 'none'}.",
+            "",
+        ]
+    )
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "freezing.md", report)

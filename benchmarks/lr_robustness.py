@@ -50,7 +50,7 @@ def eval_loss(model, rows, collate, batch_size: int = 128) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i:i + batch_size])
+        batch = collate(rows[i : i + batch_size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         mask = labels != -100
@@ -62,8 +62,9 @@ def eval_loss(model, rows, collate, batch_size: int = 128) -> float:
     return total / max(count, 1)
 
 
-def train_one(method: str, base_lr: float, steps: int, seed: int, tokenizer, train_rows, eval_rows, target: float,
-              batch_size: int) -> dict:
+def train_one(
+    method: str, base_lr: float, steps: int, seed: int, tokenizer, train_rows, eval_rows, target: float, batch_size: int
+) -> dict:
     collate = CausalLMCollator(tokenizer)
     model, _ = build_tiny_gemma(tokenizer, seed=seed)
     model.train()
@@ -107,9 +108,14 @@ def train_one(method: str, base_lr: float, steps: int, seed: int, tokenizer, tra
     if not math.isfinite(final_eval):
         diverged = True
     return {
-        "method": method, "base_lr": base_lr, "seed": seed, "final_eval_loss": final_eval,
+        "method": method,
+        "base_lr": base_lr,
+        "seed": seed,
+        "final_eval_loss": final_eval,
         "final_train_loss": statistics.fmean(losses[-10:]) if losses and not diverged else float("nan"),
-        "steps_to_target": hit, "final_lr": float(optimizer.param_groups[0]["lr"]), "diverged": diverged,
+        "steps_to_target": hit,
+        "final_lr": float(optimizer.param_groups[0]["lr"]),
+        "diverged": diverged,
         "skipped_steps": adaptive.num_skipped if adaptive is not None else 0,
     }
 
@@ -122,13 +128,17 @@ def summarize(runs: list[dict], lrs: list[float], steps: int) -> dict:
             rs = [r for r in runs if r["method"] == method and r["base_lr"] == lr]
             evals = [r["final_eval_loss"] for r in rs]
             hits = [r["steps_to_target"] if r["steps_to_target"] is not None else steps + 1 for r in rs]
-            per_lr.append({
-                "base_lr": lr,
-                "final_eval_loss": statistics.fmean(evals) if all(math.isfinite(e) for e in evals) else float("inf"),
-                "steps_to_target": statistics.median(hits),
-                "final_lr": statistics.median(r["final_lr"] for r in rs),
-                "diverged": sum(r["diverged"] for r in rs),
-            })
+            per_lr.append(
+                {
+                    "base_lr": lr,
+                    "final_eval_loss": statistics.fmean(evals)
+                    if all(math.isfinite(e) for e in evals)
+                    else float("inf"),
+                    "steps_to_target": statistics.median(hits),
+                    "final_lr": statistics.median(r["final_lr"] for r in rs),
+                    "diverged": sum(r["diverged"] for r in rs),
+                }
+            )
         finals = [p["final_eval_loss"] for p in per_lr]
         summary[method] = {
             "per_lr": per_lr,
@@ -173,15 +183,29 @@ def write_report(summary: dict, meta: dict) -> str:
     for method in METHODS:
         s = summary[method]
         cells = [_fmt(p["final_eval_loss"]) for p in s["per_lr"]]
-        lines.append(f"| {method} | " + " | ".join(cells)
-                     + f" | {_fmt(s['spread'])} | {_fmt(s['spread_vs_constant'], 2)} | {_fmt(s['worst'])} |")
-    lines += ["", f"Steps until the training-loss EMA reaches {meta['target']} ({meta['steps'] + 1} = never):", "",
-              "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+        lines.append(
+            f"| {method} | "
+            + " | ".join(cells)
+            + f" | {_fmt(s['spread'])} | {_fmt(s['spread_vs_constant'], 2)} | {_fmt(s['worst'])} |"
+        )
+    lines += [
+        "",
+        f"Steps until the training-loss EMA reaches {meta['target']} ({meta['steps'] + 1} = never):",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
     for method in METHODS:
-        lines.append(f"| {method} | " + " | ".join(_fmt(p["steps_to_target"], 0) for p in summary[method]["per_lr"])
-                     + " |")
-    lines += ["", "LR in force at the end:", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-              "|---|" + "---|" * len(lrs)]
+        lines.append(
+            f"| {method} | " + " | ".join(_fmt(p["steps_to_target"], 0) for p in summary[method]["per_lr"]) + " |"
+        )
+    lines += [
+        "",
+        "LR in force at the end:",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
     for method in METHODS:
         lines.append(f"| {method} | " + " | ".join(f"{p['final_lr']:.2e}" for p in summary[method]["per_lr"]) + " |")
     ranked = sorted(METHODS, key=lambda m: summary[m]["spread"])
@@ -214,13 +238,26 @@ def main(argv: list[str] | None = None) -> dict:
                     r = train_one(method, lr, steps, seed, tokenizer, train_rows, eval_rows, args.target, batch_size)
                     r["task"] = name
                     runs.append(r)
-                    print(f"{name} seed {seed} lr {lr:g} {method:9s} eval {r['final_eval_loss']:.4f} "
-                          f"train {r['final_train_loss']:.4f} to-target {r['steps_to_target']} "
-                          f"final lr {r['final_lr']:.2e}", flush=True)
+                    print(
+                        f"{name} seed {seed} lr {lr:g} {method:9s} eval {r['final_eval_loss']:.4f} "
+                        f"train {r['final_train_loss']:.4f} to-target {r['steps_to_target']} "
+                        f"final lr {r['final_lr']:.2e}",
+                        flush=True,
+                    )
     summary = summarize(runs, lrs, steps)
-    meta = {"quick": quick, "steps": steps, "base_lrs": lrs, "seeds": seeds, "target": args.target, "tasks": names,
-            "n_train": n_train, "n_eval": n_eval, "batch_size": batch_size,
-            "wall_s": time.perf_counter() - start, "torch": torch.__version__}
+    meta = {
+        "quick": quick,
+        "steps": steps,
+        "base_lrs": lrs,
+        "seeds": seeds,
+        "target": args.target,
+        "tasks": names,
+        "n_train": n_train,
+        "n_eval": n_eval,
+        "batch_size": batch_size,
+        "wall_s": time.perf_counter() - start,
+        "torch": torch.__version__,
+    }
     report = write_report(summary, meta)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,14 @@ from hf_adaptive.models import build_tiny_gemma, build_tokenizer  # noqa: E402
 from hf_adaptive.tasks import CausalLMCollator, builtin_suite, tokenize_task  # noqa: E402
 from hf_adaptive.trainer import ContinualTrainer  # noqa: E402
 
-MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=4, head_dim=32)
+MODEL = dict(
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=32,
+)
 
 
 def plugin_callbacks(names, args, tasks, tokenizer, model):
@@ -48,20 +54,42 @@ def run_variant(variant, steps, batch, tasks, tokenizer, out):
     model, _ = build_tiny_gemma(tokenizer, seed=0, **MODEL)
     data = tokenize_task(tasks[1], tokenizer)
     timer = StepTimer()
-    common = dict(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, logging_steps=10_000,
-                  save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0, learning_rate=1e-4)
+    common = dict(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        learning_rate=1e-4,
+    )
     if variant.startswith("trainer"):
         if variant == "trainer@rows":
             common["per_device_train_batch_size"] = batch + batch // 2
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data,
-                          data_collator=CausalLMCollator(tokenizer), callbacks=[timer])
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=data,
+            data_collator=CausalLMCollator(tokenizer),
+            callbacks=[timer],
+        )
     else:
-        args = ContinualConfig(**common, ewc_lambda=100.0, replay_alpha=0.5, replay_batch_size=batch // 2,
-                               fisher_samples=16)
+        args = ContinualConfig(
+            **common, ewc_lambda=100.0, replay_alpha=0.5, replay_batch_size=batch // 2, fisher_samples=16
+        )
         names = [n for n in ("ewc", "replay") if n in variant.split("+")]
         callbacks = [timer] + (plugin_callbacks(names, args, tasks, tokenizer, model) if names else [])
-        trainer = ContinualTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                   data_collator=CausalLMCollator(tokenizer), callbacks=callbacks)
+        trainer = ContinualTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            data_collator=CausalLMCollator(tokenizer),
+            callbacks=callbacks,
+        )
     trainer.train()
     warmup = max(2, steps // 5)
     return timer.times[warmup:]
@@ -95,6 +123,7 @@ def main() -> None:
             for v in order:
                 times[v].extend(run_variant(v, steps, ns.batch, tasks, tokenizer, tmp))
     base = median(times["trainer"])
+
     def processed(v):
         return ns.batch + (ns.batch // 2 if "replay" in v or v == "trainer@rows" else 0)
 
@@ -102,8 +131,13 @@ def main() -> None:
     rows = {}
     for v, t in times.items():
         equal = same_rows if processed(v) != ns.batch else base
-        rows[v] = {"median_step_ms": 1000 * median(t), "ratio_vs_trainer": median(t) / base, "steps": len(t),
-                   "rows_per_step": processed(v), "ratio_vs_trainer_same_rows": median(t) / equal}
+        rows[v] = {
+            "median_step_ms": 1000 * median(t),
+            "ratio_vs_trainer": median(t) / base,
+            "steps": len(t),
+            "rows_per_step": processed(v),
+            "ratio_vs_trainer_same_rows": median(t) / equal,
+        }
     targets = {"continual": 1.02, "continual+ewc": 1.15, "continual+ewc+replay": 1.15}
     lines = [
         "# ContinualTrainer step-time overhead",
@@ -118,10 +152,13 @@ def main() -> None:
         target = targets.get(v)
         met = row["ratio_vs_trainer_same_rows"] <= target if target is not None else None
         verdict = "" if target is None else f"<= {target} ({'met' if met else 'MISSED'})"
-        lines.append(f"| {v} | {row['rows_per_step']} | {row['median_step_ms']:.2f} | {row['ratio_vs_trainer']:.3f} | "
-                     f"{row['ratio_vs_trainer_same_rows']:.3f} | {verdict} |")
-    write_results(ns.name, {"model": MODEL, "batch": ns.batch, "steps": steps, "repeats": repeats, "rows": rows},
-                  "\n".join(lines))
+        lines.append(
+            f"| {v} | {row['rows_per_step']} | {row['median_step_ms']:.2f} | {row['ratio_vs_trainer']:.3f} | "
+            f"{row['ratio_vs_trainer_same_rows']:.3f} | {verdict} |"
+        )
+    write_results(
+        ns.name, {"model": MODEL, "batch": ns.batch, "steps": steps, "repeats": repeats, "rows": rows}, "\n".join(lines)
+    )
 
 
 if __name__ == "__main__":

@@ -168,8 +168,13 @@ def optimizer_cls_and_kwargs(
         if inner is not None:
             _fail("inner", inner, "only 'lookahead' wraps an inner optimizer")
         return optimizer_class(name), {"lr": lr, **kwargs}
-    options = dict(inner=inner, k=k, alpha=alpha, pullback_momentum=pullback_momentum,
-                   gradient_centralization=gradient_centralization)
+    options = dict(
+        inner=inner,
+        k=k,
+        alpha=alpha,
+        pullback_momentum=pullback_momentum,
+        gradient_centralization=gradient_centralization,
+    )
     factory = functools.partial(OptimizerFactory, name, **options)
     return factory, {"lr": lr, "weight_decay": weight_decay, **kwargs}
 
@@ -178,8 +183,9 @@ def optimizer_cls_and_kwargs(
 class OptimizerConfig:
     """The optimizer options a `ContinualConfig` / YAML file would carry."""
 
-    optimizer_name: str = field(default="adamw", metadata={"help": "adamw, adam, sgd, lamb, lookahead, or a "
-                                                            "pytorch_optimizer name."})
+    optimizer_name: str = field(
+        default="adamw", metadata={"help": "adamw, adam, sgd, lamb, lookahead, or a pytorch_optimizer name."}
+    )
     lookahead_inner: str = field(default="adamw", metadata={"help": "Optimizer wrapped by 'lookahead'."})
     lookahead_k: int = field(default=5, metadata={"help": "Fast steps between Lookahead's slow-weight updates."})
     lookahead_alpha: float = field(default=0.5, metadata={"help": "Lookahead interpolation factor in [0, 1]."})
@@ -202,7 +208,12 @@ class OptimizerConfig:
         """`optimizer_cls_and_kwargs` for these options."""
         wrapped = self.optimizer_name.lower() in WRAPPERS
         return optimizer_cls_and_kwargs(
-            self.optimizer_name, lr, weight_decay, inner=self.lookahead_inner if wrapped else None,
-            k=self.lookahead_k, alpha=self.lookahead_alpha, gradient_centralization=self.gradient_centralization,
+            self.optimizer_name,
+            lr,
+            weight_decay,
+            inner=self.lookahead_inner if wrapped else None,
+            k=self.lookahead_k,
+            alpha=self.lookahead_alpha,
+            gradient_centralization=self.gradient_centralization,
             **kwargs,
         )

@@ -82,8 +82,13 @@ class ContinualTrainer(Trainer):
         if name is not None and kwargs.get("optimizer_cls_and_kwargs") is None and not self._user_optimizer:
             from .optim import OptimizerConfig
 
-            options = OptimizerConfig(name, training_args.lookahead_inner, training_args.lookahead_k,
-                                      training_args.lookahead_alpha, training_args.gradient_centralization)
+            options = OptimizerConfig(
+                name,
+                training_args.lookahead_inner,
+                training_args.lookahead_k,
+                training_args.lookahead_alpha,
+                training_args.gradient_centralization,
+            )
             kwargs["optimizer_cls_and_kwargs"] = options.trainer_optimizer(
                 training_args.learning_rate, training_args.weight_decay
             )

@@ -40,13 +40,20 @@ SCRIPT = textwrap.dedent(
 def test_push_to_hub_round_trip(tmp_path):
     server = HubServer(tmp_path / "hub").start()
     try:
-        env = dict(os.environ, HF_ENDPOINT=server.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
-                   OMP_NUM_THREADS="1", HF_HUB_DISABLE_XET="1")
+        env = dict(
+            os.environ,
+            HF_ENDPOINT=server.endpoint,
+            HF_HUB_OFFLINE="0",
+            HF_HOME=str(tmp_path / "hf_home"),
+            OMP_NUM_THREADS="1",
+            HF_HUB_DISABLE_XET="1",
+        )
         env["PYTHONPATH"] = str(TESTS.parent) + os.pathsep + env.get("PYTHONPATH", "")
         script = tmp_path / "push.py"
         script.write_text(SCRIPT)
-        out = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
-                             env=env, timeout=300)
+        out = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-4000:]
         assert "ROUNDTRIP-OK" in out.stdout
         assert any(path.endswith("/commit/main") for _, path in server.requests)

@@ -48,8 +48,9 @@ def validation_task(task: Task) -> Task:
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, tokenizer: Any, task: Task, batch_size: int = 64,
-                    limit: int | None = None) -> float:
+def validation_loss(
+    model: torch.nn.Module, tokenizer: Any, task: Task, batch_size: int = 64, limit: int | None = None
+) -> float:
     """Mean next-token NLL over all answer tokens of the task's eval split (the training loss, without dropout)."""
     from ..tasks import CausalLMCollator, tokenize_task
 
@@ -152,10 +153,16 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "task_name": self.task_name, "best": self.best, "best_epoch": self.best_epoch,
-            "epochs_done": self.epochs_done, "wait": self.wait, "stopped": self.stopped,
-            "epoch_seconds": list(self.epoch_seconds), "values": list(self.values),
-            "best_weights": dict(self.best_weights), "reports": [dict(r) for r in self.reports],
+            "task_name": self.task_name,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "epochs_done": self.epochs_done,
+            "wait": self.wait,
+            "stopped": self.stopped,
+            "epoch_seconds": list(self.epoch_seconds),
+            "values": list(self.values),
+            "best_weights": dict(self.best_weights),
+            "reports": [dict(r) for r in self.reports],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -228,9 +235,16 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
                 self.best_weights = {n: p.detach().to("cpu", copy=True) for n, p in trainable_parameters(model).items()}
         else:
             self.wait += 1
-        logger.info("early stopping [%s] epoch %d: %s %.4f (best %.4f at epoch %d, %d without improvement)",
-                    self.task_name, self.epochs_done, self.metric, value, self.best if self.best is not None else value,
-                    self.best_epoch, self.wait)
+        logger.info(
+            "early stopping [%s] epoch %d: %s %.4f (best %.4f at epoch %d, %d without improvement)",
+            self.task_name,
+            self.epochs_done,
+            self.metric,
+            value,
+            self.best if self.best is not None else value,
+            self.best_epoch,
+            self.wait,
+        )
         if self.epochs_done >= self.min_epochs and self.wait >= self.patience:
             self.stopped = True
             control.should_training_stop = True
@@ -241,8 +255,10 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
             params = trainable_parameters(model)
             missing = sorted(set(self.best_weights) - set(params))
             if missing:
-                raise ValueError(f"AdapterEarlyStoppingCallback: cannot restore the best weights, parameters "
-                                 f"{missing[:3]} are no longer trainable in the model")
+                raise ValueError(
+                    f"AdapterEarlyStoppingCallback: cannot restore the best weights, parameters "
+                    f"{missing[:3]} are no longer trainable in the model"
+                )
             with torch.no_grad():
                 for name, saved in self.best_weights.items():
                     params[name].copy_(saved.to(params[name].device, params[name].dtype))
@@ -251,15 +267,30 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
         saved_epochs = max(planned - self.epochs_done, 0) if self.stopped else 0
         per_epoch = sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else 0.0
         report = {
-            "task": self.task_name, "metric": self.metric, "best": self.best, "best_epoch": self.best_epoch,
-            "epochs_run": self.epochs_done, "epochs_planned": planned, "epochs_saved": saved_epochs,
-            "stopped_early": self.stopped, "restored_best": restored, "seconds_per_epoch": per_epoch,
-            "seconds_saved_estimate": saved_epochs * per_epoch, "values": list(self.values),
+            "task": self.task_name,
+            "metric": self.metric,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_done,
+            "epochs_planned": planned,
+            "epochs_saved": saved_epochs,
+            "stopped_early": self.stopped,
+            "restored_best": restored,
+            "seconds_per_epoch": per_epoch,
+            "seconds_saved_estimate": saved_epochs * per_epoch,
+            "values": list(self.values),
         }
         self.reports.append(report)
-        logger.info("early stopping [%s]: %d/%d epochs, best %s %.4f at epoch %d, ~%.1fs saved", self.task_name,
-                    self.epochs_done, planned, self.metric, self.best if self.best is not None else float("nan"),
-                    self.best_epoch, report["seconds_saved_estimate"])
+        logger.info(
+            "early stopping [%s]: %d/%d epochs, best %s %.4f at epoch %d, ~%.1fs saved",
+            self.task_name,
+            self.epochs_done,
+            planned,
+            self.metric,
+            self.best if self.best is not None else float("nan"),
+            self.best_epoch,
+            report["seconds_saved_estimate"],
+        )
         self.best_weights = {}  # the weights are back in the model; do not carry them into later checkpoints
 
 

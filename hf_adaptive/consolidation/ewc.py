@@ -44,8 +44,11 @@ def _fail(field_name: str, value: Any, allowed: str) -> None:
 
 
 def _number(field_name: str, value: Any, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low or (
-        high is not None and value > high
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value >= low
+        or (high is not None and value > high)
     ):
         _fail(field_name, value, f"must be a number >= {low}" + (f" and <= {high}" if high is not None else ""))
     return float(value)
@@ -216,9 +219,7 @@ class EWCPlugin(ContinualPlugin):
             return None
         return _QuadraticPenalty.apply(0.5 * self.ewc_lambda, fishers, anchors, *used)
 
-    def loss_terms(
-        self, trainer: Any, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any
-    ) -> list[LossTerm]:
+    def loss_terms(self, trainer: Any, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> list[LossTerm]:
         if not self.enabled:
             return []
         if self.modulator is not None and model.training:
@@ -265,14 +266,27 @@ class EWCPlugin(ContinualPlugin):
         signals = self.modulator.scores() if self.modulator is not None else {}
         anchor = {n: p.detach().float().clone() for n, p in trainable_parameters(model).items()}
         self.consolidate(task.name, result.fisher, anchor, gain)
-        record = {"task": task.name, "gamma_gain": gain, "signals": signals, "fisher_samples": result.num_samples,
-                  "fisher_method": result.method, "fisher_seconds": seconds}
+        record = {
+            "task": task.name,
+            "gamma_gain": gain,
+            "signals": signals,
+            "fisher_samples": result.num_samples,
+            "fisher_method": result.method,
+            "fisher_seconds": seconds,
+        }
         self.history.append(record)
-        logger.info("EWC: Fisher of task %r from %d rows (%s) in %.2fs, gamma_gain %.3f", task.name,
-                    result.num_samples, result.method, seconds, gain)
+        logger.info(
+            "EWC: Fisher of task %r from %d rows (%s) in %.2fs, gamma_gain %.3f",
+            task.name,
+            result.num_samples,
+            result.method,
+            seconds,
+            gain,
+        )
 
-    def consolidate(self, task_name: str, fisher: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
-                    gain: float = 1.0) -> None:
+    def consolidate(
+        self, task_name: str, fisher: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], gain: float = 1.0
+    ) -> None:
         """Store (separate) or accumulate (online: F* ← γ F* + gain · F) a task's Fisher with its anchor."""
         fisher = {n: f.detach().float() for n, f in fisher.items()}
         if self.fisher_normalization != "none" and fisher:
@@ -297,16 +311,24 @@ class EWCPlugin(ContinualPlugin):
             else:  # not trainable in this task: it did not move, keep its anchor, decay its importance
                 merged_fisher[name] = self.gamma * old_fisher[name]
                 merged_anchor[name] = old_anchor[name]
-        self.entries[0] = {"task": task_name, "gamma_gain": float(gain), "fisher": merged_fisher,
-                           "anchor": merged_anchor}
+        self.entries[0] = {
+            "task": task_name,
+            "gamma_gain": float(gain),
+            "fisher": merged_fisher,
+            "anchor": merged_anchor,
+        }
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
             "entries": [
-                {"task": e["task"], "gamma_gain": e["gamma_gain"], "fisher": dict(e["fisher"]),
-                 "anchor": dict(e["anchor"])}
+                {
+                    "task": e["task"],
+                    "gamma_gain": e["gamma_gain"],
+                    "fisher": dict(e["fisher"]),
+                    "anchor": dict(e["anchor"]),
+                }
                 for e in self.entries
             ],
             "history": [dict(h) for h in self.history],
@@ -317,9 +339,12 @@ class EWCPlugin(ContinualPlugin):
         if state.get("mode", self.mode) != self.mode:
             _fail("mode", self.mode, f"the saved state was written in mode {state.get('mode')!r}; use the same mode")
         self.entries = [
-            {"task": e["task"], "gamma_gain": float(e["gamma_gain"]),
-             "fisher": {n: t.float() for n, t in e["fisher"].items()},
-             "anchor": {n: t.float() for n, t in e["anchor"].items()}}
+            {
+                "task": e["task"],
+                "gamma_gain": float(e["gamma_gain"]),
+                "fisher": {n: t.float() for n, t in e["fisher"].items()},
+                "anchor": {n: t.float() for n, t in e["anchor"].items()},
+            }
             for e in state.get("entries", [])
         ]
         self.history = [dict(h) for h in state.get("history", [])]

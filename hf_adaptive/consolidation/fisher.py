@@ -331,19 +331,28 @@ def compute_fisher(
     examples = examples[rank::world]
     with eval_mode(model):
         if fisher_type == "true" and examples:
-            sampled = sample_true_labels(model, [{"input_ids": e.input_ids, "labels": e.labels} for e in examples],
-                                         seed=seed, batch_size=chunk_size, row_ids=row_ids)
+            sampled = sample_true_labels(
+                model,
+                [{"input_ids": e.input_ids, "labels": e.labels} for e in examples],
+                seed=seed,
+                batch_size=chunk_size,
+                row_ids=row_ids,
+            )
             examples = _to_examples(sampled)
         used = method
-        bar = tqdm(total=len(examples), desc=f"{desc} ({fisher_type})", disable=not progress_bar or rank != 0,
-                   leave=False)
+        bar = tqdm(
+            total=len(examples), desc=f"{desc} ({fisher_type})", disable=not progress_bar or rank != 0, leave=False
+        )
         try:
             if method == "vmap" and examples:
                 try:
                     sums = _squared_grad_sums_vmap(model, examples, names, chunk_size, attn_implementation, bar)
                 except Exception as err:  # vmap cannot handle every model: fall back to the exact loop
-                    warnings.warn(f"vectorized Fisher failed ({type(err).__name__}: {err}); using the per-sample loop",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"vectorized Fisher failed ({type(err).__name__}: {err}); using the per-sample loop",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                     used = "loop"
                     bar.reset(total=len(examples))
                     sums = _squared_grad_sums_loop(model, examples, names, bar)

@@ -55,8 +55,10 @@ class NeuromodulationConfig:
     grad_warmup_steps: int = 5
 
     def __post_init__(self) -> None:
-        if isinstance(self.gamma_gain_lambda, bool) or not isinstance(self.gamma_gain_lambda, (int, float)) or not (
-            self.gamma_gain_lambda >= 0
+        if (
+            isinstance(self.gamma_gain_lambda, bool)
+            or not isinstance(self.gamma_gain_lambda, (int, float))
+            or not (self.gamma_gain_lambda >= 0)
         ):
             _fail("gamma_gain_lambda", self.gamma_gain_lambda, "must be a number >= 0")
         unknown = set(self.signal_weights) - set(SIGNALS)
@@ -68,8 +70,10 @@ class NeuromodulationConfig:
             _fail("signal_weights", self.signal_weights, "weights must be numbers >= 0, at least one > 0")
         if not isinstance(self.ema_beta, (int, float)) or not 0 <= self.ema_beta < 1:
             _fail("ema_beta", self.ema_beta, "must be a number in [0, 1)")
-        if isinstance(self.grad_warmup_steps, bool) or not isinstance(self.grad_warmup_steps, int) or (
-            self.grad_warmup_steps < 1
+        if (
+            isinstance(self.grad_warmup_steps, bool)
+            or not isinstance(self.grad_warmup_steps, int)
+            or (self.grad_warmup_steps < 1)
         ):
             _fail("grad_warmup_steps", self.grad_warmup_steps, "must be an integer >= 1")
 

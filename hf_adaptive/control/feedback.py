@@ -118,13 +118,20 @@ class FeedbackCallback(ContinualPlugin):
         if model is None:
             raise ValueError("FeedbackCallback.from_config: model=None is not allowed: the gates size the policy")
         gated = find_gates(model)
-        controller = GateController(gated.num_layers, gated.num_heads, GateControllerConfig(
-            algorithm=args.gate_algorithm, min_active_fraction=args.gate_min_active_fraction,
-            max_active_fraction=args.gate_max_active_fraction, efficiency_factor=args.gate_efficiency_factor,
-            seed=args.seed,
-        ))
-        config = FeedbackConfig(eval_every=args.gate_feedback_every, mode=args.gate_feedback_mode,
-                                eval_size=args.gate_eval_size)
+        controller = GateController(
+            gated.num_layers,
+            gated.num_heads,
+            GateControllerConfig(
+                algorithm=args.gate_algorithm,
+                min_active_fraction=args.gate_min_active_fraction,
+                max_active_fraction=args.gate_max_active_fraction,
+                efficiency_factor=args.gate_efficiency_factor,
+                seed=args.seed,
+            ),
+        )
+        config = FeedbackConfig(
+            eval_every=args.gate_feedback_every, mode=args.gate_feedback_mode, eval_size=args.gate_eval_size
+        )
         return cls(controller, config=config)
 
     def __init__(

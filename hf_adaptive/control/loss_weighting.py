@@ -121,7 +121,9 @@ class LossWeightController(nn.Module):
         self.entropy_tau = float(entropy_tau)
         self.num_features = 2 + 2 * len(self.term_names)  # log L_task, log L_i, log(L_i / L_task), entropy
         self.net = nn.Sequential(
-            nn.Linear(self.num_features, hidden_size), nn.LayerNorm(hidden_size), nn.Tanh(),
+            nn.Linear(self.num_features, hidden_size),
+            nn.LayerNorm(hidden_size),
+            nn.Tanh(),
             nn.Linear(hidden_size, len(self.weighted)),
         )
         last = self.net[-1]
@@ -197,8 +199,13 @@ class LossWeightController(nn.Module):
         self.controls[name] = ControlledScalar(low, high, init, num_features=self.num_features if conditioned else 0)
         return self.controls[name]
 
-    def control(self, name: str, task_loss: torch.Tensor | None = None, terms: dict[str, torch.Tensor] | None = None,
-                outputs: Any = None) -> torch.Tensor:
+    def control(
+        self,
+        name: str,
+        task_loss: torch.Tensor | None = None,
+        terms: dict[str, torch.Tensor] | None = None,
+        outputs: Any = None,
+    ) -> torch.Tensor:
         """The current value of a registered control, as a tensor in the graph of its parameters."""
         if name not in self.controls:
             _fail(type(self).__name__, "control name", name, f"registered controls are {list(self.controls)}")

@@ -43,8 +43,16 @@ def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{cls}.{name}={value!r} is not allowed: {allowed}")
 
 
-def _check_number(cls: str, name: str, value: Any, low: float | None = None, high: float | None = None,
-                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+def _check_number(
+    cls: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         _fail(cls, name, value, f"must be {kind}")
@@ -225,7 +233,7 @@ class AdaptiveScheduler:
 
     def apply_gains(self) -> None:
         """Write the current LR (scaled per group as at construction) and momentum into the optimizer's groups."""
-        for group in self.optimizer.param_groups[len(self._base_lrs):]:  # groups added later keep their LR ratio
+        for group in self.optimizer.param_groups[len(self._base_lrs) :]:  # groups added later keep their LR ratio
             lr = float(group["lr"])
             self._base_lrs.append(lr * self._base_lrs[0] / self.lr if self.lr > 0 else lr)
             self._momentum_keys.append(_momentum_key(group))
@@ -324,8 +332,10 @@ class AdaptiveScheduler:
         scale = max(abs(previous), 1e-12)
         # an improvement must beat the relative threshold and the EMA's own noise (std of an EMA of white noise)
         noise = math.sqrt(variance) * max(abs(statistics.fmean(self.recent)), 1e-12)
-        margin = max(cfg.threshold * max(abs(self.best_ema), 1e-12),
-                     cfg.noise_margin * noise * math.sqrt((1 - cfg.ema_beta) / (1 + cfg.ema_beta)))
+        margin = max(
+            cfg.threshold * max(abs(self.best_ema), 1e-12),
+            cfg.noise_margin * noise * math.sqrt((1 - cfg.ema_beta) / (1 + cfg.ema_beta)),
+        )
         if self.loss_ema < self.best_ema - margin:
             event = "improved"
         elif self.loss_ema - previous > cfg.threshold * scale:
@@ -369,14 +379,22 @@ class AdaptiveScheduler:
                 self.plateau_count = 0
         return self._finish(loss_value, reward, event, variance=variance)
 
-    def _finish(self, loss: float, reward: float | None, event: str, skipped: bool = False,
-                variance: float | None = None) -> SchedulerSnapshot:
+    def _finish(
+        self, loss: float, reward: float | None, event: str, skipped: bool = False, variance: float | None = None
+    ) -> SchedulerSnapshot:
         self.apply_gains()
         frozen = self.freezer.frozen_fraction() if self.freezer is not None else None
         self.last_snapshot = SchedulerSnapshot(
-            step=self.num_steps, loss=loss, lr=self.lr, momentum=self.momentum, sigma=self.sigma,
-            variance=self.variance() if variance is None else variance, event=event, skipped=skipped,
-            reward=reward, frozen_fraction=frozen,
+            step=self.num_steps,
+            loss=loss,
+            lr=self.lr,
+            momentum=self.momentum,
+            sigma=self.sigma,
+            variance=self.variance() if variance is None else variance,
+            event=event,
+            skipped=skipped,
+            reward=reward,
+            frozen_fraction=frozen,
         )
         return self.last_snapshot
 
@@ -394,11 +412,20 @@ class AdaptiveScheduler:
     # ------------------------------------------------------------------------------------------------ resumability
     def state_dict(self) -> dict[str, Any]:
         state = {
-            "lr": self.lr, "momentum": self.momentum, "sigma": self.sigma, "num_steps": self.num_steps,
-            "num_skipped": self.num_skipped, "loss_ema": self.loss_ema, "best_ema": self.best_ema,
-            "last_reward": self.last_reward, "recent": list(self.recent), "bad_count": self.bad_count,
-            "improve_streak": self.improve_streak, "plateau_count": self.plateau_count,
-            "cooldown_left": self.cooldown_left, "base_lrs": list(self._base_lrs),
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "sigma": self.sigma,
+            "num_steps": self.num_steps,
+            "num_skipped": self.num_skipped,
+            "loss_ema": self.loss_ema,
+            "best_ema": self.best_ema,
+            "last_reward": self.last_reward,
+            "recent": list(self.recent),
+            "bad_count": self.bad_count,
+            "improve_streak": self.improve_streak,
+            "plateau_count": self.plateau_count,
+            "cooldown_left": self.cooldown_left,
+            "base_lrs": list(self._base_lrs),
             "generator": self.generator.get_state(),
         }
         if self.freezer is not None:
@@ -406,8 +433,20 @@ class AdaptiveScheduler:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("lr", "momentum", "sigma", "num_steps", "num_skipped", "loss_ema", "best_ema", "last_reward",
-                    "bad_count", "improve_streak", "plateau_count", "cooldown_left"):
+        for key in (
+            "lr",
+            "momentum",
+            "sigma",
+            "num_steps",
+            "num_skipped",
+            "loss_ema",
+            "best_ema",
+            "last_reward",
+            "bad_count",
+            "improve_streak",
+            "plateau_count",
+            "cooldown_left",
+        ):
             setattr(self, key, state[key])
         self._base_lrs = [float(v) for v in state["base_lrs"]]
         self.recent = deque((float(v) for v in state["recent"]), maxlen=self.config.window)

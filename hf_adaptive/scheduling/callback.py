@@ -30,8 +30,14 @@ class AdaptiveSchedulerCallback(ContinualPlugin):
     @classmethod
     def from_config(cls, args: Any, **overrides: Any) -> AdaptiveSchedulerCallback:
         """The callback described by the `adaptive_*` fields of a `ContinualConfig` (keyword overrides win)."""
-        values = dict(lr_up=args.adaptive_lr_up, lr_down=args.adaptive_lr_down, patience=args.adaptive_patience,
-                      cooldown=args.adaptive_cooldown, dither=args.adaptive_dither, seed=args.seed)
+        values = dict(
+            lr_up=args.adaptive_lr_up,
+            lr_down=args.adaptive_lr_down,
+            patience=args.adaptive_patience,
+            cooldown=args.adaptive_cooldown,
+            dither=args.adaptive_dither,
+            seed=args.seed,
+        )
         values.update(overrides)
         return cls(AdaptiveSchedulerConfig(**values))
 

@@ -35,8 +35,9 @@ class FreezingConfig:
     threshold: float = field(default=1e-3, metadata={"help": "Gradient-norm EMA below which a unit freezes."})
     threshold_mode: str = field(
         default="absolute",
-        metadata={"help": "'absolute' (EMA < threshold) or 'relative' (EMA < threshold * mean EMA of the active "
-                          "units)."},
+        metadata={
+            "help": "'absolute' (EMA < threshold) or 'relative' (EMA < threshold * mean EMA of the active units)."
+        },
     )
     granularity: str = field(default="parameter", metadata={"help": "'parameter' or 'module' (a module's own params)."})
     ema_beta: float = field(default=0.9, metadata={"help": "EMA factor of the gradient norms."})
@@ -180,8 +181,12 @@ class SelectiveFreezingCallback(ContinualPlugin):
     @classmethod
     def from_config(cls, args: Any, **overrides: Any) -> SelectiveFreezingCallback:
         """The callback described by the `freeze_*` fields of a `ContinualConfig` (keyword overrides win)."""
-        values = dict(threshold=args.freeze_threshold, threshold_mode=args.freeze_threshold_mode,
-                      granularity=args.freeze_granularity, probe_every=args.freeze_probe_every)
+        values = dict(
+            threshold=args.freeze_threshold,
+            threshold_mode=args.freeze_threshold_mode,
+            granularity=args.freeze_granularity,
+            probe_every=args.freeze_probe_every,
+        )
         values.update(overrides)
         return cls(FreezingConfig(**values))
 

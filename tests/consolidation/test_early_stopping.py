@@ -12,15 +12,28 @@ from hf_adaptive.tasks import CausalLMCollator, task_accuracy, tokenize_task
 from hf_adaptive.trainer import ContinualTrainer
 from hf_adaptive.utils.io import load_state, save_state
 
-COMMON = dict(per_device_train_batch_size=16, report_to=[], logging_strategy="no", use_cpu=True, disable_tqdm=True,
-              seed=0, dataloader_num_workers=0)
+COMMON = dict(
+    per_device_train_batch_size=16,
+    report_to=[],
+    logging_strategy="no",
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+    dataloader_num_workers=0,
+)
 
 
 def _trainer(model, tokenizer, task, callback, tmp_path, epochs, lr, cls=Trainer, args_cls=TrainingArguments, **kw):
     options = {**COMMON, "save_strategy": "no", **kw}
     args = args_cls(output_dir=str(tmp_path), num_train_epochs=epochs, learning_rate=lr, **options)
-    return cls(model=model, args=args, train_dataset=tokenize_task(task, tokenizer), processing_class=tokenizer,
-               data_collator=CausalLMCollator(tokenizer), callbacks=[callback])
+    return cls(
+        model=model,
+        args=args,
+        train_dataset=tokenize_task(task, tokenizer),
+        processing_class=tokenizer,
+        data_collator=CausalLMCollator(tokenizer),
+        callbacks=[callback],
+    )
 
 
 def test_stops_after_patience_epochs_without_improvement(tiny_model, tokenizer, small_tasks, tmp_path):
@@ -76,15 +89,34 @@ def test_resumes_its_counters_from_a_checkpoint(tokenizer, small_tasks, tmp_path
     task = small_tasks[0]
     first = AdapterEarlyStoppingCallback(patience=10, task=task)
     model, _ = build_tiny_gemma(tokenizer, seed=0)
-    _trainer(model, tokenizer, task, first, tmp_path, epochs=3, lr=3e-3, cls=ContinualTrainer,
-             args_cls=ContinualConfig, save_strategy="epoch").train()
+    _trainer(
+        model,
+        tokenizer,
+        task,
+        first,
+        tmp_path,
+        epochs=3,
+        lr=3e-3,
+        cls=ContinualTrainer,
+        args_cls=ContinualConfig,
+        save_strategy="epoch",
+    ).train()
     checkpoint = tmp_path / "checkpoint-8"
     assert (checkpoint / "continual" / "early_stopping" / "state.json").is_file()
 
     second = AdapterEarlyStoppingCallback(patience=10, task=task)
     model, _ = build_tiny_gemma(tokenizer, seed=0)
-    _trainer(model, tokenizer, task, second, tmp_path / "resumed", epochs=3, lr=3e-3, cls=ContinualTrainer,
-             args_cls=ContinualConfig).train(resume_from_checkpoint=str(checkpoint))
+    _trainer(
+        model,
+        tokenizer,
+        task,
+        second,
+        tmp_path / "resumed",
+        epochs=3,
+        lr=3e-3,
+        cls=ContinualTrainer,
+        args_cls=ContinualConfig,
+    ).train(resume_from_checkpoint=str(checkpoint))
     (report,) = second.reports
     assert report["epochs_run"] == 3
     assert report["values"][:2] == first.reports[0]["values"][:2]
@@ -96,8 +128,13 @@ def test_in_a_task_sequence_every_task_gets_its_own_stop(tokenizer, small_tasks,
 
     model, _ = build_tiny_gemma(tokenizer, seed=0)
     callback = AdapterEarlyStoppingCallback(patience=1, min_epochs=2)  # the task comes from on_task_begin
-    args = ContinualConfig(output_dir=str(tmp_path), num_train_epochs=6, learning_rate=0.0, save_results_plot=False,
-                           **{**COMMON, "save_strategy": "no"})
+    args = ContinualConfig(
+        output_dir=str(tmp_path),
+        num_train_epochs=6,
+        learning_rate=0.0,
+        save_results_plot=False,
+        **{**COMMON, "save_strategy": "no"},
+    )
     trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[callback])
     trainer.train_sequence(small_tasks[:2], evaluate_baseline=False)
     assert [r["task"] for r in callback.reports] == [t.name for t in small_tasks[:2]]
@@ -112,8 +149,14 @@ def test_state_dict_round_trip(tiny_model, small_tasks, tmp_path):
     save_state(tmp_path / "es", callback.state_dict())
     restored = AdapterEarlyStoppingCallback(task=small_tasks[0])
     restored.load_state_dict(load_state(tmp_path / "es"))
-    assert (restored.task_name, restored.best, restored.best_epoch, restored.epochs_done, restored.wait,
-            restored.values) == (small_tasks[0].name, 0.75, 2, 3, 1, [0.5, 0.75, 0.7])
+    assert (
+        restored.task_name,
+        restored.best,
+        restored.best_epoch,
+        restored.epochs_done,
+        restored.wait,
+        restored.values,
+    ) == (small_tasks[0].name, 0.75, 2, 3, 1, [0.5, 0.75, 0.7])
     assert all(torch.equal(restored.best_weights[n], t) for n, t in callback.best_weights.items())
 
 
@@ -125,13 +168,23 @@ def test_needs_a_task_with_a_plain_trainer(tiny_model, tokenizer, small_tasks, t
 
 
 def test_from_config_and_validation(tmp_path):
-    args = ContinualConfig(output_dir=str(tmp_path), early_stopping_patience=5, early_stopping_metric="loss",
-                           early_stopping_min_epochs=2, early_stopping_min_delta=0.01, continual_eval_limit=16)
+    args = ContinualConfig(
+        output_dir=str(tmp_path),
+        early_stopping_patience=5,
+        early_stopping_metric="loss",
+        early_stopping_min_epochs=2,
+        early_stopping_min_delta=0.01,
+        continual_eval_limit=16,
+    )
     cb = AdapterEarlyStoppingCallback.from_config(args)
     assert (cb.patience, cb.metric, cb.min_epochs, cb.min_delta, cb.eval_limit) == (5, "loss", 2, 0.01, 16)
     args.early_stopping_patience = None
     assert AdapterEarlyStoppingCallback.from_config(args).patience == 3
-    for kwargs, match in (({"metric": "f1"}, "metric='f1'"), ({"patience": 0}, "patience=0"),
-                          ({"min_epochs": -1}, "min_epochs=-1"), ({"min_delta": -0.1}, "min_delta=-0.1")):
+    for kwargs, match in (
+        ({"metric": "f1"}, "metric='f1'"),
+        ({"patience": 0}, "patience=0"),
+        ({"min_epochs": -1}, "min_epochs=-1"),
+        ({"min_delta": -0.1}, "min_delta=-0.1"),
+    ):
         with pytest.raises(ValueError, match=f"AdapterEarlyStoppingCallback.{match}"):
             AdapterEarlyStoppingCallback(**kwargs)

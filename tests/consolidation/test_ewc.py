@@ -171,12 +171,31 @@ def test_state_dict_round_trip_restores_fisher_and_anchors(tiny_model, tmp_path,
 
 
 def test_from_config_maps_the_fields(tmp_path):
-    args = ContinualConfig(output_dir=str(tmp_path), ewc_lambda=250.0, ewc_mode="online", ewc_gamma=0.9,
-                           fisher_samples=25, fisher_type="true", fisher_chunk_size=4, gamma_gated_ewc=True,
-                           gamma_gain_lambda=2.0, ewc_fixed_lambda_bypass_gamma=False, seed=7, disable_tqdm=True)
+    args = ContinualConfig(
+        output_dir=str(tmp_path),
+        ewc_lambda=250.0,
+        ewc_mode="online",
+        ewc_gamma=0.9,
+        fisher_samples=25,
+        fisher_type="true",
+        fisher_chunk_size=4,
+        gamma_gated_ewc=True,
+        gamma_gain_lambda=2.0,
+        ewc_fixed_lambda_bypass_gamma=False,
+        seed=7,
+        disable_tqdm=True,
+    )
     plugin = EWCPlugin.from_config(args)
-    fields = (plugin.ewc_lambda, plugin.mode, plugin.gamma, plugin.fisher_samples, plugin.fisher_type,
-              plugin.fisher_chunk_size, plugin.seed, plugin.progress_bar)
+    fields = (
+        plugin.ewc_lambda,
+        plugin.mode,
+        plugin.gamma,
+        plugin.fisher_samples,
+        plugin.fisher_type,
+        plugin.fisher_chunk_size,
+        plugin.seed,
+        plugin.progress_bar,
+    )
     assert fields == (250.0, "online", 0.9, 25, "true", 4, 7, False)
     assert plugin.uses_gamma_gain and plugin.modulator.config.gamma_gain_lambda == 2.0
     args.ewc_fixed_lambda_bypass_gamma = True
@@ -185,9 +204,14 @@ def test_from_config_maps_the_fields(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"ewc_lambda": -1.0}, "EWCPlugin.ewc_lambda=-1.0"), ({"mode": "offline"}, "EWCPlugin.mode='offline'"),
-     ({"gamma": 1.5}, "EWCPlugin.gamma=1.5"), ({"fisher_samples": 0}, "EWCPlugin.fisher_samples=0"),
-     ({"fisher_type": "x"}, "EWCPlugin.fisher_type"), ({"fisher_method": "x"}, "EWCPlugin.fisher_method")],
+    [
+        ({"ewc_lambda": -1.0}, "EWCPlugin.ewc_lambda=-1.0"),
+        ({"mode": "offline"}, "EWCPlugin.mode='offline'"),
+        ({"gamma": 1.5}, "EWCPlugin.gamma=1.5"),
+        ({"fisher_samples": 0}, "EWCPlugin.fisher_samples=0"),
+        ({"fisher_type": "x"}, "EWCPlugin.fisher_type"),
+        ({"fisher_method": "x"}, "EWCPlugin.fisher_method"),
+    ],
 )
 def test_bad_options_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -25,9 +25,19 @@ def two_tasks():
 def _run(tokenizer, tasks, tmp_path, ewc_lambda: float):
     model, _ = build_tiny_gemma(tokenizer, seed=0)
     args = ContinualConfig(
-        output_dir=str(tmp_path), num_train_epochs=5, learning_rate=3e-3, per_device_train_batch_size=8,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=5, seed=0,
-        save_results_plot=False, ewc_lambda=ewc_lambda, fisher_samples=50,
+        output_dir=str(tmp_path),
+        num_train_epochs=5,
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=5,
+        seed=0,
+        save_results_plot=False,
+        ewc_lambda=ewc_lambda,
+        fisher_samples=50,
     )
     plugins = [EWCPlugin.from_config(args)] if ewc_lambda > 0 else []
     trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer, callbacks=plugins)

@@ -28,8 +28,12 @@ def _varied_rows(tokenizer, task, n: int = N_ROWS) -> list[dict]:
     out = []
     for i in range(n):
         row, k = rows[i], i % 4
-        out.append({"input_ids": row["input_ids"][:1] + row["input_ids"][1 + k :],
-                    "labels": row["labels"][:1] + row["labels"][1 + k :]})
+        out.append(
+            {
+                "input_ids": row["input_ids"][:1] + row["input_ids"][1 + k :],
+                "labels": row["labels"][:1] + row["labels"][1 + k :],
+            }
+        )
     assert len({len(r["input_ids"]) for r in out}) > 1
     return out
 
@@ -170,9 +174,12 @@ def test_vmap_failure_falls_back_to_the_loop(tiny_model, tokenizer, small_tasks)
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"fisher_type": "fisher"}, "compute_fisher.fisher_type='fisher'"), ({"method": "jvp"}, "compute_fisher.method"),
-     ({"chunk_size": 0}, "compute_fisher.chunk_size=0"),
-     ({"max_chunk_bytes": 0}, "compute_fisher.max_chunk_bytes=0")],
+    [
+        ({"fisher_type": "fisher"}, "compute_fisher.fisher_type='fisher'"),
+        ({"method": "jvp"}, "compute_fisher.method"),
+        ({"chunk_size": 0}, "compute_fisher.chunk_size=0"),
+        ({"max_chunk_bytes": 0}, "compute_fisher.max_chunk_bytes=0"),
+    ],
 )
 def test_bad_options_name_the_field(tiny_model, tokenizer, small_tasks, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -209,8 +216,10 @@ def _worker(rank: int, world: int, port: int, rows: list[dict], out_dir: str) ->
 
         for fisher_type in ("empirical", "true"):
             result = compute_fisher(model, rows, fisher_type=fisher_type, progress_bar=False)
-            save_file({k: v.contiguous() for k, v in result.fisher.items()},
-                      os.path.join(out_dir, f"{fisher_type}{rank}.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in result.fisher.items()},
+                os.path.join(out_dir, f"{fisher_type}{rank}.safetensors"),
+            )
             with open(os.path.join(out_dir, f"{fisher_type}{rank}.count"), "w") as f:
                 f.write(str(result.num_samples))
     finally:

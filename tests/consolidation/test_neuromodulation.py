@@ -84,11 +84,13 @@ def test_weights_select_signals_and_state_round_trips():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"gamma_gain_lambda": -1}, "NeuromodulationConfig.gamma_gain_lambda=-1"),
-     ({"signal_weights": {"loss": 1.0}}, "NeuromodulationConfig.signal_weights"),
-     ({"signal_weights": {"nll": 0.0}}, "at least one > 0"),
-     ({"ema_beta": 1.0}, "NeuromodulationConfig.ema_beta=1.0"),
-     ({"grad_warmup_steps": 0}, "NeuromodulationConfig.grad_warmup_steps=0")],
+    [
+        ({"gamma_gain_lambda": -1}, "NeuromodulationConfig.gamma_gain_lambda=-1"),
+        ({"signal_weights": {"loss": 1.0}}, "NeuromodulationConfig.signal_weights"),
+        ({"signal_weights": {"nll": 0.0}}, "at least one > 0"),
+        ({"ema_beta": 1.0}, "NeuromodulationConfig.ema_beta=1.0"),
+        ({"grad_warmup_steps": 0}, "NeuromodulationConfig.grad_warmup_steps=0"),
+    ],
 )
 def test_bad_config_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -200,7 +200,7 @@ def test_from_config_errors_name_the_option(tiny_model, make_args, tmp_path):
         ExpertRoutingPlugin.from_config(make_args(tmp_path, signature_layers=["nope"]), model=tiny_model)
 
 
-_DDP_SCRIPT = '''
+_DDP_SCRIPT = """
 import dataclasses, json, os, sys
 
 import torch
@@ -236,7 +236,7 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         "accuracy": plugin.task_accuracy,
         "lora": lora,
     }, f)
-'''
+"""
 
 
 def test_two_processes_route_identically(tmp_path):

@@ -31,7 +31,7 @@ def test_lr_rises_on_improvement_by_the_damped_factor():
     for prev, cur in zip(snaps[1:], snaps[2:], strict=False):
         # slow reference: the law 1 + (u - 1) / (1 + lambda v) with v from the recorded snapshot
         assert cur.lr == pytest.approx(prev.lr * (1 + 0.02 / (1 + 10.0 * cur.variance)), rel=1e-9)
-    assert snaps[-1].lr > 0.1 * 1.01 ** 25
+    assert snaps[-1].lr > 0.1 * 1.01**25
     assert sched.optimizer.param_groups[0]["lr"] == snaps[-1].lr
 
 
@@ -90,8 +90,9 @@ def test_lr_bounds_hold_both_ways():
     up = AdaptiveScheduler(_sgd(lr=0.1), AdaptiveSchedulerConfig(warmup=1, lr_bounds=(0.05, 0.2), cooldown=0))
     _feed(up, [3.0 * 0.9**i for i in range(200)])
     assert up.lr == 0.2
-    down = AdaptiveScheduler(_sgd(lr=0.1), AdaptiveSchedulerConfig(warmup=1, lr_bounds=(0.05, 0.2), cooldown=0,
-                                                                   patience=0))
+    down = AdaptiveScheduler(
+        _sgd(lr=0.1), AdaptiveSchedulerConfig(warmup=1, lr_bounds=(0.05, 0.2), cooldown=0, patience=0)
+    )
     _feed(down, [1.0 * 1.1**i for i in range(100)])
     assert down.lr == 0.05
     # a base LR outside the bounds is clipped at construction
@@ -120,9 +121,11 @@ def test_momentum_rises_with_consistent_improvement_and_falls_with_noise_or_rewa
 @pytest.mark.parametrize("kind", ["adamw", "lamb", "lookahead"])
 def test_momentum_is_beta1_for_adam_like_optimizers(kind):
     p = torch.nn.Parameter(torch.ones(3))
-    opt = {"adamw": lambda: torch.optim.AdamW([p], lr=1e-2, betas=(0.8, 0.99)),
-           "lamb": lambda: Lamb([p], lr=1e-2, betas=(0.8, 0.99)),
-           "lookahead": lambda: Lookahead(Lamb([p], lr=1e-2, betas=(0.8, 0.99)), k=2)}[kind]()
+    opt = {
+        "adamw": lambda: torch.optim.AdamW([p], lr=1e-2, betas=(0.8, 0.99)),
+        "lamb": lambda: Lamb([p], lr=1e-2, betas=(0.8, 0.99)),
+        "lookahead": lambda: Lookahead(Lamb([p], lr=1e-2, betas=(0.8, 0.99)), k=2),
+    }[kind]()
     sched = AdaptiveScheduler(opt, AdaptiveSchedulerConfig(warmup=1))
     _feed(sched, [2.0 * 0.95**i for i in range(20)])
     beta1, beta2 = opt.param_groups[0]["betas"]
@@ -161,8 +164,10 @@ def test_step_without_dither_equals_a_plain_optimizer_step():
     x, y = torch.randn(16, 4), torch.randn(16, 1)
     a, b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
     b.load_state_dict(a.state_dict())
-    sched = AdaptiveScheduler(torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9),
-                              AdaptiveSchedulerConfig(adapt_momentum=False, warmup=100))
+    sched = AdaptiveScheduler(
+        torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9),
+        AdaptiveSchedulerConfig(adapt_momentum=False, warmup=100),
+    )
     ref = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
     for _ in range(5):
         _quadratic_step(sched, a, x, y)
@@ -176,8 +181,10 @@ def test_step_without_dither_equals_a_plain_optimizer_step():
 def test_dither_adds_noise_of_the_requested_relative_size():
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 64)
-    sched = AdaptiveScheduler(torch.optim.SGD(model.parameters(), lr=0.0), AdaptiveSchedulerConfig(
-        dither=True, sigma=1e-2, sigma_bounds=(1e-3, 1e-1), lr_bounds=(1e-12, 1.0)))
+    sched = AdaptiveScheduler(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        AdaptiveSchedulerConfig(dither=True, sigma=1e-2, sigma_bounds=(1e-3, 1e-1), lr_bounds=(1e-12, 1.0)),
+    )
     sched.lr = 0.0
     for g in sched.optimizer.param_groups:
         g["lr"] = 0.0
@@ -249,9 +256,20 @@ def test_state_round_trip_through_safetensors_and_json(tmp_path):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("lr_up", 0.9), ("lr_down", 1.5), ("lr_bounds", (0.1, 0.01)), ("lr_bounds", (0.0, 1.0)), ("patience", -1),
-     ("window", 1), ("momentum_bounds", (0.5, 1.0)), ("sigma_bounds", (0.1,)), ("ema_beta", 1.0),
-     ("nan_backoff", 0.0), ("cooldown", 1.5), ("threshold", math.nan)],
+    [
+        ("lr_up", 0.9),
+        ("lr_down", 1.5),
+        ("lr_bounds", (0.1, 0.01)),
+        ("lr_bounds", (0.0, 1.0)),
+        ("patience", -1),
+        ("window", 1),
+        ("momentum_bounds", (0.5, 1.0)),
+        ("sigma_bounds", (0.1,)),
+        ("ema_beta", 1.0),
+        ("nan_backoff", 0.0),
+        ("cooldown", 1.5),
+        ("threshold", math.nan),
+    ],
 )
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"AdaptiveSchedulerConfig\.{field}="):

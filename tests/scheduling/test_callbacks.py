@@ -18,8 +18,16 @@ from hf_adaptive.scheduling import (
 from hf_adaptive.tasks import CausalLMCollator, tokenize_task
 from hf_adaptive.trainer import ContinualTrainer
 
-COMMON = dict(per_device_train_batch_size=8, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
-              save_strategy="no", seed=0, lr_scheduler_type="constant")
+COMMON = dict(
+    per_device_train_batch_size=8,
+    logging_steps=1,
+    report_to=[],
+    use_cpu=True,
+    disable_tqdm=True,
+    save_strategy="no",
+    seed=0,
+    lr_scheduler_type="constant",
+)
 
 
 def _args(tmp_path, **kw):
@@ -51,8 +59,13 @@ def test_adaptive_callback_controls_the_trainer_lr(tiny_model, tokenizer, rows, 
         def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
             used.append(optimizer.param_groups[0]["lr"])
 
-    trainer = Trainer(model=tiny_model, args=_args(tmp_path, max_steps=8, learning_rate=5e-3), train_dataset=rows,
-                      data_collator=CausalLMCollator(tokenizer), callbacks=[cb, Spy()])
+    trainer = Trainer(
+        model=tiny_model,
+        args=_args(tmp_path, max_steps=8, learning_rate=5e-3),
+        train_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+        callbacks=[cb, Spy()],
+    )
     trainer.train()
     assert used[0] == 5e-3
     assert used[1:] == pytest.approx([h["lr"] for h in cb.history[:-1]])
@@ -82,8 +95,13 @@ def test_nan_step_is_skipped_inside_the_trainer(tiny_model, tokenizer, rows, tmp
             if state.global_step == NaNAtStep.nan_step + 1:
                 seen["after"] = model.model.embed_tokens.weight.detach().clone()
 
-    trainer = NaNAtStep(model=tiny_model, args=_args(tmp_path, max_steps=6, learning_rate=1e-2), train_dataset=rows,
-                        data_collator=CausalLMCollator(tokenizer), callbacks=[cb, Watch()])
+    trainer = NaNAtStep(
+        model=tiny_model,
+        args=_args(tmp_path, max_steps=6, learning_rate=1e-2),
+        train_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+        callbacks=[cb, Watch()],
+    )
     trainer.train()
     assert cb.scheduler.num_skipped == 1
     assert torch.equal(seen["before"], seen["after"])  # the NaN step moved nothing
@@ -97,17 +115,28 @@ def test_nan_step_is_skipped_inside_the_trainer(tiny_model, tokenizer, rows, tmp
 
 @pytest.mark.parametrize(("field", "value"), [("lr_scheduler_type", "linear"), ("logging_strategy", "epoch")])
 def test_callback_validates_training_arguments(tiny_model, tokenizer, rows, tmp_path, field, value):
-    trainer = Trainer(model=tiny_model, args=_args(tmp_path, max_steps=2, **{field: value}), train_dataset=rows,
-                      data_collator=CausalLMCollator(tokenizer), callbacks=[AdaptiveSchedulerCallback()])
+    trainer = Trainer(
+        model=tiny_model,
+        args=_args(tmp_path, max_steps=2, **{field: value}),
+        train_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+        callbacks=[AdaptiveSchedulerCallback()],
+    )
     with pytest.raises(ValueError, match=rf"TrainingArguments\.{field}="):
         trainer.train()
 
 
 def test_freezing_callback_in_trainer_logs_fraction_and_releases(tiny_model, tokenizer, rows, tmp_path):
-    cb = SelectiveFreezingCallback(FreezingConfig(threshold=0.3, threshold_mode="relative", warmup_steps=2,
-                                                  probe_every=0, granularity="module"))
-    trainer = Trainer(model=tiny_model, args=_args(tmp_path, max_steps=6, learning_rate=5e-3), train_dataset=rows,
-                      data_collator=CausalLMCollator(tokenizer), callbacks=[cb])
+    cb = SelectiveFreezingCallback(
+        FreezingConfig(threshold=0.3, threshold_mode="relative", warmup_steps=2, probe_every=0, granularity="module")
+    )
+    trainer = Trainer(
+        model=tiny_model,
+        args=_args(tmp_path, max_steps=6, learning_rate=5e-3),
+        train_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+        callbacks=[cb],
+    )
     trainer.train()
     fractions = [h["frozen_fraction"] for h in trainer.state.log_history if "frozen_fraction" in h]
     assert len(fractions) == 6 and fractions[0] == 0.0 and max(fractions) > 0.0
@@ -117,14 +146,29 @@ def test_freezing_callback_in_trainer_logs_fraction_and_releases(tiny_model, tok
 
 def test_through_continual_trainer_with_resume(tiny_model, tokenizer, rows, tmp_path):
     """Both callbacks are plugins: their state lands in every checkpoint and is restored on resume."""
+
     def make(model):
-        args = ContinualConfig(output_dir=str(tmp_path), max_steps=6, learning_rate=5e-3, save_strategy="steps",
-                               save_steps=3, **{k: v for k, v in COMMON.items() if k != "save_strategy"})
+        args = ContinualConfig(
+            output_dir=str(tmp_path),
+            max_steps=6,
+            learning_rate=5e-3,
+            save_strategy="steps",
+            save_steps=3,
+            **{k: v for k, v in COMMON.items() if k != "save_strategy"},
+        )
         sched = AdaptiveSchedulerCallback(AdaptiveSchedulerConfig(warmup=1, cooldown=0))
-        freeze = SelectiveFreezingCallback(FreezingConfig(threshold=0.3, threshold_mode="relative", warmup_steps=1,
-                                                          probe_every=0, granularity="module"))
-        trainer = ContinualTrainer(model=model, args=args, train_dataset=rows,
-                                   data_collator=CausalLMCollator(tokenizer), callbacks=[sched, freeze])
+        freeze = SelectiveFreezingCallback(
+            FreezingConfig(
+                threshold=0.3, threshold_mode="relative", warmup_steps=1, probe_every=0, granularity="module"
+            )
+        )
+        trainer = ContinualTrainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            data_collator=CausalLMCollator(tokenizer),
+            callbacks=[sched, freeze],
+        )
         return trainer, sched, freeze
 
     trainer, sched, freeze = make(tiny_model)
@@ -142,8 +186,7 @@ def test_through_continual_trainer_with_resume(tiny_model, tokenizer, rows, tmp_
     class Spy(AdaptiveSchedulerCallback.__mro__[1]):
         def on_step_begin(self, args, state, control, **kw):
             if not restored:
-                restored.update(lr=sched2.scheduler.lr, steps=sched2.scheduler.num_steps,
-                                frozen=freeze2.freezer.steps)
+                restored.update(lr=sched2.scheduler.lr, steps=sched2.scheduler.num_steps, frozen=freeze2.freezer.steps)
 
     trainer2.add_callback(Spy())
     trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))

@@ -134,9 +134,16 @@ def test_parameters_frozen_from_the_start_are_not_managed():
         Freezer(nn.Linear(2, 2).requires_grad_(False))
 
 
-@pytest.mark.parametrize(("field", "value"), [("threshold", -1.0), ("granularity", "layer"),
-                                              ("threshold_mode", "median"), ("probe_every", -1),
-                                              ("max_frozen_fraction", 1.0)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("threshold", -1.0),
+        ("granularity", "layer"),
+        ("threshold_mode", "median"),
+        ("probe_every", -1),
+        ("max_frozen_fraction", 1.0),
+    ],
+)
 def test_config_errors(field, value):
     with pytest.raises(ValueError, match=rf"FreezingConfig\.{field}="):
         FreezingConfig(**{field: value})
