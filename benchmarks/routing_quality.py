@@ -309,6 +309,7 @@ def run_stream(
         "correct_recurring": sum(s["correct"] for s in rec) / max(1, len(rec)),
         "correct_new": sum(s["correct"] for s in new) / max(1, len(new)),
         "fork_in_family_on_related_new": sum(s["fork_in_family"] for s in related) / max(1, len(related)),
+        "wrong_reuses": sum(s["action"] == "reuse" and not s["correct"] for s in steps),
         "steps": steps,
     }
 
@@ -493,6 +494,9 @@ def main() -> None:
         result["lora"] = LORA
         full_query, full_profile, _ = compute_signatures(tasks, base, tokenizer, cfg)
         result["normalisation"]["pretrained"] = normalisation_table(full_query, full_profile)
+        result["by_rule_pretrained"] = {
+            name: run_stream(full_query, full_profile, PART_SETS["combined"], rule) for name, rule in RULES.items()
+        }
         # the routed run is also reported with the oracle threshold of the pretrained base's own signatures on the
         # trained pass (fork band off): what a perfectly tuned threshold would give
         first = tasks[: len(STREAM)]
@@ -523,15 +527,24 @@ def main() -> None:
         "Feedback `reuse`: only reuse decisions report an outcome (a live run); `hindsight`: every decision reports "
         "whether reusing its best candidate would have been right (a probe of the candidate on the new task).",
         "",
-        "| rule | feedback | correct | on recurring | on new | fork within family on related new |",
-        "|---|---|---|---|---|---|",
+        "| base | rule | feedback | correct | on recurring | on new | wrong reuses | "
+        "fork within family on related new |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for feedback, table in (("reuse", by_rule), ("hindsight", hindsight)):
+    tables = [("random", "reuse", by_rule), ("random", "hindsight", hindsight)]
+    if "by_rule_pretrained" in result:
+        tables.append(("pretrained", "reuse", result["by_rule_pretrained"]))
+    for base_name, feedback, table in tables:
         for name, r in table.items():
             lines.append(
-                f"| {name} | {feedback} | {r['correct']:.3f} | {r['correct_recurring']:.3f} | {r['correct_new']:.3f} | "
-                f"{r['fork_in_family_on_related_new']:.3f} |"
+                f"| {base_name} | {name} | {feedback} | {r['correct']:.3f} | {r['correct_recurring']:.3f} | "
+                f"{r['correct_new']:.3f} | {r['wrong_reuses']} | {r['fork_in_family_on_related_new']:.3f} |"
             )
+    lines += [
+        "",
+        "A wrong reuse trains a task into another task's expert (it can cost accuracy); the other errors create or "
+        "fork an expert for a recurring task (it costs an extra expert).",
+    ]
     lines += [
         "",
         "## Share of correct decisions per rule and signature part",
