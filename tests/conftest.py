@@ -48,6 +48,18 @@ def small_tasks():
     return builtin_suite(["first_color", "last_color", "has_cat"], n_train=64, n_eval=32, seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory):
+    """The tiny Gemma and its tokenizer saved as a plain folder, so they load by path like any hub model."""
+    from hf_adaptive.models import build_tiny_gemma
+
+    model, tok = build_tiny_gemma(seed=0)
+    path = tmp_path_factory.mktemp("tiny_gemma")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def tiny_batch(tokenizer, small_tasks):
     """A padded training batch of 8 rows of the first task."""

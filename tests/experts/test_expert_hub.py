@@ -79,6 +79,10 @@ def test_push_and_pull_round_trip(hub, library, ids, tokenizer, tmp_path):
     assert back.router is not None and back.router.names == library.router.names
     torch.testing.assert_close(back.router.profiles, library.router.profiles)
     assert back.router.tau == library.router.tau and len(back.router.outcomes) == 1
+    # the normalisation statistics travel with the profiles, so the pulled router compares signatures the same way
+    assert back.router.n_observed == library.router.n_observed > 0
+    probe = torch.randn(library.router.config.dim, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(back.router.transform(probe), library.router.transform(probe))
     methods = {(m, p.split("/resolve/")[0]) for m, p in hub.requests if "/resolve/" in p}
     assert ("HEAD", f"/{REPO}") in methods and ("GET", f"/{REPO}") in methods
     assert any(p.startswith(f"/api/models/{REPO}/tree/") for _, p in hub.requests)

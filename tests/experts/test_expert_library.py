@@ -187,18 +187,6 @@ needs_bnb = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_gemma_dir(tmp_path_factory):
-    """The tiny Gemma and its tokenizer saved as a plain folder, so they load by path like any hub model."""
-    from hf_adaptive.models import build_tiny_gemma
-
-    model, tok = build_tiny_gemma(seed=0)
-    path = tmp_path_factory.mktemp("tiny_gemma")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def _bnb_linear(quantization: str) -> type:
     import bitsandbytes as bnb
 

@@ -16,16 +16,6 @@ needs_bnb = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma_dir(tmp_path_factory):
-    """The tiny Gemma and its tokenizer saved as a plain folder, loaded by path like any hub model."""
-    model, tok = build_tiny_gemma(seed=0)
-    path = tmp_path_factory.mktemp("tiny_gemma_q")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def test_compute_dtype_is_float32_on_cpu_and_bfloat16_on_cuda():
     assert bnb_compute_dtype("cpu") == torch.float32
     assert bnb_compute_dtype("cuda") == torch.bfloat16
