@@ -255,35 +255,8 @@ def test_o_proj_magnitude_reference(tiny_model):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
-def test_other_families_gate_zero_matches_reference(family):
-    from transformers import (
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
-
-    common = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    cls, cfg = {
-        "llama": (LlamaForCausalLM, LlamaConfig),
-        "gemma2": (Gemma2ForCausalLM, Gemma2Config),
-        "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig),
-    }[family]
-    torch.manual_seed(0)
-    config = cfg(**common)
-    config._attn_implementation = "eager"  # Gemma 2 has no sdpa path in transformers 5
-    model = cls(config).eval()
+def test_other_families_gate_zero_matches_reference(family, family_model):
+    model = family_model(family)
     reference = copy.deepcopy(model)
     _zero_head_columns(reference, 1, 1)
     gates = torch.ones(2, 4)

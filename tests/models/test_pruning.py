@@ -201,23 +201,8 @@ def test_prune_llama_with_mqa():
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_prune_gemma2_and_gemma3(family):
-    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
-
-    cls, cfg = {"gemma2": (Gemma2ForCausalLM, Gemma2Config), "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig)}[family]
-    torch.manual_seed(0)
-    config = cfg(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    config._attn_implementation = "eager"
-    model = cls(config).eval()
+def test_prune_gemma2_and_gemma3(family, family_model):
+    model = family_model(family)
     ref = _gated_reference(model, {0: [0, 1], 1: [3]})
     prune_heads(model, {0: [0, 1], 1: [3]})
     ids = torch.randint(0, 64, (2, 7))
