@@ -107,7 +107,6 @@ PARAPHRASE = {
 }
 REUSE, FORK = 0.5, 0.3  # the router's defaults (on standardised signatures)
 RAW_REUSE, RAW_FORK = 0.9, 0.75  # for normalize="none" (raw cosines are much higher)
-NORMALIZE: dict = {}
 RULES = {
     "threshold": dict(decision="threshold"),
     "ucb": dict(decision="ucb", ucb_c=0.05, ucb_reward_weight=0.1),
@@ -255,9 +254,7 @@ def run_stream(
     and creations.
     """
     dim = sum(query[0][p].numel() for p in names)
-    router = Router(
-        RouterConfig(dim=dim, reuse_threshold=reuse, fork_threshold=fork, **{**NORMALIZE, **(normalize or {}), **rule})
-    )
+    router = Router(RouterConfig(dim=dim, reuse_threshold=reuse, fork_threshold=fork, **{**(normalize or {}), **rule}))
     expert_of: dict[str, str] = {}
     members: dict[str, list[torch.Tensor]] = {}
     steps = []
@@ -314,11 +311,11 @@ def run_stream(
     }
 
 
-def oracle_threshold(query, profile, names: tuple[str, ...]) -> dict:
+def oracle_threshold(query, profile, names: tuple[str, ...], normalize: dict | None = None) -> dict:
     """Best share of correct reuse-vs-not decisions over a sweep of reuse thresholds (fork band off)."""
     best_t, best = 1.0, -1.0
     for t in [x / 200 for x in range(0, 201)]:
-        correct = run_stream(query, profile, names, RULES["threshold"], reuse=t, fork=t)["correct"]
+        correct = run_stream(query, profile, names, RULES["threshold"], reuse=t, fork=t, normalize=normalize)["correct"]
         if correct > best:
             best_t, best = t, correct
     return {"best_threshold": best_t, "correct": best}
@@ -326,20 +323,20 @@ def oracle_threshold(query, profile, names: tuple[str, ...]) -> dict:
 
 def normalisation_table(query, profile) -> dict:
     """Correct share per `normalize` mode: threshold rule at that mode's thresholds, and the oracle threshold."""
-    global NORMALIZE
     out = {}
     for mode in ("none", "center", "standardize"):
-        NORMALIZE = {"normalize": mode}
+        normalize = {"normalize": mode}
         reuse, fork = (RAW_REUSE, RAW_FORK) if mode == "none" else (REUSE, FORK)
-        fixed = run_stream(query, profile, PART_SETS["combined"], RULES["threshold"], reuse=reuse, fork=fork)
+        fixed = run_stream(
+            query, profile, PART_SETS["combined"], RULES["threshold"], reuse=reuse, fork=fork, normalize=normalize
+        )
         out[mode] = {
             "thresholds": [reuse, fork],
             "correct": fixed["correct"],
             "correct_recurring": fixed["correct_recurring"],
             "correct_new": fixed["correct_new"],
-            "oracle": oracle_threshold(query, profile, PART_SETS["combined"]),
+            "oracle": oracle_threshold(query, profile, PART_SETS["combined"], normalize),
         }
-    NORMALIZE = {}
     return out
 
 

@@ -380,7 +380,10 @@ class Router:
 
     def nearest(self, query: torch.Tensor, k: int | None = None) -> tuple[list[str], torch.Tensor]:
         """The `k` experts of highest (normalised) cosine similarity to `query` (names, similarities), best first."""
-        q = self.transform(self._check_vector(query))
+        return self._nearest_normalized(self.transform(self._check_vector(query)), k)
+
+    def _nearest_normalized(self, q: torch.Tensor, k: int | None) -> tuple[list[str], torch.Tensor]:
+        """`nearest` for a query already normalised as the profiles are (`transform`)."""
         n = len(self.names)
         if n == 0:
             return [], torch.zeros(0)
@@ -404,10 +407,10 @@ class Router:
 
     def scores(self, query: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         """Candidates and their scores under the configured scorer (learned scorers re-rank the top-k)."""
-        names, sims = self.nearest(query)
+        q = self.transform(self._check_vector(query))
+        names, sims = self._nearest_normalized(q, None)
         if self.config.scorer == "cosine" or not names:
             return names, sims
-        q = self.transform(self._check_vector(query))
         profiles = self.normalized_profiles[[self._index[n] for n in names]]
         with torch.no_grad():
             scorer = self.linear if self.config.scorer == "linear" else self.mlp
