@@ -3,13 +3,16 @@
 One table, 3 seeds, mean ± std of average accuracy and BWT. Every method uses the main job's training recipe
 (`hf_adaptive.cli.demo_arguments`: tiny Gemma, full fine-tuning, 20 epochs per task, AdamW 2e-3 cosine) and
 changes only its own options; `lora_per_task` trains one LoRA expert per task instead (scored with the task's
-own expert). Results are written after every run (`docs/results/cl_quality.json`), and a re-run skips what is
-already there unless `--fresh`.
+own expert). Results are written after every run (`docs/results/cl_quality.json`). Each run is stored with the
+code version it came from (`code_version`: a hash of the `hf_adaptive` package sources and of this file); a
+re-run skips only runs of the current code version and re-runs stale ones (or every run with `--fresh`), so no
+figure of older code stands in the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -41,6 +44,31 @@ METHODS: dict[str, tuple[list[str], dict]] = {
     "lora_per_task": ([], dict(adapter_strategy="lora_per_task", lora_r=16, learning_rate=5e-3)),
     "joint": ([], {}),
 }
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_adaptive"
+SCRIPTS = (Path(__file__).resolve(), Path(__file__).resolve().with_name("common.py"))
+
+
+def code_version(package: Path = PACKAGE, scripts: tuple[Path, ...] = SCRIPTS) -> str:
+    """SHA-256 (first 16 hex digits) of every source file of `package` (`*.py`, `*.md`, `*.json`, `*.yaml`, by
+    relative path) and of `scripts` (this file, `common.py`): a cached run is reused only if nothing it could
+    depend on changed."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in package.rglob("*") if p.is_file() and p.suffix in {".py", ".md", ".json", ".yaml"})
+    for path in [*files, *scripts]:
+        name = path.relative_to(package).as_posix() if path.is_relative_to(package) else path.name
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def cached_runs(path: Path, version: str, fresh: bool) -> tuple[dict, list[str]]:
+    """The runs in `path` made by code `version` (none with `fresh`), and the keys of the stale ones dropped."""
+    if fresh or not path.exists():
+        return {}, []
+    runs = json.loads(path.read_text()).get("runs", {})
+    kept = {k: r for k, r in runs.items() if r.get("code_version") == version}
+    return kept, sorted(set(runs) - set(kept))
 
 
 def run(method: str, seed: int, quick: bool) -> dict:
@@ -88,28 +116,36 @@ def main() -> None:
     seeds = ns.seeds[:1] if ns.quick else ns.seeds
     name = "cl_quality_quick" if ns.quick else "cl_quality"
     path = RESULTS / f"{name}.json"
-    runs = {} if ns.fresh or not path.exists() else json.loads(path.read_text()).get("runs", {})
+    version = code_version()
+    runs, stale = cached_runs(path, version, ns.fresh)
+    if stale:
+        print(f"re-running {len(stale)} run(s) of older code: {', '.join(stale)}", flush=True)
     for method in ns.methods:
         for seed in seeds:
             key = f"{method}/{seed}"
             if key in runs:
                 continue
             print(f"--- {key}", flush=True)
-            runs[key] = run(method, seed, ns.quick)
+            runs[key] = {**run(method, seed, ns.quick), "code_version": version}
             print(
                 f"    avg_acc={runs[key]['avg_acc']:.4f} bwt={runs[key]['bwt']} ({runs[key]['seconds']:.0f} s)",
                 flush=True,
             )
-            write_results(name, {"runs": runs, "methods": {m: METHODS[m] for m in METHODS}}, table(runs, seeds))
-    write_results(name, {"runs": runs, "methods": {m: METHODS[m] for m in METHODS}}, table(runs, seeds))
+            write_results(name, payload(runs, version), table(runs, seeds, version))
+    write_results(name, payload(runs, version), table(runs, seeds, version))
 
 
-def table(runs: dict, seeds: list[int]) -> str:
+def payload(runs: dict, version: str) -> dict:
+    return {"code_version": version, "runs": runs, "methods": {m: METHODS[m] for m in METHODS}}
+
+
+def table(runs: dict, seeds: list[int], version: str) -> str:
     lines = [
         "# Forgetting on the built-in suite (5 tasks, tiny Gemma)",
         "",
         f"Seeds {seeds}; mean ± std over the seeds that finished. Recipe: `hf-adaptive demo` (full fine-tuning, "
-        "20 epochs/task, AdamW 2e-3 cosine); options per method in the JSON file.",
+        f"20 epochs/task, AdamW 2e-3 cosine); options per method in the JSON file. Code version {version} "
+        "(`code_version()`: hash of the `hf_adaptive` sources and of `benchmarks/cl_quality.py`, `common.py`).",
         "",
         "| method | avg accuracy | BWT | seeds | seconds/run |",
         "|---|---|---|---|---|",

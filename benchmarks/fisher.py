@@ -6,14 +6,15 @@ Fisher after training), it times (medians over interleaved repetitions, each met
 once per round in rotating order):
 
 * `vmap_auto`: `compute_fisher(method="vmap")`, per-sample gradients with `vmap(grad)`, default chunking
-  (`chunk_size=None`: as many rows per call as fit in 1 GiB); `vmap_fixed`: chunks of `--chunk-size` rows
-  (16, `ContinualConfig.fisher_chunk_size`'s default);
+  (`chunk_size=None`: as many rows per call as fit in 1 GiB; also `ContinualConfig.fisher_chunk_size`'s default);
+  `vmap_fixed`: chunks of `--chunk-size` rows (16 by default, the old default of `fisher_chunk_size`);
 * `loop`: `compute_fisher(method="loop")`, one forward/backward per row (the reference);
 * `minibatch`: `minibatch_fisher(batch_size=8)`, the squared gradient of each minibatch's mean loss.
 
 Accuracy: max |vmap − loop| (should be float noise), and for the approximation its relative Frobenius error
 ‖F_mb − F‖ / ‖F‖, the same after the best single rescaling (a scale can be absorbed into λ), and its cosine
-similarity with F. Target: vmap ≥ 4× faster than the loop. Writes docs/results/fisher.md|json.
+similarity with F. Target: vmap ≥ 4× faster than the loop. Writes docs/results/fisher.md|json itself (atomically,
+the markdown from the same numbers as the JSON): the committed files are this script's output, never edited.
 
     python benchmarks/fisher.py [--quick]
 """
@@ -132,7 +133,9 @@ def _markdown(results: list[dict], env: dict, chunk: int) -> str:
         "# Diagonal Fisher: vectorized vs per-sample loop vs minibatch approximation",
         "",
         "Empirical Fisher of the tiny Gemma on rows of the built-in `first_color` task, CPU, "
-        f"{env['threads']} thread(s), torch {env['torch']}{', quick run' if env['quick'] else ''}. "
+        f"{env['threads']} thread(s), torch {env['torch']}{', quick run' if env['quick'] else ''}"
+        + (f", 1-minute load average {env['load_average']:.1f} at the start" if "load_average" in env else "")
+        + ". "
         f"Median seconds over {env['rounds']} interleaved rounds (`python benchmarks/fisher.py`). The Fisher is "
         f"measured where EWC measures it, after training on the task ({env['train_steps']} AdamW steps of 16 rows, "
         "lr 3e-3 full / 1e-2 LoRA; "
@@ -140,7 +143,8 @@ def _markdown(results: list[dict], env: dict, chunk: int) -> str:
         "",
         '* `vmap auto`: `compute_fisher(method="vmap")` with its default `chunk_size=None` (as many rows per vmap '
         "call as fit in 1 GiB of per-sample gradients and logits; chunk used in brackets);",
-        f"* `vmap c{chunk}`: the same with `chunk_size={chunk}` (`ContinualConfig.fisher_chunk_size`'s default);",
+        f"* `vmap c{chunk}`: the same with `chunk_size={chunk}` (the old default of "
+        "`ContinualConfig.fisher_chunk_size`, now None = auto);",
         "* `loop`: one forward/backward per row, the reference; `minibatch b8`: `minibatch_fisher(batch_size=8)`.",
         "",
         f"| model | N | trainable | vmap auto s | vmap c{chunk} s | loop s | minibatch b8 s | vmap auto speedup "
@@ -174,8 +178,9 @@ def _markdown(results: list[dict], env: dict, chunk: int) -> str:
         "",
         f"Target: vectorized ≥ {TARGET:.0f}× faster than the loop — default (auto chunk): "
         f"{'met' if worst_auto >= TARGET else 'NOT met'} (lowest {worst_auto:.2f}×); chunk {chunk}: "
-        f"{'met' if worst_fixed >= TARGET else 'NOT met'} (lowest {worst_fixed:.2f}×). Every vmap call costs a "
-        "fixed ~20 ms of dispatch on this CPU, so few large chunks beat many small ones.",
+        f"{'met' if worst_fixed >= TARGET else 'NOT met'} (lowest {worst_fixed:.2f}×). Every vmap call has a "
+        "fixed dispatch cost, so few large chunks beat many small ones. Absolute seconds depend on the machine's load; "
+        "the speedups are ratios of interleaved runs.",
         "",
     ]
     return "\n".join(lines)
@@ -189,6 +194,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=60, help="AdamW steps on the task before measuring")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     sizes = [50] if args.quick else [50, 200]
     rounds = args.rounds or (3 if args.quick else 7)
 
@@ -229,11 +235,15 @@ def main() -> None:
         "train_steps": args.train_steps,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if load_average is not None:
+        env["load_average"] = load_average
+    from hf_adaptive.utils.io import atomic_write_text
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "target_speedup": TARGET, "results": results}
-    (RESULTS / "fisher.json").write_text(json.dumps(payload, indent=2) + "\n")
     text = _markdown(results, env, args.chunk_size)
-    (RESULTS / "fisher.md").write_text(text)
+    atomic_write_text(RESULTS / "fisher.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(RESULTS / "fisher.md", text)
     print(text)
 
 

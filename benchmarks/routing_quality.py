@@ -27,6 +27,14 @@ distinct tasks, each evaluated with the expert that learned it last, and the num
 without any expert is reported as the reference. The routed run is done twice: with the router's default thresholds,
 and with the oracle reuse threshold of the pretrained base's own signatures (an upper bound).
 
+Part 1b, scorers: the threshold rule with the `cosine`, `linear` and `mlp` scorers (combined signature). The
+learned scorers are refitted by the router from all recorded outcomes once `min_outcomes` exist with both labels
+(cosine before that); then their score is p(reuse succeeds), compared with `p_reuse` / `p_fork`. Both feedbacks.
+
+Part 2b, checked reuses (skipped with --quick): the routed run with `verify_reuse` on (default: a reuse trains a
+fork, rolled back into a new expert when the expert's earlier tasks lose more than `tolerance`) and off (the
+reused expert trains in place), at the default thresholds and at an eager reuse threshold that makes wrong reuses.
+
 Part 3, normalisation: the share of correct decisions (threshold rule, and the oracle threshold) with the router's
 `normalize` = none (raw cosine; thresholds 0.9 / 0.75), center and standardize (default; thresholds 0.5 / 0.3), on
 the random and on the pretrained base (both passes of the stream; the pretrained part is skipped with --quick).
@@ -43,6 +51,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -107,6 +116,9 @@ PARAPHRASE = {
 }
 REUSE, FORK = 0.5, 0.3  # the router's defaults (on standardised signatures)
 RAW_REUSE, RAW_FORK = 0.9, 0.75  # for normalize="none" (raw cosines are much higher)
+SCORERS = ("cosine", "linear", "mlp")
+#: an eager reuse threshold (part 2b): reuses that the default threshold would not make, some of them wrong
+EAGER_REUSE = 0.2
 RULES = {
     "threshold": dict(decision="threshold"),
     "ucb": dict(decision="ucb", ucb_c=0.05, ucb_reward_weight=0.1),
@@ -260,6 +272,7 @@ def run_stream(
     steps = []
     for i, base in enumerate(q["_base"] for q in query):
         q = subset(query[i], names)
+        learned = router.learned_scoring
         d = router.route(q)
         recurring = base in expert_of
         truth = "reuse" if recurring else "new"
@@ -281,6 +294,7 @@ def run_stream(
                 "correct": bool(correct),
                 "related_new": related_seen,
                 "fork_in_family": bool(good_fork),
+                "learned_score": learned,
             }
         )
         # the truth drives the library
@@ -307,6 +321,7 @@ def run_stream(
         "correct_new": sum(s["correct"] for s in new) / max(1, len(new)),
         "fork_in_family_on_related_new": sum(s["fork_in_family"] for s in related) / max(1, len(related)),
         "wrong_reuses": sum(s["action"] == "reuse" and not s["correct"] for s in steps),
+        "learned_decisions": sum(s["learned_score"] for s in steps),
         "steps": steps,
     }
 
@@ -340,11 +355,16 @@ def normalisation_table(query, profile) -> dict:
     return out
 
 
+def _expert_base(name: str) -> str:
+    """The base task of a routed run's expert name (`expert_<task>_<occurrence>`, maybe `_<n>` for a clash)."""
+    return re.sub(r"(_\d+)+$", "", name.removeprefix("expert_"))
+
+
 def training_comparison(
-    tasks, tokenizer, cfg: SignatureConfig, base_state: dict, routed: dict[str, tuple[float, float]]
+    tasks, tokenizer, cfg: SignatureConfig, base_state: dict, routed: dict[str, tuple[float, float, bool]]
 ) -> dict:
-    """Routed library (one run per `routed` entry: name -> (reuse, fork) thresholds) vs one expert per occurrence,
-    all on the same frozen pretrained base (`base_state`)."""
+    """Routed library (one run per `routed` entry: name -> (reuse, fork) thresholds and `verify_reuse`) vs one
+    expert per occurrence, all on the same frozen pretrained base (`base_state`)."""
     from hf_adaptive.config import ContinualConfig
     from hf_adaptive.experts import ExpertLibrary, ExpertRoutingPlugin, default_lora_config
     from hf_adaptive.tasks import task_accuracy
@@ -388,7 +408,7 @@ def training_comparison(
             )
             callbacks = []
             if is_routed:
-                reuse, fork = routed[variant]
+                reuse, fork, verify = routed[variant]
                 lora_config = default_lora_config(LORA["r"], LORA["alpha"], list(LORA["target_modules"]))
                 library = ExpertLibrary(model, lora_config=lora_config, experiment_id="routing_quality")
                 dim = TaskSignature(model, tokenizer, cfg).dim
@@ -397,6 +417,7 @@ def training_comparison(
                     Router(RouterConfig(dim=dim, reuse_threshold=reuse, fork_threshold=fork)),
                     cfg,
                     eval_limit=64,
+                    verify_reuse=verify,
                 )
                 callbacks = [plugin]
             trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer, callbacks=callbacks)
@@ -425,8 +446,26 @@ def training_comparison(
             }
             if is_routed:
                 out[variant]["thresholds"] = {"reuse": reuse, "fork": fork}
+                out[variant]["verify_reuse"] = verify
                 out[variant]["decisions"] = [(d["task"], d["action"], d["expert"]) for d in plugin.decisions]
+                out[variant]["reuses"] = [
+                    {
+                        "task": d["task"],
+                        "expert": d["expert"],
+                        "score": d["score"],
+                        "right": _expert_base(d["expert"]) == d["task"].split("@")[0],
+                        "success": d.get("success"),
+                        "rolled_back": d.get("rolled_back", False),
+                        "old_task_accuracy": d.get("old_task_accuracy", {}),
+                    }
+                    for d in plugin.decisions
+                    if d["action"] == "reuse"
+                ]
     return out
+
+
+def _summary(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "steps"}
 
 
 def main() -> None:
@@ -458,6 +497,15 @@ def main() -> None:
         name: run_stream(query, profile, PART_SETS["combined"], rule, feedback="hindsight")
         for name, rule in RULES.items()
     }
+    by_scorer = {
+        scorer: {
+            feedback: run_stream(
+                query, profile, PART_SETS["combined"], {**RULES["threshold"], "scorer": scorer}, feedback=feedback
+            )
+            for feedback in ("reuse", "hindsight")
+        }
+        for scorer in SCORERS
+    }
     rule_by_part = {
         name: {part: run_stream(query, profile, names, rule)["correct"] for part, names in PART_SETS.items()}
         for name, rule in RULES.items()
@@ -482,6 +530,7 @@ def main() -> None:
         "by_rule": by_rule,
         "by_part": by_part,
         "rule_by_part": rule_by_part,
+        "by_scorer": {s: {f: _summary(r) for f, r in by_fb.items()} for s, by_fb in by_scorer.items()},
         "by_rule_hindsight": {k: {m: v for m, v in r.items() if m != "steps"} for k, r in hindsight.items()},
         "normalisation": {"random": normalisation_table(query, profile)},
     }
@@ -494,15 +543,34 @@ def main() -> None:
         result["by_rule_pretrained"] = {
             name: run_stream(full_query, full_profile, PART_SETS["combined"], rule) for name, rule in RULES.items()
         }
+        result["by_scorer_pretrained"] = {
+            scorer: {
+                feedback: _summary(
+                    run_stream(
+                        full_query,
+                        full_profile,
+                        PART_SETS["combined"],
+                        {**RULES["threshold"], "scorer": scorer},
+                        feedback=feedback,
+                    )
+                )
+                for feedback in ("reuse", "hindsight")
+            }
+            for scorer in SCORERS
+        }
         # the routed run is also reported with the oracle threshold of the pretrained base's own signatures on the
         # trained pass (fork band off): what a perfectly tuned threshold would give
         first = tasks[: len(STREAM)]
         base_query, base_profile = full_query[: len(STREAM)], full_profile[: len(STREAM)]
         oracle = oracle_threshold(base_query, base_profile, PART_SETS["combined"])
         result["pretrained_base_oracle"] = oracle
+        best = oracle["best_threshold"]
         routed = {
-            f"routed (reuse >= {REUSE}, fork >= {FORK})": (REUSE, FORK),
-            f"routed (oracle reuse >= {oracle['best_threshold']:.3f}, no fork)": (oracle["best_threshold"],) * 2,
+            f"routed (reuse >= {REUSE}, fork >= {FORK})": (REUSE, FORK, True),
+            f"routed (reuse >= {REUSE}, fork >= {FORK}), unchecked": (REUSE, FORK, False),
+            f"routed (eager reuse >= {EAGER_REUSE}, no fork)": (EAGER_REUSE, EAGER_REUSE, True),
+            f"routed (eager reuse >= {EAGER_REUSE}, no fork), unchecked": (EAGER_REUSE, EAGER_REUSE, False),
+            f"routed (oracle reuse >= {best:.3f}, no fork)": (best, best, True),
         }
         result["training"] = training_comparison(first, tokenizer, cfg, base.state_dict(), routed)
 
@@ -542,6 +610,37 @@ def main() -> None:
         "A wrong reuse trains a task into another task's expert (it can cost accuracy); the other errors create or "
         "fork an expert for a recurring task (it costs an extra expert).",
     ]
+    lines += [
+        "",
+        "## Per scorer (threshold rule, combined signature)",
+        "",
+        "Learned scorers are refitted from all recorded outcomes once "
+        f"{RouterConfig(dim=1).min_outcomes} exist with both a success and a failure (cosine before); "
+        "`learned decisions`: how many decisions used the fitted scorer.",
+        "",
+        "| base | scorer | feedback | correct | on recurring | on new | wrong reuses | learned decisions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    scorer_tables = [("random", result["by_scorer"])]
+    if "by_scorer_pretrained" in result:
+        scorer_tables.append(("pretrained", result["by_scorer_pretrained"]))
+    for base_name, table in scorer_tables:
+        for scorer, by_fb in table.items():
+            for feedback, r in by_fb.items():
+                lines.append(
+                    f"| {base_name} | {scorer} | {feedback} | {r['correct']:.3f} | {r['correct_recurring']:.3f} | "
+                    f"{r['correct_new']:.3f} | {r['wrong_reuses']} | {r['learned_decisions']} |"
+                )
+    for base_name, table in scorer_tables:
+        for feedback in ("reuse", "hindsight"):
+            cos = table["cosine"][feedback]["correct"]
+            deltas = ", ".join(
+                f"{s} {table[s][feedback]['correct'] - cos:+.3f} ({table[s][feedback]['learned_decisions']} "
+                "learned decisions)"
+                for s in SCORERS[1:]
+            )
+            lines.append("")
+            lines.append(f"Learned vs cosine, {base_name} base, {feedback} feedback (share correct): {deltas}.")
     lines += [
         "",
         "## Share of correct decisions per rule and signature part",
@@ -608,6 +707,50 @@ def main() -> None:
         ]
         for name, r in tr.items():
             lines.append(f"| {name} | {r['avg_accuracy']:.3f} | {r['experts']} | {r['seconds']:.1f} |")
+        lines += [
+            "",
+            "### Checked reuses: rollback vs none",
+            "",
+            "Checked (`verify_reuse`, default): a reuse trains a fork; if an earlier task of the expert loses more "
+            "than the tolerance (0.05) with it, the original stays and the fork becomes the task's own expert "
+            "(rolled back). Unchecked: the reused expert trains in place. Right: the reused expert learned the same "
+            "base task.",
+            "",
+            "| variant | reuses | right | wrong | rolled back | rolled back of wrong | worst old-task drop kept |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in tr.items():
+            if "reuses" not in r:
+                continue
+            reuses = r["reuses"]
+            wrong = [u for u in reuses if not u["right"]]
+            kept_drops = [
+                a["before"] - a["after"]
+                for u in reuses
+                if not u["rolled_back"]
+                for a in u["old_task_accuracy"].values()
+            ]
+            worst = f"{max(kept_drops):+.3f}" if kept_drops else "-"
+            lines.append(
+                f"| {name} | {len(reuses)} | {len(reuses) - len(wrong)} | {len(wrong)} | "
+                f"{sum(u['rolled_back'] for u in reuses)} | {sum(u['rolled_back'] for u in wrong)} | {worst} |"
+            )
+        for checked, unchecked in (
+            (f"routed (reuse >= {REUSE}, fork >= {FORK})", f"routed (reuse >= {REUSE}, fork >= {FORK}), unchecked"),
+            (
+                f"routed (eager reuse >= {EAGER_REUSE}, no fork)",
+                f"routed (eager reuse >= {EAGER_REUSE}, no fork), unchecked",
+            ),
+        ):
+            a, b = tr[checked], tr[unchecked]
+            diff = a["avg_accuracy"] - b["avg_accuracy"]
+            verdict = "gains" if diff > 0 else "loses" if diff < 0 else "neither gains nor loses"
+            lines.append("")
+            lines.append(
+                f"Checking reuses at {checked.removeprefix('routed ')} {verdict} {abs(diff):.3f} average final "
+                f"accuracy ({a['avg_accuracy']:.3f} vs {b['avg_accuracy']:.3f} unchecked) for "
+                f"{a['experts'] - b['experts']:+d} experts."
+            )
         names = list(tr["one_expert_per_task"]["accuracy"])
         lines += [
             "",

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 import os
+import re
 import sys
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,37 +236,203 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse_run_arguments(argv: list[str]):
-    """`CONFIG.yaml|json [--flag value ...]`: the file gives defaults, flags override them."""
+class _Mismatch(ValueError):
+    """A value that does not fit a field's type (the message says what is allowed)."""
+
+
+_TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
+_BOOL_HINT = " (quote it: YAML reads yes/no/on/off/true/false as booleans)"
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) in (list, tuple):
+        (item, *_) = typing.get_args(tp) or (Any,)
+        return f"a list (each entry {_type_name(item)})"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return f"one of {[e.value for e in tp]}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
+        typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    """`value` is already of type `tp` (no conversion needed); bools are not integers here."""
+    origin = typing.get_origin(tp) or tp
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (int, float) and isinstance(value, bool):
+        return False
+    if origin is float:
+        return isinstance(value, (int, float))
+    return isinstance(origin, type) and isinstance(value, origin)
+
+
+def coerce_value(tp: Any, value: Any) -> Any:
+    """`value` (from YAML/JSON) converted to the field type `tp` the way the command line converts a flag's text.
+
+    Strings become numbers and bools (`"false"` is False, `"1e-3"` is 0.001; YAML reads `1e-3` as a string);
+    numbers become strings for string fields; a lone value for a list field is a one-element list (like
+    `--plugins ewc` on the command line), never a string split into characters; mappings stay mappings.
+    Raises `_Mismatch` with what is allowed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(tp)
+        for member in members:  # already the right type: keep it (e.g. a list for `str | list[str]`)
+            if _fits(member, value):
+                return coerce_value(member, value)
+        for member in members:  # else the first conversion that works, in the declared order
+            if member is type(None):
+                continue
+            try:
+                return coerce_value(member, value)
+            except _Mismatch:
+                continue
+        raise _Mismatch(f"must be {_type_name(tp)}{_BOOL_HINT if isinstance(value, bool) and str in members else ''}")
+    if tp is Any:
+        return value
+    if value is None:
+        if tp is type(None):
+            return None
+        raise _Mismatch(f"must be {_type_name(tp)}, not null")
+    if origin in (list, tuple):
+        (item, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, dict):
+            raise _Mismatch(f"must be {_type_name(tp)}, not a mapping")
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        converted = []
+        for i, v in enumerate(items):
+            try:
+                converted.append(coerce_value(item, v))
+            except _Mismatch as err:
+                raise _Mismatch(f"entry {i} ({v!r}) {err}") from None
+        return converted
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Mismatch(f"must be {_type_name(tp)}")
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch("must be a mapping")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _Mismatch("must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        raise _Mismatch("must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _Mismatch("must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Mismatch(f"must be a string{_BOOL_HINT if isinstance(value, bool) else ''}")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str) and value in [e.value for e in tp]:
+            return value  # the dataclass converts the name itself, as it does for a flag
+        raise _Mismatch(f"must be {_type_name(tp)}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise _Mismatch(f"must be {_type_name(tp)}")
+    return value
+
+
+def coerce_options(values: dict[str, Any], dataclass_types: Sequence[type], source: str) -> dict[str, Any]:
+    """The options of a config file converted and checked by the dataclass field types (`coerce_value`), so that
+    the file gives the same values as the same options given as flags. Errors name the field, the value, what is
+    allowed, and `source` (the file) with the key."""
+    fields: dict[str, tuple[str, Any]] = {}
+    for dc in dataclass_types:
+        hints = typing.get_type_hints(dc)
+        for f in dataclasses.fields(dc):
+            if f.init:
+                fields.setdefault(f.name, (dc.__name__, hints[f.name]))
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise SystemExit(f"hf-adaptive run: unknown option(s) {unknown} in {source}")
+    converted: dict[str, Any] = {}
+    for key, value in values.items():
+        owner, tp = fields[key]
+        try:
+            converted[key] = coerce_value(tp, value)
+        except _Mismatch as err:
+            raise ValueError(f"{owner}.{key}={value!r} is not allowed: {err} (key {key!r} in {source})") from None
+    return converted
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping of a YAML/JSON config file; a clear `SystemExit` naming the file when it cannot be read."""
     import yaml
+
+    if not path.is_file():
+        raise SystemExit(f"hf-adaptive run: config file {path} does not exist")
+    try:
+        with path.open(encoding="utf-8") as stream:  # a stream: YAML's error marks then name the file
+            values = json.load(stream) if path.suffix == ".json" else yaml.safe_load(stream)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise SystemExit(f"hf-adaptive run: config file {path} cannot be read: {err}") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise SystemExit(f"hf-adaptive run: {path} must hold a mapping of option names to values")
+    return values
+
+
+def parse_run_arguments(argv: list[str]):
+    """`CONFIG.yaml|json [--flag value ...]`: the file gives defaults, flags override them.
+
+    One path for both forms: the file's values are converted by the field types (`coerce_options`) and become
+    the parser's defaults, then the flags (if any) are parsed over them by `HfArgumentParser`."""
     from transformers import HfArgumentParser
 
     from .config import ContinualConfig
 
+    argv = list(argv)
+    flags = bool(argv) and argv[0].startswith("-") or len(argv) > 1
     parser = HfArgumentParser((ModelArguments, TaskArguments, ContinualConfig))
     values: dict[str, Any] = {}
+    source = "the command line"
     if argv and not argv[0].startswith("-"):
         path = Path(argv.pop(0))
-        if not path.is_file():
-            raise SystemExit(f"hf-adaptive run: config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        values = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
-        if not isinstance(values, dict):
-            raise SystemExit(f"hf-adaptive run: {path} must hold a mapping of option names to values")
-    known = {f for dc in parser.dataclass_types for f in dc.__dataclass_fields__}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"hf-adaptive run: unknown option(s) {unknown} in the config file")
-    if argv:
-        # flags override the file: parse them with the file's values as defaults
-        for action in parser._actions:
-            if action.dest in values:
-                action.default = values[action.dest]
-                action.required = False
+        source = f"config file {path}"
+        values = coerce_options(read_config_file(path), parser.dataclass_types, source)
+    values.setdefault("output_dir", "outputs/run")
+    for action in parser._actions:
+        if action.dest in values:
+            action.default = values[action.dest]
+            action.required = False
+    try:
         return parser.parse_args_into_dataclasses(args=argv)
-    if "output_dir" not in values:
-        values["output_dir"] = "outputs/run"
-    return parser.parse_dict(values)
+    except ValueError as err:
+        if source == "the command line":
+            raise
+        raise ValueError(f"{err} (options from {source}{' and the command line' if flags else ''})") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

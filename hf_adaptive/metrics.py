@@ -6,9 +6,12 @@ before any training. With T tasks:
 * average accuracy  ACC = 1/T · Σ_j R[T-1][j]
 * backward transfer BWT = 1/(T-1) · Σ_{j<T-1} (R[T-1][j] − R[j][j])            (Lopez-Paz & Ranzato 2017)
 * forward transfer  FWT = 1/(T-1) · Σ_{j>0} (R[j-1][j] − b[j])                  (Lopez-Paz & Ranzato 2017)
-* forgetting        F   = 1/(T-1) · Σ_{j<T-1} (max_{l<T-1} R[l][j] − R[T-1][j])   (Chaudhry et al. 2018)
+* forgetting        F   = 1/(T-1) · Σ_{j<T-1} (max_{j≤l<T-1} R[l][j] − R[T-1][j])  (Chaudhry et al. 2018)
 
-Avalanche uses the same definitions. With one task, BWT, FWT and forgetting are undefined (None).
+Forgetting takes the best accuracy on task j once it was learned (l ≥ j): entries above the diagonal are the
+accuracy on a task not trained yet (NaN when `evaluate_unseen_tasks=False`) and are not part of it.
+With one task, BWT, FWT and forgetting are undefined (None). `results.json` is strict JSON: a NaN (an entry not
+evaluated) is written as `null` and read back as NaN.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .utils.io import atomic_write_json
 
@@ -59,7 +63,22 @@ def forgetting(matrix: Matrix) -> float | None:
     t = _check_matrix(matrix)
     if t < 2:
         return None
-    return sum(max(matrix[k][j] for k in range(t - 1)) - matrix[t - 1][j] for j in range(t - 1)) / (t - 1)
+    return sum(max(matrix[k][j] for k in range(j, t - 1)) - matrix[t - 1][j] for j in range(t - 1)) / (t - 1)
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN; `null` means 'not measured')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _nan_for_null(values: Sequence[float | None] | None) -> list[float] | None:
+    return None if values is None else [float("nan") if v is None else float(v) for v in values]
 
 
 @dataclass
@@ -92,13 +111,20 @@ class ContinualResult:
         return {name: getattr(self, name) for name in names}
 
     def to_dict(self) -> dict:
+        """Plain JSON values: NaN (not evaluated) and other non-finite floats become None."""
         out = asdict(self)
         out["metrics"] = self.metrics()
-        return out
+        return _json_safe(out)
 
     @classmethod
     def from_dict(cls, data: dict) -> ContinualResult:
-        return cls(**{k: data[k] for k in ("task_names", "matrix", "baseline", "train_time", "extra") if k in data})
+        """Inverse of `to_dict`: `null` entries of the matrix and baseline are NaN again."""
+        values = {k: data[k] for k in ("task_names", "matrix", "baseline", "train_time", "extra") if k in data}
+        if "matrix" in values:
+            values["matrix"] = [_nan_for_null(row) for row in values["matrix"]]
+        if "baseline" in values:
+            values["baseline"] = _nan_for_null(values["baseline"])
+        return cls(**values)
 
     def save(self, directory: str | Path, plot: bool = True) -> dict[str, Path]:
         """Write `results.json` (and `accuracy_matrix.png`) into `directory`."""

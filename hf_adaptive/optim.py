@@ -90,7 +90,8 @@ def add_gradient_centralization(optimizer: torch.optim.Optimizer) -> torch.optim
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None and p.grad.dim() > 1]
         if grads:
             with torch.no_grad():
-                centralize_gradient(grads, gc_conv_only=False)
+                for grad in grads:  # one tensor at a time: pytorch_optimizer < 4.1 takes no list
+                    centralize_gradient(grad, gc_conv_only=False)
 
     target.register_step_pre_hook(_centralize)
     optimizer._hf_adaptive_gradient_centralization = True
@@ -104,7 +105,10 @@ def _validate(name: str, lr: float, weight_decay: float, inner: str | None) -> N
     if not isinstance(name, str):
         _fail("name", name, "must be an optimizer name")
     if name.lower() in WRAPPERS:
-        optimizer_class(inner or "adamw")
+        try:
+            optimizer_class(inner or "adamw")
+        except ValueError as err:  # it is `inner` that is wrong, not `name`
+            raise ValueError(str(err).replace("build_optimizer.name=", "build_optimizer.inner=", 1)) from None
     else:
         optimizer_class(name)
 
@@ -140,7 +144,16 @@ def build_optimizer(
 
 
 class OptimizerFactory:
-    """What `Trainer.create_optimizer` calls for wrapped optimizers: `OptimizerFactory(...)` then `(model, **kw)`."""
+    """What `Trainer.create_optimizer` calls for wrapped optimizers: `OptimizerFactory(...)` then `(model, **kw)`.
+
+    A Trainer without optimizer factories (transformers < 5.3) calls it like an optimizer class instead,
+    `(param_groups, lr=..., weight_decay=...)`: that call builds the optimizer on its parameter groups directly.
+    """
+
+    def __new__(cls, name: str, params: Any = None, **options: Any) -> Any:
+        if params is not None:
+            return build_optimizer(name, params, **options)
+        return super().__new__(cls)
 
     def __init__(self, name: str, **options: Any) -> None:
         self.name = name
@@ -193,16 +206,30 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         c = type(self).__name__
+        # lookahead_inner first and on its own (checked even when optimizer_name is not 'lookahead'), so that its
+        # error names it and not optimizer_name
+        if not isinstance(self.lookahead_inner, str) or not self.lookahead_inner:
+            _fail("lookahead_inner", self.lookahead_inner, "must be a plain optimizer name, e.g. 'adamw'", c)
+        if self.lookahead_inner.lower() in WRAPPERS:
+            _fail("lookahead_inner", self.lookahead_inner, "must be a plain optimizer, not 'lookahead'", c)
+        try:
+            optimizer_class(self.lookahead_inner)
+        except ValueError as err:
+            raise ValueError(str(err).replace("build_optimizer.name", f"{c}.lookahead_inner")) from None
         try:
             _validate(self.optimizer_name, 0.0, 0.0, self.lookahead_inner)
         except ValueError as err:
             raise ValueError(str(err).replace("build_optimizer.name", f"{c}.optimizer_name")) from None
-        if self.lookahead_inner.lower() in WRAPPERS:
-            _fail("lookahead_inner", self.lookahead_inner, "must be a plain optimizer, not 'lookahead'", c)
         if isinstance(self.lookahead_k, bool) or not isinstance(self.lookahead_k, int) or self.lookahead_k < 1:
             _fail("lookahead_k", self.lookahead_k, "must be an integer >= 1", c)
-        if not isinstance(self.lookahead_alpha, (int, float)) or not 0.0 <= self.lookahead_alpha <= 1.0:
+        if (
+            isinstance(self.lookahead_alpha, bool)
+            or not isinstance(self.lookahead_alpha, (int, float))
+            or not 0.0 <= self.lookahead_alpha <= 1.0
+        ):
             _fail("lookahead_alpha", self.lookahead_alpha, "must be a number in [0, 1]", c)
+        if not isinstance(self.gradient_centralization, bool):
+            _fail("gradient_centralization", self.gradient_centralization, "must be True or False (a bool)", c)
 
     def trainer_optimizer(self, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         """`optimizer_cls_and_kwargs` for these options."""

@@ -1,7 +1,9 @@
 """Plugins and callbacks by name, so that YAML configs and `hf-adaptive run --plugins ...` can name them.
 
 Each entry is imported lazily and built with its `from_config(config)` classmethod, which reads the matching
-`ContinualConfig` options (e.g. `ewc_lambda` for "ewc").
+`ContinualConfig` options (e.g. `ewc_lambda` for "ewc"). Every constructor parameter of every plugin is set from an
+option, except objects (model, tokenizer, datasets, built controllers/routers) and a documented list of fine gains
+of the config objects some plugins take; `tests/reliability/test_config_inputs.py` keeps that audit complete.
 """
 
 from __future__ import annotations

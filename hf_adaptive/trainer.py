@@ -6,25 +6,31 @@ untouched, so losses, checkpoints, `evaluate()`, `predict()`, resuming and `push
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import logging
 import os
 import shutil
+import struct
 import time
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging as hf_logging
 
 from .adapters import activate_adapter, adapter_for_task, is_peft_model, prepare_task_parameters
 from .config import ContinualConfig
 from .metrics import ContinualResult
 from .plugins import ContinualPlugin, LossTerm, is_plugin
 from .tasks import CausalLMCollator, Task, TaskStream, task_accuracy, tokenize_task
-from .utils.io import atomic_write_json, load_state, save_state
+from .utils.io import atomic_write_json, load_state, load_state_into, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,19 @@ SEQUENCE_STATE_NAME = "sequence_state.json"
 SNAPSHOT_PREFIX = "snapshot-after-task-"
 TRAINER_STATE_NAME = "trainer_state.json"
 LOSS_WEIGHTING_STATE = "loss_weighting"
+#: the trainer's own per-checkpoint bookkeeping (loss sum and skipped steps before the checkpoint), for resuming
+TRAINER_BOOKKEEPING_NAME = "continual_trainer_state.json"
+#: set on the optimizer by the non-finite guard before every optimizer step: True when that step is skipped.
+#: Callbacks that also guard against NaN (the adaptive scheduler) read it instead of deciding on their own.
+NONFINITE_SKIP_ATTR = "hf_adaptive_step_skipped"
+
+# `Trainer.create_optimizer` takes the model to optimise only from transformers 5.3 on
+_PARENT_CREATE_OPTIMIZER_TAKES_MODEL = "model" in inspect.signature(Trainer.create_optimizer).parameters
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Too many consecutive training steps had a non-finite loss or gradient (`nonfinite_patience`)."""
+
 
 #: `loss_weighting(task_loss, terms, outputs) -> (total_loss, weights)`: the task loss and the terms are per-batch
 #: means; it returns the total loss of the batch and the weight it gave each term (for logging).
@@ -50,19 +69,87 @@ def task_directory_name(index: int, task: Task) -> str:
     return f"task-{index:02d}-{task.name}"
 
 
-def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` in `folder` whose `trainer_state.json` (written last) exists."""
+def _file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read back (truncated or garbled), or None. Cheap: headers and sizes, not the data."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".safetensors":
+            with path.open("rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    return f"{path}: truncated safetensors file ({len(raw)} bytes)"
+                (n,) = struct.unpack("<Q", raw)
+                header = json.loads(f.read(n).decode("utf-8"))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            size = path.stat().st_size
+            if size < 8 + n + end:
+                return f"{path}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})"
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(path) as archive:  # torch.save's format; a cut file loses its central directory
+                archive.namelist()
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error, zipfile.BadZipFile) as exc:
+        return f"{path}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def folder_problem(folder: str | os.PathLike, required: Sequence[str] = ()) -> str | None:
+    """The first unreadable (or missing `required`) file of a checkpoint or snapshot folder, as a message; or None."""
     folder = Path(folder)
-    if not folder.is_dir():
-        return None
+    for name in required:
+        if not (folder / name).is_file():
+            return f"{folder / name}: missing"
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and (problem := _file_problem(path)) is not None:
+            return problem
+    return None
+
+
+def _numbered(folder: Path, prefix: str) -> list[tuple[int, Path]]:
+    """`prefix<N>` sub-folders of `folder`, newest (highest N) first."""
     found = []
-    for path in folder.iterdir():
-        if path.is_dir() and path.name.startswith(PREFIX_CHECKPOINT_DIR + "-") and (path / TRAINER_STATE_NAME).exists():
-            try:
-                found.append((int(path.name.rsplit("-", 1)[1]), path))
-            except ValueError:
-                continue
-    return str(max(found)[1]) if found else None
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_dir() and path.name.startswith(prefix):
+                try:
+                    found.append((int(path.name[len(prefix) :]), path))
+                except ValueError:
+                    continue
+    return sorted(found, reverse=True)
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` in `folder` that is complete and readable.
+
+    `trainer_state.json` is written last, so a checkpoint without it was interrupted; a checkpoint whose files are
+    cut or garbled (a full disk, a copy that stopped) is skipped with a warning naming the bad file, and the next
+    older one is used.
+    """
+    for _, path in _numbered(Path(folder), PREFIX_CHECKPOINT_DIR + "-"):
+        if not (path / TRAINER_STATE_NAME).exists():
+            continue
+        problem = folder_problem(path, required=(TRAINER_STATE_NAME,))
+        if problem is None:
+            return str(path)
+        logger.warning("skipping the damaged checkpoint %s (%s); trying an older one", path, problem)
+    return None
+
+
+def _is_save_disabled(args: Any) -> bool:
+    return str(getattr(args.save_strategy, "value", args.save_strategy)) == "no"
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """First callback of a `ContinualTrainer`: decides before every optimizer step whether it is skipped."""
+
+    def __init__(self, trainer: ContinualTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.trainer._install_step_guard(optimizer)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._guard_step()
 
 
 class ContinualTrainer(Trainer):
@@ -110,6 +197,14 @@ class ContinualTrainer(Trainer):
         self.current_task: Task | None = None
         self.current_task_index: int | None = None
         self.tasks: TaskStream | None = None
+        # non-finite guard (always on): see `_guard_step`
+        self._nonfinite_loss: torch.Tensor | None = None
+        self._nonfinite_skipped = 0
+        self._nonfinite_in_a_row = 0
+        self._skip_this_step = False
+        # loss sum of the steps before the checkpoint a `train()` resumed from (so a task's loss covers all its steps)
+        self._resumed_loss_sum = 0.0
+        self.callback_handler.callbacks.insert(0, _NonFiniteGuard(self))
 
     # ------------------------------------------------------------------------------------------------- plugins
     @property
@@ -118,8 +213,9 @@ class ContinualTrainer(Trainer):
 
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         """Mirror of `Trainer.training_step`'s rule: is the task loss already normalised over the accumulated batch?"""
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # set by newer transformers only (absent in 5.0)
+        if scaled is not None:
+            return bool(scaled)
         return bool(
             (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         )
@@ -178,7 +274,12 @@ class ContinualTrainer(Trainer):
             )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add `loss_<term>` (mean since the last log, averaged over processes) and `weight_<term>` to training logs."""
+        """Add `loss_<term>` (mean since the last log, averaged over processes) and `weight_<term>` to training logs.
+
+        Also `nonfinite_steps_skipped` (steps of this task skipped by the non-finite guard) once there is one.
+        """
+        if "loss" in logs and self._nonfinite_skipped:
+            logs["nonfinite_steps_skipped"] = self._nonfinite_skipped
         if "loss" in logs and self._term_sums:
             names = sorted(self._term_sums)
             means = torch.stack([self._term_sums[n] / self._term_counts[n] for n in names]).to(self.args.device)
@@ -195,10 +296,17 @@ class ContinualTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any):
         self._term_sums.clear()
         self._term_counts.clear()
+        self._nonfinite_loss = None
+        self._nonfinite_skipped = self._nonfinite_in_a_row = 0
+        self._skip_this_step = False
+        self._resumed_loss_sum = 0.0
         return super().train(*args, **kwargs)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        # remembered on the device (no sync here); the guard reads it once per optimizer step
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._nonfinite_loss = bad if self._nonfinite_loss is None else self._nonfinite_loss | bad
         # the loss-weighting module lives outside the DDP wrapper: average its gradients across processes here
         if isinstance(self.loss_weighting, torch.nn.Module) and self.accelerator.num_processes > 1:
             for p in self.loss_weighting.parameters():
@@ -206,10 +314,87 @@ class ContinualTrainer(Trainer):
                     p.grad.copy_(self.accelerator.reduce(p.grad, reduction="mean"))
         return loss
 
+    # --------------------------------------------------------------------------------------- non-finite guard
+    def _install_step_guard(self, optimizer: Any) -> None:
+        """Make `optimizer.step()` a real no-op on a skipped step (no momentum, no weight decay, no LR step).
+
+        On an accelerate optimizer the skip is also reported through `step_was_skipped`, the flag the Trainer reads
+        before stepping its LR scheduler (as for an fp16 overflow).
+        """
+        if optimizer is None or getattr(optimizer, "_hf_adaptive_guarded", False) or self.is_deepspeed_enabled:
+            return
+        original = optimizer.step
+        trainer = self
+
+        @functools.wraps(original)  # keeps the marks torch's LR scheduler put on `step` (no spurious warning)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if trainer._skip_this_step:
+                if hasattr(optimizer, "_is_overflow"):
+                    optimizer._is_overflow = True
+                return None
+            if hasattr(optimizer, "_is_overflow") and getattr(optimizer, "scaler", None) is None:
+                optimizer._is_overflow = False
+            return original(*args, **kwargs)
+
+        optimizer.step = step
+        optimizer._hf_adaptive_guarded = True
+
+    @torch.no_grad()
+    def _guard_step(self) -> None:
+        """Before each optimizer step: skip it when a micro-batch loss or a gradient of the update is NaN/inf.
+
+        One bad micro-batch skips the whole accumulated update. Under DDP the flag is summed over processes, so
+        every process skips the same steps. With an fp16 grad scaler, overflowing gradients are the scaler's job
+        (it skips and rescales), so only the loss is checked. `nonfinite_patience` skips in a row fail the task.
+        """
+        optimizer = self.optimizer
+        flag = torch.zeros((), device=self.args.device)
+        if self._nonfinite_loss is not None:
+            flag = flag + self._nonfinite_loss.to(flag.device).float()
+        self._nonfinite_loss = None
+        params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and getattr(self.accelerator, "scaler", None) is None:
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            flag = flag + (~torch.isfinite(norms)).any().float().to(flag.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        skip = bool(flag.item() > 0)
+        self._skip_this_step = skip
+        if optimizer is not None:
+            setattr(optimizer, NONFINITE_SKIP_ATTR, skip)
+        if not skip:
+            self._nonfinite_in_a_row = 0
+            return
+        for p in params:
+            p.grad = None
+        self._nonfinite_skipped += 1
+        self._nonfinite_in_a_row += 1
+        patience = _continual_option(self.args, "nonfinite_patience")
+        where = f"task {self.current_task.name!r}, " if self.current_task is not None else ""
+        logger.warning(
+            "%sstep %d: non-finite loss or gradient, optimizer step skipped (%d in a row, %d in all; patience %d)",
+            where,
+            self.state.global_step + 1,
+            self._nonfinite_in_a_row,
+            self._nonfinite_skipped,
+            patience,
+        )
+        if self._nonfinite_in_a_row >= patience:
+            raise NonFiniteTrainingError(
+                f"{where}step {self.state.global_step + 1}: {self._nonfinite_in_a_row} consecutive training steps "
+                f"had a non-finite loss or gradient (ContinualConfig.nonfinite_patience={patience}); the weights "
+                "are those before the first of them. Lower the learning rate, enable gradient clipping, or check "
+                "the plugins' loss weights (e.g. ewc_lambda) and the data"
+            )
+
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The parent's optimizer, plus a parameter group for a differentiable loss-weighting controller."""
         had_optimizer = self.optimizer is not None
-        optimizer = super().create_optimizer(model)
+        if _PARENT_CREATE_OPTIMIZER_TAKES_MODEL:
+            optimizer = super().create_optimizer(model)
+        else:  # transformers < 5.3: the parent always optimises self.model
+            optimizer = super().create_optimizer()
         if not had_optimizer and isinstance(self.loss_weighting, torch.nn.Module):
             params = [p for p in self.loss_weighting.parameters() if p.requires_grad]
             if params:
@@ -233,22 +418,75 @@ class ContinualTrainer(Trainer):
             return
         for plugin in self.plugins:
             if (root / plugin.name).is_dir():
-                plugin.load_state_dict(load_state(root / plugin.name))
+                load_state_into(plugin, root / plugin.name)  # errors name the folder
             else:
                 logger.warning("no saved state for plugin %r in %s", plugin.name, root)
         if isinstance(self.loss_weighting, torch.nn.Module) and (root / LOSS_WEIGHTING_STATE).is_dir():
             state = load_state(root / LOSS_WEIGHTING_STATE, device=self.args.device)
             self.loss_weighting.load_state_dict(state["module"])
 
+    def _loss_sum_so_far(self) -> float:
+        """Sum of the per-step training losses of this task up to now (before a resume included), all processes."""
+        pending = getattr(self, "_tr_loss", None)
+        value = 0.0
+        if torch.is_tensor(pending):
+            pending = pending.detach().clone().float()
+            if self.accelerator.num_processes > 1:
+                pending = self.accelerator.reduce(pending, reduction="mean")
+            value = float(pending.item())
+        return self._resumed_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0)) + value
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         # plugin states go in before the parent writes trainer_state.json, the file that marks a checkpoint complete
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        loss_sum = self._loss_sum_so_far()  # collective under DDP: every process saves
         self.save_continual_state(folder)
+        if self.args.should_save:
+            bookkeeping = {
+                "global_step": self.state.global_step,
+                "loss_sum": loss_sum,
+                "nonfinite_steps_skipped": self._nonfinite_skipped,
+            }
+            atomic_write_json(Path(folder) / TRAINER_BOOKKEEPING_NAME, bookkeeping)
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_continual_state(resume_from_checkpoint)
+        path = Path(resume_from_checkpoint) / TRAINER_BOOKKEEPING_NAME
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                self._resumed_loss_sum = float(saved["loss_sum"])
+                self._nonfinite_skipped = int(saved["nonfinite_steps_skipped"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc}); delete the checkpoint") from exc
+
+    def task_training_loss(self) -> float:
+        """Mean training loss over all the optimizer steps of the last `train()`, steps before a resume included.
+
+        (`TrainOutput.training_loss` of a resumed `train()` only averages the steps run in that call.)
+        """
+        return (self._resumed_loss_sum + float(getattr(self, "_total_loss_scalar", 0.0))) / max(
+            self.state.global_step, 1
+        )
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        """With `disable_tqdm`, silence transformers' own bars (e.g. 'Writing model shards') for the duration."""
+        silence = self.args.disable_tqdm and hf_logging.is_progress_bar_enabled()
+        if silence:
+            hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if silence:
+                hf_logging.enable_progress_bar()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The parent's `save_model`, without its progress bars when `disable_tqdm` is set."""
+        with self._quiet():
+            super().save_model(output_dir, _internal_call)
 
     # ---------------------------------------------------------------------------------------- task sequences
     @property
@@ -260,14 +498,31 @@ class ContinualTrainer(Trainer):
 
         Under a LoRA-per-task strategy (or with a routing plugin that implements `expert_for_task`) task
         j < `trained` is scored with its own expert, later tasks with the newest one (what a user would deploy
-        for an unseen task).
+        for an unseen task). A model with non-finite weights is not scored (an argmax over NaN scores would look
+        like chance accuracy): every entry is NaN, with a warning. One progress bar (off with `disable_tqdm`).
         """
+        from tqdm.auto import tqdm
+
         model = self.accelerator.unwrap_model(self.model)
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            logger.warning(
+                "the model has non-finite weights (%d tensors, e.g. %s): its accuracies are reported as NaN",
+                len(bad),
+                bad[0],
+            )
+            return [float("nan")] * len(tasks)
         strategy = self.adapter_strategy
         current = model.active_adapter if is_peft_model(model) else None
         batch_size = _continual_option(self.args, "continual_eval_batch_size")
         limit = _continual_option(self.args, "continual_eval_limit")
         accuracies = []
+        bar = tqdm(
+            total=len(tasks),
+            desc="evaluating",
+            disable=bool(self.args.disable_tqdm) or not self.is_world_process_zero(),
+            leave=False,
+        )
         try:
             for j, task in enumerate(tasks):
                 routed = self._routed_expert(task.name) if trained is not None and j < trained else None
@@ -278,7 +533,9 @@ class ContinualTrainer(Trainer):
                 else:
                     activate_adapter(model, current)
                 accuracies.append(task_accuracy(model, self.processing_class, task, "eval", batch_size, limit))
+                bar.update(1)
         finally:
+            bar.close()
             activate_adapter(model, current)
         return accuracies
 
@@ -304,27 +561,49 @@ class ContinualTrainer(Trainer):
         self.model_wrapped = self.model
         self.optimizer, self.lr_scheduler = None, None
         tokenizer = self._require_tokenizer()
-        self.train_dataset = tokenize_task(task, tokenizer, "train")
-        self.eval_dataset = tokenize_task(task, tokenizer, "eval") if task.eval_dataset is not None else None
+        self.train_dataset = self._tokenize(task, "train")
+        self.eval_dataset = self._tokenize(task, "eval") if task.eval_dataset is not None else None
         if not self._user_collator:
             self.data_collator = CausalLMCollator(tokenizer)
         self.current_task, self.current_task_index = task, index
 
+    def _tokenize(self, task: Task, split: str) -> Any:
+        return tokenize_task(
+            task, self._require_tokenizer(), split, append_eos=_continual_option(self.args, "append_eos_token")
+        )
+
     def _save_snapshot(self, base: Path, index: int, state: dict[str, Any]) -> None:
-        """End-of-task snapshot (weights or adapters + plugin states) and the sequence state, each written whole."""
+        """End-of-task snapshot (weights or adapters + plugin states + a copy of the sequence state), then the
+        sequence state, each written whole.
+
+        The snapshot follows the save settings: with `save_strategy="no"` none is written (the sequence state still
+        is), so a killed run cannot continue after its finished tasks. Its size in bytes is logged and kept in
+        `extra["snapshot_bytes"]`.
+        """
         self.accelerator.wait_for_everyone()
-        if self.args.should_save:
+        write = not _is_save_disabled(self.args)
+        if write:
             final = base / f"{SNAPSHOT_PREFIX}{index:02d}"
             tmp = base / f".{final.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.save_model(str(tmp), _internal_call=True)
-            self.save_continual_state(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            state["snapshot"] = final.name
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.save_model(str(tmp), _internal_call=True)  # every process: sharded / FSDP models gather here
+            if self.args.should_save:
+                self.save_continual_state(tmp)
+                size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+                state["snapshot"] = final.name
+                state["extra"].setdefault("snapshot_bytes", []).append(size)
+                atomic_write_json(tmp / SEQUENCE_STATE_NAME, state)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                logger.info("end-of-task snapshot %s written: %d bytes", final, size)
+        if self.args.should_save:
+            if not write:
+                state["snapshot"] = None
+                state["extra"].setdefault("snapshot_bytes", []).append(0)
             atomic_write_json(base / SEQUENCE_STATE_NAME, state)
-            for old in base.glob(f"{SNAPSHOT_PREFIX}*"):
-                if old.name != final.name:
+            if write:
+                for _, old in _numbered(base, SNAPSHOT_PREFIX)[1:]:  # one snapshot on disk: the newest
                     shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
@@ -338,21 +617,95 @@ class ContinualTrainer(Trainer):
         Trainer._load_from_checkpoint(self, str(snapshot))
         self.load_continual_state(snapshot)
 
-    def _resume_point(self, base: Path, resume: bool | str | None, names: list[str]) -> dict[str, Any] | None:
+    @staticmethod
+    def _read_sequence_state(path: Path) -> dict[str, Any]:
+        """A sequence state file, checked for the keys resuming needs (ValueError naming the file otherwise)."""
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            for key, kind in (("task_names", list), ("completed", int), ("matrix", list), ("extra", dict)):
+                if not isinstance(state[key], kind):
+                    raise TypeError(f"{key!r} is a {type(state[key]).__name__}, not a {kind.__name__}")
+            if len(state["matrix"]) != state["completed"]:
+                raise ValueError(f"{len(state['matrix'])} matrix rows for {state['completed']} completed tasks")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is damaged and cannot be resumed from ({type(exc).__name__}: {exc})") from exc
+        return state
+
+    def _intact_snapshot_state(self, base: Path, state: dict[str, Any], names: list[str]) -> dict[str, Any] | None:
+        """The newest state whose end-of-task snapshot is readable: `state`'s own, else an older snapshot's copy.
+
+        None when there is none (the sequence then restarts from its first task, each task from its newest intact
+        checkpoint). Only the newest snapshot is kept, so an older one exists only when its removal was cut short.
+        """
+        name = state.get("snapshot")
+        if name is None:
+            logger.warning(
+                "resume: %s records %d finished tasks but no end-of-task snapshot (save_strategy='no' writes none): "
+                "their weights are lost, so the sequence restarts from its first task",
+                base / SEQUENCE_STATE_NAME,
+                state["completed"],
+            )
+            return None
+        problem = folder_problem(base / name)
+        if problem is None:
+            return state
+        logger.warning("resume: the end-of-task snapshot %s is damaged (%s)", base / name, problem)
+        for index, folder in _numbered(base, SNAPSHOT_PREFIX):
+            if index + 1 >= state["completed"] or folder_problem(folder) is not None:
+                continue
+            try:
+                older = self._read_sequence_state(folder / SEQUENCE_STATE_NAME)
+            except ValueError:
+                continue
+            if older["task_names"] == names and older.get("snapshot") == folder.name:
+                logger.warning("resume: falling back to the older snapshot %s (tasks after it are redone)", folder)
+                return older
+        logger.warning("resume: no intact snapshot; the sequence restarts from its first task")
+        return None
+
+    def _resume_point(self, base: Path, resume: bool | str | None, stream: TaskStream) -> dict[str, Any] | None:
+        """The saved sequence state to continue from, or None to start at the first task.
+
+        Starting at the first task still resumes it from its own newest intact checkpoint (a run killed during
+        its first task), so None is also the answer when only checkpoints exist.
+        """
         if not resume:
             return None
+        names = [t.name for t in stream]
         path = base / SEQUENCE_STATE_NAME
         if not path.exists():
-            if isinstance(resume, str):
-                raise ValueError(f"resume_from_checkpoint={resume!r}: no {SEQUENCE_STATE_NAME} in {base}")
+            first = base / task_directory_name(0, stream[0])
+            if last_complete_checkpoint(first) is not None:
+                logger.warning("resume: no %s in %s, resuming the first task from %s", SEQUENCE_STATE_NAME, base, first)
+            elif isinstance(resume, str):
+                raise ValueError(
+                    f"resume_from_checkpoint={resume!r} is not allowed: {base} holds no {SEQUENCE_STATE_NAME} and "
+                    f"no complete checkpoint of the first task in {first}, so there is nothing to resume"
+                )
             return None
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if state.get("task_names") != names:
+        try:
+            state = self._read_sequence_state(path)
+        except ValueError as exc:
+            # written atomically, so a damaged file is disk corruption: use the copy in the newest intact snapshot
+            copies = [
+                folder / SEQUENCE_STATE_NAME
+                for _, folder in _numbered(base, SNAPSHOT_PREFIX)
+                if (folder / SEQUENCE_STATE_NAME).is_file() and folder_problem(folder) is None
+            ]
+            if not copies:
+                raise ValueError(
+                    f"{exc}; no intact end-of-task snapshot holds a copy. Delete {path} to restart the sequence "
+                    "from its first task"
+                ) from exc
+            logger.warning("resume: %s; using the copy in %s", exc, copies[0])
+            state = self._read_sequence_state(copies[0])
+        if state["task_names"] != names:
             raise ValueError(
-                f"resume_from_checkpoint: the saved sequence {state.get('task_names')} differs from the tasks "
-                f"given {names}"
+                f"resume_from_checkpoint: the saved sequence {state['task_names']} differs from the tasks given {names}"
             )
-        return state
+        if state["completed"] == 0:
+            return state
+        return self._intact_snapshot_state(base, state, names)
 
     def train_sequence(
         self,
@@ -365,7 +718,18 @@ class ContinualTrainer(Trainer):
         Per task: set up the trainable parameters (`adapter_strategy`), rebuild optimizer and scheduler, call the
         plugins' `on_task_begin`, train, call `on_task_end`, evaluate every task (seen and not yet seen), save an
         end-of-task snapshot. `resume_from_checkpoint=True` (or the run's output folder) continues a killed run:
-        finished tasks keep their results, the interrupted task resumes from its last complete checkpoint.
+        finished tasks keep their results, the interrupted task resumes from its newest intact checkpoint (a
+        damaged one is skipped with a warning naming the bad file), also when the run died in its first task.
+
+        Disk: the end-of-task snapshot is what lets a resumed run skip finished tasks. It follows the save
+        settings: with `save_strategy="no"` none is written; otherwise only the newest is kept, the size of the
+        saved model (full weights, or only the adapters under a LoRA strategy) plus the plugins' states; its size
+        in bytes is logged and recorded in `extra["snapshot_bytes"]`. A damaged snapshot is skipped with a warning
+        and the finished tasks are redone from their own newest intact checkpoints.
+
+        Training steps with a non-finite loss or gradient are skipped (weights, optimizer and LR schedule
+        untouched), counted in `extra["nonfinite_steps_skipped"]`, and `nonfinite_patience` of them in a row raise
+        `NonFiniteTrainingError`. Every task needs an eval split (`Task.eval_dataset`).
         """
         if self._user_optimizer:
             raise ValueError(
@@ -373,26 +737,37 @@ class ContinualTrainer(Trainer):
                 "`optimizer_cls_and_kwargs=(cls, kwargs)` instead of an optimizer instance in `optimizers`"
             )
         stream = tasks if isinstance(tasks, TaskStream) else TaskStream(list(tasks))
+        for task in stream:
+            if task.eval_dataset is None:
+                raise ValueError(
+                    f"Task.eval_dataset=None is not allowed for task {task.name!r} in train_sequence: every task "
+                    "needs an eval split (the accuracy matrix scores each task on it)"
+                )
         self.tasks = stream
         names = [t.name for t in stream]
         base = Path(self.args.output_dir)
         if isinstance(resume_from_checkpoint, str) and Path(resume_from_checkpoint).is_dir():
             base = Path(resume_from_checkpoint)
         base.mkdir(parents=True, exist_ok=True)
-        state = self._resume_point(base, resume_from_checkpoint, names)
+        state = self._resume_point(base, resume_from_checkpoint, stream)
         tokenizer = self._require_tokenizer()  # noqa: F841 - fail before any training when missing
         evaluate_unseen = _continual_option(self.args, "evaluate_unseen_tasks")
 
         if state is None:
-            baseline = self.evaluate_tasks(stream) if evaluate_baseline else None
+            # the baseline scores every task before training: only meaningful when unseen tasks are evaluated
+            baseline = self.evaluate_tasks(stream) if evaluate_baseline and evaluate_unseen else None
             state = {
                 "task_names": names,
                 "completed": 0,
                 "matrix": [],
                 "baseline": baseline,
                 "train_time": [],
-                "extra": {"train_loss": [], "steps": []},
+                "extra": {"train_loss": [], "steps": [], "nonfinite_steps_skipped": []},
+                "snapshot": None,
             }
+            if self.args.should_save:  # so that a run killed in its first task resumes with this baseline
+                atomic_write_json(base / SEQUENCE_STATE_NAME, state)
+        state["extra"].setdefault("nonfinite_steps_skipped", [0] * state["completed"])
         start = state["completed"]
         original_output_dir = self.args.output_dir
         try:
@@ -418,8 +793,9 @@ class ContinualTrainer(Trainer):
                 row += [float("nan")] * (len(stream) - len(row))
                 state["matrix"].append(row)
                 state["train_time"].append(elapsed)
-                state["extra"]["train_loss"].append(output.training_loss)
+                state["extra"]["train_loss"].append(self.task_training_loss())
                 state["extra"]["steps"].append(output.global_step)
+                state["extra"]["nonfinite_steps_skipped"].append(self._nonfinite_skipped)
                 state["completed"] = index + 1
                 self._log_task_row(stream, index, row)
                 self._save_snapshot(base, index, state)
@@ -456,9 +832,9 @@ class ContinualTrainer(Trainer):
         from datasets import concatenate_datasets
 
         stream = tasks if isinstance(tasks, TaskStream) else TaskStream(list(tasks))
-        tokenizer = self._require_tokenizer()
+        self._require_tokenizer()
         self._prepare_task(stream[0], 0)
-        self.train_dataset = concatenate_datasets([tokenize_task(t, tokenizer, "train") for t in stream])
+        self.train_dataset = concatenate_datasets([self._tokenize(t, "train") for t in stream])
         self.eval_dataset = None
         self.current_task = None
         self.train()

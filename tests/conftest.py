@@ -13,7 +13,21 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+# the thread count the caller asked for (1 by default): the trained tests are checked with 1 and 2
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session")
+def test_seed() -> int:
+    """The seed of the tests that train (HF_ADAPTIVE_TEST_SEED, default 0).
+
+    Those tests assert a mechanism or an effect that is large by construction, so they must pass for any seed:
+    sweeping this variable (and OMP_NUM_THREADS) is how they are checked not to hang on one lucky trajectory.
+    """
+    value = os.environ.get("HF_ADAPTIVE_TEST_SEED", "0")
+    if not value.isdigit():
+        raise ValueError(f"HF_ADAPTIVE_TEST_SEED={value!r} is not allowed: a non-negative integer")
+    return int(value)
 
 
 @pytest.fixture(scope="session")

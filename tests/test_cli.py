@@ -97,6 +97,15 @@ def test_demo_quick_in_a_fresh_process(tmp_path):
     assert len(result["matrix"]) == 5 and (tmp_path / "accuracy_matrix.png").exists()
 
 
+def _free_port() -> str:
+    """A port free now on localhost, for the launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def test_accelerate_launch_two_processes(tmp_path):
     """A real 2-process run (torch.distributed, gloo, CPU) of a LoRA-per-task sequence."""
     config = yaml.safe_load((ROOT / "examples" / "sequence.yaml").read_text())
@@ -117,7 +126,7 @@ def test_accelerate_launch_two_processes(tmp_path):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "0",
+        _free_port(),  # not "0": accelerate < 1.7 passes port 0 to every rank as is and the ranks never meet
         "-m",
         "hf_adaptive.cli",
         "run",
@@ -132,7 +141,7 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["matrix"]) == 2
 
 
-def test_run_with_plugins_from_the_registry(tmp_path):
+def test_run_with_plugins_from_the_registry(tmp_path, monkeypatch):
     """`--plugins ewc replay` builds both from the ContinualConfig options; their terms are logged."""
     config = tmp_path / "c.yaml"
     config.write_text(
@@ -155,9 +164,39 @@ def test_run_with_plugins_from_the_registry(tmp_path):
             }
         )
     )
+    trainers = _spy_on_trainers(monkeypatch)
     assert main(["run", str(config)]) == 0
     state = json.loads((tmp_path / "o" / "results.json").read_text())
     assert len(state["matrix"]) == 2
+    from hf_adaptive.consolidation import EWCPlugin
+    from hf_adaptive.replay import ReplayPlugin
+
+    (trainer,) = trainers
+    ewc, replay = trainer.plugins
+    assert isinstance(ewc, EWCPlugin) and (ewc.ewc_lambda, ewc.fisher_samples) == (10.0, 8)
+    assert isinstance(replay, ReplayPlugin) and (replay.alpha, replay.batch_size) == (0.5, 4)
+    assert [e["task"] for e in ewc.entries] == ["first_color", "has_cat"] and replay.memory.counts()
+    # the trainer's state covers the second task: 16 rows / batch 8 = 2 steps per epoch, one log each
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 * int(trainer.args.num_train_epochs)
+    assert all(h["loss_replay"] > 0 and h["weight_replay"] == 0.5 and h["weight_ewc"] == 1.0 for h in logs)
+    # the first step starts at the anchors (penalty exactly 0); once the weights move, it pulls back
+    assert logs[0]["loss_ewc"] == 0.0 and all(h["loss_ewc"] > 0 for h in logs[1:])
+
+
+def _spy_on_trainers(monkeypatch) -> list:
+    """Every ContinualTrainer that runs a sequence inside `main`, recorded (its behaviour is unchanged)."""
+    from hf_adaptive.trainer import ContinualTrainer
+
+    trainers = []
+    original = ContinualTrainer.train_sequence
+
+    def recording(self, *args, **kwargs):
+        trainers.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContinualTrainer, "train_sequence", recording)
+    return trainers
 
 
 def test_registry_names_resolve():
@@ -179,7 +218,7 @@ def test_registry_names_resolve():
         build_plugins(["gate_feedback"], args)
 
 
-def test_run_with_gated_heads_and_feedback_controller(tmp_path):
+def test_run_with_gated_heads_and_feedback_controller(tmp_path, monkeypatch):
     """`gate_mode: fixed` + plugin `gate_feedback`: the RL controller is built for the model's heads and reports."""
     config = tmp_path / "c.yaml"
     config.write_text(
@@ -202,8 +241,27 @@ def test_run_with_gated_heads_and_feedback_controller(tmp_path):
             }
         )
     )
+    trainers = _spy_on_trainers(monkeypatch)
     assert main(["run", str(config)]) == 0
     assert json.loads((tmp_path / "o" / "results.json").read_text())["task_names"] == ["has_cat"]
+    from hf_adaptive.control import FeedbackCallback
+    from hf_adaptive.models.gated import find_gates
+
+    (trainer,) = trainers
+    (feedback,) = trainer.plugins
+    controller = feedback.controller
+    assert isinstance(feedback, FeedbackCallback) and (controller.num_layers, controller.num_heads) == (2, 4)
+    steps = trainer.state.global_step
+    assert steps == 4 * int(trainer.args.num_train_epochs)  # 32 rows / batch 8 per epoch
+    # one report every 2 steps, in the log history and in the controller's own log (plus its baseline at step 0)
+    reports = [h for h in trainer.state.log_history if "gate_reward" in h]
+    assert [r["step"] for r in reports] == list(range(2, steps + 1, 2))
+    assert [e["step"] for e in controller.log] == [0, *range(2, steps + 1, 2)]
+    assert [r["gate_loss"] for r in reports] == [e["loss"] for e in controller.log[1:]]
+    assert all(r["gate_active_fraction"] <= 0.75 for r in reports)  # the budget of gate_max_active_fraction
+    # the controller learned from its rewards, and the model runs with the gates it chose last
+    assert controller.updates > 0
+    assert find_gates(trainer.model).deterministic_gates().cpu().equal(controller.gates.detach().cpu().float())
     with pytest.raises(ValueError, match="gate_max_active_fraction"):
         parse_run_arguments([str(config), "--gate_min_active_fraction", "0.9", "--gate_max_active_fraction", "0.5"])
 

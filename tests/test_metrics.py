@@ -42,7 +42,7 @@ def slow_forgetting(r):
     values = []
     for j in range(t - 1):
         best = -1.0
-        for k in range(t - 1):
+        for k in range(j, t - 1):  # once task j was learned
             best = max(best, r[k][j])
         values.append(best - r[t - 1][j])
     return sum(values) / len(values)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -34,8 +36,15 @@ def test_load_by_path_passes_attention_implementation(tmp_path, tiny_model, toke
     torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits)
 
 
-def test_quantization_needs_bitsandbytes_and_is_validated(tmp_path):
-    with pytest.raises(ValueError, match="quantization"):
-        load_model_and_tokenizer("tiny-gemma", quantization="2bit")
-    with pytest.raises(ValueError, match="tiny-gemma"):
+def test_quantization_needs_bitsandbytes_and_is_validated(tiny_gemma_dir, monkeypatch):
+    """8-bit loading of a model by path without bitsandbytes installed is an ImportError that says what to install
+    (not transformers' own error deep inside `from_pretrained`); bad values are rejected before anything loads."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` sees when not installed
+    with pytest.raises(
+        ImportError, match=r"quantization='8bit' needs bitsandbytes: pip install 'hf_adaptive\[quant\]'"
+    ):
+        load_model_and_tokenizer(tiny_gemma_dir, quantization="8bit")
+    with pytest.raises(ValueError, match=r"quantization='2bit' is not allowed: use one of \(None, '8bit', '4bit'\)"):
+        load_model_and_tokenizer(tiny_gemma_dir, quantization="2bit")
+    with pytest.raises(ValueError, match="quantization='8bit' is not allowed for the embedded tiny-gemma"):
         load_model_and_tokenizer("tiny-gemma", quantization="8bit")

@@ -154,7 +154,7 @@ def test_optimizer_config_for_yaml_fields():
     ("call", "pattern"),
     [
         (lambda: build_optimizer("adamz", _model()), r"build_optimizer\.name='adamz' is not allowed: choose one of"),
-        (lambda: build_optimizer("lookahead", _model(), inner="nope"), r"build_optimizer\.name='nope'"),
+        (lambda: build_optimizer("lookahead", _model(), inner="nope"), r"build_optimizer\.inner='nope'"),
         (lambda: build_optimizer("adamw", _model(), inner="lamb"), r"build_optimizer\.inner='lamb'"),
         (lambda: build_optimizer("adamw", _model(), lr=-1.0), r"build_optimizer\.lr=-1\.0"),
         (lambda: optimizer_cls_and_kwargs("adamz"), r"build_optimizer\.name='adamz'"),

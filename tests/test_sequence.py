@@ -83,25 +83,53 @@ def test_sequence_runs_every_strategy(tmp_path, tokenizer, small_tasks, make_arg
     assert logged["cl/bwt"] == pytest.approx(result.bwt)
 
 
-def test_full_finetuning_learns_and_forgets(tmp_path, tokenizer, make_args):
-    """The built-in tasks interfere: after learning the second task the first one is forgotten."""
-    from hf_adaptive.tasks import builtin_suite
+def _constant_answer(task, name: str, label: int):
+    """The task's prompts (same template, same rows), every answer `verbalizer[label]`."""
+    from hf_adaptive.tasks import Task
 
-    tasks = builtin_suite(["first_color", "last_color"], n_train=256, n_eval=64, seed=1)
-    _, result = _run(
+    def relabel(split):
+        return [{"text": r["text"], "label": label} for r in split]
+
+    return Task(
+        name=name,
+        train_dataset=relabel(task.train_dataset),
+        eval_dataset=relabel(task.eval_dataset),
+        verbalizer=task.verbalizer,
+        template=task.template,
+    )
+
+
+def test_full_finetuning_learns_and_forgets(tmp_path, tokenizer, make_args, test_seed):
+    """Full fine-tuning on a task that contradicts the first one: learning it is forgetting the first.
+
+    Both tasks ask the same prompts, one always answers "yes", the other always "no": for any weights the two
+    accuracies sum to 1 (conflict by construction), and a constant answer is learned in a few steps from any
+    start (the effect is large by construction, not a lucky trajectory of learning a rule).
+    """
+    from hf_adaptive.tasks import builtin_suite, task_accuracy
+
+    (prompts,) = builtin_suite(["first_color"], n_train=64, n_eval=32, seed=test_seed)
+    tasks = [_constant_answer(prompts, "always_yes", 0), _constant_answer(prompts, "always_no", 1)]
+    trainer, result = _run(
         tmp_path,
         tokenizer,
         tasks,
         make_args,
-        num_train_epochs=10,
+        num_train_epochs=2,
         per_device_train_batch_size=16,
-        learning_rate=2e-3,
-        lr_scheduler_type="cosine",
-        warmup_steps=20,
+        learning_rate=3e-3,
         logging_steps=50,
+        seed=test_seed,
+        save_results_plot=False,
     )
-    assert result.matrix[0][0] >= 0.9 and result.matrix[1][1] >= 0.9
-    assert result.bwt <= -0.2
+    matrix = result.matrix
+    for row in [result.baseline, *matrix]:  # conflict, whatever the weights
+        assert row[0] + row[1] == pytest.approx(1.0), (result.baseline, matrix)
+    # the last row is the trained model's accuracy on every task, as task_accuracy measures it
+    assert matrix[1] == [task_accuracy(trainer.model, tokenizer, t) for t in tasks]
+    # each task is learned completely, so the second one undoes the first
+    assert matrix[0][0] == 1.0 and matrix[1][1] == 1.0, matrix
+    assert result.bwt == -1.0, matrix
 
 
 def test_lora_per_task_keeps_old_experts(tmp_path, tokenizer, make_args):
@@ -154,7 +182,11 @@ def test_resume_rejects_a_different_sequence(tmp_path, tokenizer, small_tasks, m
 
 def test_unseen_tasks_can_be_skipped(tmp_path, tokenizer, small_tasks, make_args):
     _, result = _run(tmp_path, tokenizer, small_tasks[:2], make_args, evaluate_unseen_tasks=False)
-    assert math.isnan(result.matrix[0][1]) and result.fwt is None or math.isnan(result.fwt)
+    assert math.isnan(result.matrix[0][1])  # task 2 not scored before it was trained
+    # no baseline either (it scores tasks before training), so forward transfer is not measured at all
+    assert result.baseline is None and result.fwt is None
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["matrix"][0][1] is None and saved["metrics"]["fwt"] is None
     assert result.bwt is not None and not math.isnan(result.bwt)
 
 

@@ -126,12 +126,19 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
 
     @classmethod
     def from_config(cls, args: ContinualConfig, **overrides: Any) -> AdapterEarlyStoppingCallback:
-        """The callback described by the `early_stopping_*` fields (patience None there means the default 3)."""
+        """The callback described by the `early_stopping_*` fields. A patience of None is refused (it used to
+        turn silently into 3): early stopping is off when the plugin is left out."""
+        if args.early_stopping_patience is None and "patience" not in overrides:
+            raise ValueError(
+                "ContinualConfig.early_stopping_patience=None is not allowed with the early_stopping plugin: an "
+                "integer >= 1 (to train every epoch, leave the plugin out)"
+            )
         kwargs: dict[str, Any] = dict(
             metric=args.early_stopping_metric,
-            patience=args.early_stopping_patience if args.early_stopping_patience is not None else 3,
+            patience=args.early_stopping_patience,
             min_epochs=args.early_stopping_min_epochs,
             min_delta=args.early_stopping_min_delta,
+            restore_best=args.early_stopping_restore_best,
             eval_batch_size=args.continual_eval_batch_size,
             eval_limit=args.continual_eval_limit,
         )

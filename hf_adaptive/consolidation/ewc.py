@@ -21,6 +21,7 @@ run has the same penalty.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -209,6 +210,8 @@ class EWCPlugin(ContinualPlugin):
                 p = params.get(name)
                 if p is None:
                     continue
+                if f.shape != p.shape:  # a Fisher of another model (e.g. a loaded state) must not broadcast
+                    _fail(f"fisher[{name!r}].shape", tuple(f.shape), f"the parameter has shape {tuple(p.shape)}")
                 if f.device != p.device:  # loaded from a checkpoint on CPU: move once
                     fisher[name] = f = f.to(p.device)
                     anchor[name] = anchor[name].to(p.device)
@@ -335,10 +338,26 @@ class EWCPlugin(ContinualPlugin):
             "modulator": self.modulator.state_dict() if self.modulator is not None else None,
         }
 
+    @staticmethod
+    def _check_entry(i: int, entry: dict[str, Any]) -> None:
+        """A loaded Fisher/anchor pair: same names, same shapes, finite, Fisher >= 0 (checked at load, because a
+        NaN or a wrongly shaped Fisher otherwise loads, broadcasts in the penalty and poisons training later)."""
+        from ..utils.io import StateLoadError, check_tensor
+
+        fisher, anchor = entry["fisher"], entry["anchor"]
+        if set(fisher) != set(anchor):
+            odd = sorted(set(fisher) ^ set(anchor))[:3]
+            raise StateLoadError(f"EWCPlugin state entries[{i}]: fisher and anchor name different parameters ({odd})")
+        if not math.isfinite(entry["gamma_gain"]):
+            raise StateLoadError(f"EWCPlugin state entries[{i}].gamma_gain={entry['gamma_gain']!r} is not allowed")
+        for name, f in fisher.items():
+            check_tensor(f"EWCPlugin state entries[{i}].fisher[{name!r}]", f, nonnegative=True)
+            check_tensor(f"EWCPlugin state entries[{i}].anchor[{name!r}]", anchor[name], f.shape)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("mode", self.mode) != self.mode:
             _fail("mode", self.mode, f"the saved state was written in mode {state.get('mode')!r}; use the same mode")
-        self.entries = [
+        entries = [
             {
                 "task": e["task"],
                 "gamma_gain": float(e["gamma_gain"]),
@@ -347,6 +366,9 @@ class EWCPlugin(ContinualPlugin):
             }
             for e in state.get("entries", [])
         ]
+        for i, e in enumerate(entries):
+            self._check_entry(i, e)
+        self.entries = entries
         self.history = [dict(h) for h in state.get("history", [])]
         if self.modulator is not None and state.get("modulator"):
             self.modulator.load_state_dict(state["modulator"])

@@ -24,8 +24,8 @@ Normalization (each signal becomes a "mastery" score in [0, 1], 1 = fully consol
                                               over the signals that were observed (a missing one is skipped)
     gamma_gain = gamma_gain_lambda · score    in [0, gamma_gain_lambda]; 1.0 when no signal was observed.
 
-The design notes (seeds/001) give only "a weighted combination of normalized NLL, accuracy, gradient norm,
-entropy scaled by gamma_gain_lambda (3.0)"; the normalizations above are this package's choice, each a
+The gain is a weighted combination of normalized NLL, accuracy, gradient norm and entropy, scaled by
+`gamma_gain_lambda` (default 3.0); the normalizations above are this package's choice, each a
 bounded, scale-free map so that no signal dominates by its units.
 """
 

@@ -130,7 +130,14 @@ class FeedbackCallback(ContinualPlugin):
             ),
         )
         config = FeedbackConfig(
-            eval_every=args.gate_feedback_every, mode=args.gate_feedback_mode, eval_size=args.gate_eval_size
+            eval_every=args.gate_feedback_every,
+            mode=args.gate_feedback_mode,
+            eval_size=args.gate_eval_size,
+            eval_batch_size=args.gate_eval_batch_size,
+            statistics=tuple(args.gate_statistics),
+            stats_batches=args.gate_stats_batches,
+            preference=args.gate_preference,
+            log_gates=args.gate_log_gates,
         )
         return cls(controller, config=config)
 

@@ -410,6 +410,7 @@ class GateController:
                 f"GateController.load_state_dict: saved shape {state['shape']} is not allowed: this "
                 f"controller has {[self.num_layers, self.num_heads]}"
             )
+        self._check_state(state)
         names = {f.name for f in fields(GateControllerConfig)}
         self.config = GateControllerConfig(**{k: v for k, v in state["config"].items() if k in names})
         self.policy.load_state_dict(state["policy"])
@@ -429,6 +430,28 @@ class GateController:
         self.steps, self.updates = int(state["steps"]), int(state["updates"])
         self.adv_sq = state["adv_sq"]
 
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Shapes and finiteness checked at load: a NaN policy or wrongly shaped gates otherwise load and fail
+        (or act on NaN probabilities) only at the next `act()`."""
+        from ..utils.io import StateLoadError, check_tensor
+
+        check_tensor("GateController state gates", state["gates"], (self.num_layers, self.num_heads))
+        own = self.policy.state_dict()
+        missing = sorted(set(own) - set(state["policy"]))
+        if missing:
+            raise StateLoadError(f"GateController state policy lacks {missing[:3]} (of {len(own)} tensors)")
+        for key, tensor in state["policy"].items():
+            check_tensor(f"GateController state policy.{key}", tensor, own[key].shape if key in own else None)
+        for key, value in state["optimizer"]["state"].items():
+            for name, tensor in value.items():
+                if isinstance(tensor, torch.Tensor):
+                    check_tensor(f"GateController state optimizer.state.{key}.{name}", tensor)
+        adv = state.get("adv_sq")
+        if adv is not None and not (isinstance(adv, (int, float)) and math.isfinite(adv) and adv >= 0):
+            raise StateLoadError(f"GateController state adv_sq={adv!r} is not allowed: expected a finite number >= 0")
+        if not all(math.isfinite(float(r)) for r in state["reward_history"]):
+            raise StateLoadError("GateController state reward_history holds NaN/inf, which is not allowed")
+
     @staticmethod
     def _restore_transition(tr: dict[str, Any]) -> dict[str, Any]:
         out = dict(tr)
@@ -445,10 +468,15 @@ class GateController:
 
     @classmethod
     def load(cls, directory: str) -> GateController:
-        from ..utils.io import load_state
+        from ..utils.io import StateLoadError, load_state
 
         state = load_state(directory)
         names = {f.name for f in fields(GateControllerConfig)}
-        ctrl = cls(*state["shape"], GateControllerConfig(**{k: v for k, v in state["config"].items() if k in names}))
-        ctrl.load_state_dict(state)
+        try:
+            config = GateControllerConfig(**{k: v for k, v in state["config"].items() if k in names})
+            ctrl = cls(*state["shape"], config)
+            ctrl.load_state_dict(state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # StateLoadError is a ValueError
+            detail = f"missing key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+            raise StateLoadError(f"the gate controller saved in {directory} cannot be loaded: {detail}") from err
         return ctrl

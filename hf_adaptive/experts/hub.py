@@ -17,10 +17,15 @@ failure is raised as `HubPushError` naming the repository and the step.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import string
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .library import EXPERTS_DIR, LIBRARY_FILE, ROUTER_DIR
 
@@ -41,6 +46,82 @@ class HubPullError(RuntimeError):
     """A library could not be fetched from the Hub."""
 
 
+#: seconds one HTTP request may wait for the server (connect, each read, each write) before the push/pull fails
+DEFAULT_TIMEOUT = 60.0
+
+
+def _check_timeout(owner: str, timeout: Any) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"{owner}.timeout={timeout!r} is not allowed: a finite number of seconds > 0")
+    return float(timeout)
+
+
+@contextmanager
+def _http_timeout(seconds: float) -> Iterator[None]:
+    """Every request of huggingface_hub's shared client waits at most `seconds` while inside the block.
+
+    huggingface_hub >= 1.0 builds its shared httpx client with `timeout=None` (wait forever) and sends some
+    requests (repository creation, commits, `repo_info` of a snapshot) with no timeout or an explicit `None`: a
+    server that accepts the connection and never answers hangs a push or a pull indefinitely. Through
+    `set_client_factory`, its documented knob, the client gets `seconds` as its default and a request hook caps
+    every request's own timeouts (connect, read, write, pool) at `seconds`. The previous factory (the user's, if
+    any) is wrapped, not replaced, and restored afterwards. The client is process-wide, so requests that other
+    threads send meanwhile get the same bound.
+    """
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def cap(request: Any) -> None:
+        given = dict(request.extensions.get("timeout") or {})
+        request.extensions["timeout"] = {
+            key: seconds if given.get(key) is None else min(float(given[key]), seconds)
+            for key in ("connect", "read", "write", "pool")
+        }
+
+    def factory() -> Any:
+        client = previous()
+        client.timeout = type(client.timeout)(seconds)
+        client.event_hooks = {**client.event_hooks, "request": [*client.event_hooks.get("request", []), cap]}
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+# ---------------------------------------------------------------------------------------------- model card values
+_PLAIN_YAML = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*")
+
+
+def _yaml_value(value: Any) -> str:
+    """A YAML scalar that parses back to exactly `str(value)`: plain when that is safe, else double-quoted.
+
+    Model-card values come from users and from pulled manifests; written raw, a newline in a base model name adds
+    keys to the front matter (`license`, `extra_gated_prompt`, ...).
+    """
+    import yaml
+
+    text = str(value)
+    if _PLAIN_YAML.fullmatch(text) and yaml.safe_load(f"k: {text}") == {"k": text}:
+        return text
+    return json.dumps(text)  # a JSON string is a valid YAML double-quoted scalar (escapes included)
+
+
+def _md(value: Any) -> str:
+    """Text safe inside a Markdown table cell or inline code: one line, no cell separator, no backtick."""
+    text = " ".join(str(value).split())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("<", "&lt;")
+
+
+def _py(value: Any) -> str:
+    """A Python string literal for the code snippets of the cards (a quote in a name cannot close it)."""
+    return json.dumps(str(value))
+
+
 def _template(template_dir: Path, name: str) -> string.Template:
     path = template_dir / name
     if not path.is_file():
@@ -51,7 +132,7 @@ def _template(template_dir: Path, name: str) -> string.Template:
 def _fmt_metrics(metrics: dict[str, float]) -> str:
     if not metrics:
         return "No metrics recorded."
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    rows = "\n".join(f"| {_md(k)} | {float(v):.4f} |" for k, v in sorted(metrics.items()))
     return "| metric | value |\n|---|---|\n" + rows
 
 
@@ -69,29 +150,34 @@ def expert_card(library: ExpertLibrary, name: str, repo_id: str, template_dir: P
         )
     else:
         signature = "No router profile."
+    base_model = library.base_model_name or "unknown"
     return _template(template_dir, "expert_card.md").substitute(
-        name=name,
-        repo_id=repo_id,
-        base_model=library.base_model_name or "unknown",
-        task_id=info.task_id or "-",
-        experiment_id=info.experiment_id or "-",
-        parent=f"`{info.parent}`" if info.parent else "-",
-        merged_from=", ".join(f"`{m}`" for m in info.merged_from) or "-",
+        name=_md(name),
+        repo_id=_md(repo_id),
+        repo_id_py=_py(repo_id),
+        base_model=_md(base_model),
+        base_model_yaml=_yaml_value(base_model),
+        base_model_py=_py(base_model),
+        task_id=_md(info.task_id or "-"),
+        experiment_id=_md(info.experiment_id or "-"),
+        parent=f"`{_md(info.parent)}`" if info.parent else "-",
+        merged_from=", ".join(f"`{_md(m)}`" for m in info.merged_from) or "-",
         uses=info.uses,
-        rank=getattr(config, "r", "-"),
-        alpha=getattr(config, "lora_alpha", "-"),
-        target_modules=", ".join(f"`{t}`" for t in sorted(getattr(config, "target_modules", None) or [])) or "-",
-        description=info.description,
+        rank=_md(getattr(config, "r", "-")),
+        alpha=_md(getattr(config, "lora_alpha", "-")),
+        target_modules=", ".join(f"`{_md(t)}`" for t in sorted(getattr(config, "target_modules", None) or [])) or "-",
+        description=_md(info.description),
         metrics=_fmt_metrics(info.metrics),
         signature=signature,
         subfolder=f"{EXPERTS_DIR}/{name}",
+        subfolder_py=_py(f"{EXPERTS_DIR}/{name}"),
     )
 
 
 def library_card(library: ExpertLibrary, repo_id: str, template_dir: Path = DEFAULT_TEMPLATE_DIR) -> str:
     rows = "\n".join(
-        f"| `{i.name}` | {i.task_id or '-'} | {i.parent or '-'} | {i.uses} | "
-        + (", ".join(f"{k}={v:.3f}" for k, v in sorted(i.metrics.items())) or "-")
+        f"| `{_md(i.name)}` | {_md(i.task_id or '-')} | {_md(i.parent or '-')} | {i.uses} | "
+        + (", ".join(f"{_md(k)}={float(v):.3f}" for k, v in sorted(i.metrics.items())) or "-")
         + " |"
         for i in library.experts.values()
     )
@@ -102,10 +188,13 @@ def library_card(library: ExpertLibrary, repo_id: str, template_dir: Path = DEFA
         if router is not None
         else "No router was saved with this library."
     )
+    base_model = library.base_model_name or "unknown"
     return _template(template_dir, "library_card.md").substitute(
-        repo_id=repo_id,
-        base_model=library.base_model_name or "unknown",
-        experiment_id=library.experiment_id or "-",
+        repo_id=_md(repo_id),
+        repo_id_py=_py(repo_id),
+        base_model=_md(base_model),
+        base_model_yaml=_yaml_value(base_model),
+        experiment_id=_md(library.experiment_id or "-"),
         n_experts=len(library),
         expert_rows=rows,
         router=router_text,
@@ -122,10 +211,16 @@ def push_library(
     revision: str | None = None,
     commit_message: str = "Upload hf_adaptive expert library",
     template_dir: str | Path | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> str:
-    """Push the library to `repo_id`; returns the commit id. Raises `HubPushError` on any failure."""
+    """Push the library to `repo_id`; returns the commit id. Raises `HubPushError` on any failure.
+
+    `timeout`: seconds each HTTP request may wait for the server (connect, read, write); a server that stops
+    answering makes the push fail with `HubPushError` instead of hanging (retried requests wait once per try).
+    """
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    timeout = _check_timeout("push_library", timeout)
     template_dir = Path(template_dir) if template_dir is not None else DEFAULT_TEMPLATE_DIR
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="hf_adaptive_push_") as tmp:
@@ -147,18 +242,33 @@ def push_library(
         ]
         step = "creating the repository"
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            step = f"committing {len(operations)} files"
-            info = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision)
+            with _http_timeout(timeout):
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                step = f"committing {len(operations)} files"
+                info = api.create_commit(
+                    repo_id, operations=operations, commit_message=commit_message, revision=revision
+                )
         except Exception as err:
             status = getattr(getattr(err, "response", None), "status_code", None)
             detail = f" (HTTP {status})" if status is not None else ""
+            if _is_timeout(err):
+                detail += f" (no answer within timeout={timeout:g} s)"
             raise HubPushError(
                 f"push of the expert library to {repo_id!r} at {api.endpoint} failed while {step}{detail}: "
                 f"{type(err).__name__}: {err}. Nothing was changed locally; the remote repository keeps its "
                 "previous commit (the push is a single commit)."
             ) from err
     return info.oid
+
+
+def _is_timeout(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) is an HTTP timeout of the client huggingface_hub uses."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if "Timeout" in type(seen).__name__ or isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def pull_library(
@@ -170,24 +280,43 @@ def pull_library(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     is_trainable: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> ExpertLibrary:
-    """Download `repo_id` (snapshot) and load it onto `base_model` with `ExpertLibrary.load`."""
+    """Download `repo_id` (snapshot) and load it onto `base_model` with `ExpertLibrary.load`.
+
+    Everything pulled is checked before use (see `ExpertLibrary.load`: names, paths inside the snapshot, files
+    present, complete and finite); any failure is a `HubPullError` naming the repository and the file.
+    `timeout`: seconds each HTTP request may wait for the server.
+    """
     from huggingface_hub import snapshot_download
 
     from .library import ExpertLibrary
 
+    timeout = _check_timeout("pull_library", timeout)
     try:
-        local = snapshot_download(
-            repo_id,
-            revision=revision,
-            endpoint=endpoint,
-            token=token,
-            cache_dir=str(cache_dir) if cache_dir is not None else None,
-            allow_patterns=[LIBRARY_FILE, f"{EXPERTS_DIR}/*", f"{ROUTER_DIR}/*", "README.md"],
-        )
+        with _http_timeout(timeout):
+            local = snapshot_download(
+                repo_id,
+                revision=revision,
+                endpoint=endpoint,
+                token=token,
+                cache_dir=str(cache_dir) if cache_dir is not None else None,
+                allow_patterns=[LIBRARY_FILE, f"{EXPERTS_DIR}/*", f"{ROUTER_DIR}/*", "README.md"],
+                etag_timeout=timeout,
+            )
     except Exception as err:
-        raise HubPullError(f"could not download the expert library {repo_id!r}: {type(err).__name__}: {err}") from err
-    if not (Path(local) / LIBRARY_FILE).is_file():
+        detail = f" (no answer within timeout={timeout:g} s)" if _is_timeout(err) else ""
+        raise HubPullError(
+            f"could not download the expert library {repo_id!r}{detail}: {type(err).__name__}: {err}"
+        ) from err
+    local_path = Path(local)
+    if not (local_path / LIBRARY_FILE).is_file():
         raise HubPullError(f"{repo_id!r} holds no {LIBRARY_FILE}: it is not an hf_adaptive expert library")
-    library = ExpertLibrary.load(local, base_model, is_trainable=is_trainable)
-    return library
+    # snapshot files are links into the cache's blobs/: the repository's cache folder is what they may point into
+    trusted_root = local_path.parents[1] if local_path.parent.name == "snapshots" else local_path
+    try:
+        return ExpertLibrary.load(local_path, base_model, is_trainable=is_trainable, trusted_root=trusted_root)
+    except (OSError, ValueError) as err:  # StateLoadError is a ValueError; a missing file an OSError
+        raise HubPullError(
+            f"the expert library {repo_id!r} (snapshot {local_path}) is not loadable: {type(err).__name__}: {err}"
+        ) from err

@@ -10,7 +10,6 @@ loads with plain `PeftModel.from_pretrained(base, folder)`.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..utils.io import atomic_write_json
+from ..utils.io import StateLoadError, atomic_write_json, check_tensor, read_json, read_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import LoraConfig
@@ -74,6 +73,57 @@ def _check_name(name: str) -> str:
             "or '_', and not 'default'"
         )
     return name
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _check_path_name(name: Any, source: str) -> str:
+    """An expert name that is safe as one folder name (no separators, no '..', not absolute), or a clear error.
+
+    Names that reach the disk come from `library.json` too, which may have been pulled from anyone's repository:
+    an absolute or '..' name would read adapters from, and on the next save delete, folders outside the library.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"ExpertLibrary.name={name!r} is not allowed ({source}): use letters, digits, '_' or '-', starting with "
+            "a letter or '_' (no path separators, no '.', not absolute)"
+        )
+    return name
+
+
+def _inside(root: Path, path: Path, what: str) -> Path:
+    """`path` resolved (symlinks followed), refused unless it stays inside `root` (also resolved)."""
+    resolved, base = path.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(
+            f"ExpertLibrary {what}={str(path)!r} is not allowed: it resolves to {resolved}, outside {base}"
+        )
+    return resolved
+
+
+def _check_info_types(info: ExpertInfo, source: Path) -> None:
+    """The metadata fields of a manifest entry have the types the library and the model cards rely on."""
+
+    def bad(field_name: str, allowed: str) -> None:
+        value = getattr(info, field_name)
+        raise StateLoadError(
+            f"ExpertInfo.{field_name}={value!r:.200} is not allowed (expert {info.name!r} in {source}): {allowed}"
+        )
+
+    for f in ("task_id", "experiment_id", "description"):
+        if not isinstance(getattr(info, f), str):
+            bad(f, "expected a string")
+    if info.parent is not None:
+        _check_path_name(info.parent, f"parent of {info.name!r} in {source}")
+    if not isinstance(info.merged_from, list) or not all(isinstance(m, str) for m in info.merged_from):
+        bad("merged_from", "expected a list of expert names")
+    if isinstance(info.uses, bool) or not isinstance(info.uses, int) or info.uses < 0:
+        bad("uses", "expected an integer >= 0")
+    if not isinstance(info.metrics, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in info.metrics.items()
+    ):
+        bad("metrics", "expected an object of metric name -> number")
 
 
 class ExpertLibrary:
@@ -314,6 +364,7 @@ class ExpertLibrary:
             "base_model": self.base_model_name,
             "experiment_id": self.experiment_id,
             "experts": [asdict(info) for info in self.experts.values()],
+            "router": self.router is not None,
         }
 
     def save_expert(self, name: str, directory: str | os.PathLike) -> Path:
@@ -326,7 +377,9 @@ class ExpertLibrary:
             self.model.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
             # peft writes the "default" adapter at the root, any other into a subfolder named after it
             produced = tmp if name == "default" else tmp / name
-            if directory.exists():
+            if directory.is_symlink():  # replace the link itself, never what it points to
+                directory.unlink()
+            elif directory.exists():
                 shutil.rmtree(directory)
             if produced == tmp:
                 shutil.copytree(tmp, directory)
@@ -343,11 +396,17 @@ class ExpertLibrary:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         experts_dir = directory / EXPERTS_DIR
+        for name in self.experts:  # every name checked before anything is written or removed
+            _check_path_name(name, "saving the library")
         for name in self.experts:
             self.save_expert(name, experts_dir / name)
         if experts_dir.is_dir():  # experts deleted since the last save
             for stale in experts_dir.iterdir():
-                if stale.is_dir() and stale.name not in self.experts and not stale.name.startswith("."):
+                if stale.name in self.experts or stale.name.startswith("."):
+                    continue
+                if stale.is_symlink():  # remove the link, never the folder it points to
+                    stale.unlink()
+                elif stale.is_dir():
                     shutil.rmtree(stale)
         if self.router is not None:
             self.router.save(directory / ROUTER_DIR)
@@ -356,42 +415,131 @@ class ExpertLibrary:
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, base_model: torch.nn.Module, is_trainable: bool = True
+        cls,
+        directory: str | os.PathLike,
+        base_model: torch.nn.Module,
+        is_trainable: bool = True,
+        trusted_root: str | os.PathLike | None = None,
     ) -> ExpertLibrary:
-        """Inverse of `save`: every expert loaded onto `base_model` with peft, router restored if saved."""
+        """Inverse of `save`: every expert loaded onto `base_model` with peft, router restored if saved.
+
+        Everything is checked before use, because a library may come from anyone's repository: expert names (no
+        path tricks, no duplicates), every folder and file resolving inside `directory` (or `trusted_root`, e.g. the
+        Hub cache whose snapshot files are links to its blobs), adapter files present, readable, finite and holding
+        every weight the expert needs. Errors name the file: `StateLoadError` (a `ValueError`) for bad content,
+        `FileNotFoundError` for a missing file, `ValueError` for a refused name or path.
+        """
         from peft import PeftModel
 
         directory = Path(directory)
+        root = Path(trusted_root) if trusted_root is not None else directory
         manifest_file = directory / LIBRARY_FILE
         if not manifest_file.is_file():
             raise FileNotFoundError(f"no expert library in {directory} (missing {LIBRARY_FILE})")
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        version = manifest.get("format_version")
-        if version != LIBRARY_FORMAT_VERSION:
-            raise ValueError(
-                f"ExpertLibrary.format_version={version!r} is not allowed: this version reads {LIBRARY_FORMAT_VERSION}"
-            )
-        infos = [ExpertInfo.from_dict(d) for d in manifest["experts"]]
-        if not infos:
-            raise ValueError(f"the library in {directory} holds no expert")
+        _inside(root, manifest_file, LIBRARY_FILE)
+        infos = cls._read_manifest(manifest_file)
+        manifest = read_json(manifest_file)
+        experts_dir = directory / EXPERTS_DIR
+        adapters = {info.name: cls._check_adapter_folder(experts_dir, info.name, root) for info in infos}
         model: Any = base_model
         for i, info in enumerate(infos):
-            path = str(directory / EXPERTS_DIR / info.name)
-            if i == 0:
-                model = PeftModel.from_pretrained(model, path, adapter_name=info.name, is_trainable=is_trainable)
-            else:
-                model.load_adapter(path, adapter_name=info.name, is_trainable=is_trainable)
+            path = str(experts_dir / info.name)
+            try:
+                if i == 0:
+                    model = PeftModel.from_pretrained(model, path, adapter_name=info.name, is_trainable=is_trainable)
+                else:
+                    model.load_adapter(path, adapter_name=info.name, is_trainable=is_trainable)
+            except Exception as err:
+                raise StateLoadError(
+                    f"the adapter in {path} does not load onto the base model: {type(err).__name__}: {err}"
+                ) from err
+            cls._check_loaded_adapter(model, info.name, adapters[info.name], experts_dir / info.name / ADAPTER_FILES[1])
         library = cls(
             model, experiment_id=manifest.get("experiment_id", ""), base_model_name=manifest.get("base_model")
         )
         library.lora_config = copy.deepcopy(model.peft_config[infos[0].name])
         library.experts = {info.name: info for info in infos}
         model.set_adapter(infos[0].name)
-        if (directory / ROUTER_DIR).is_dir():
+        router_dir = directory / ROUTER_DIR
+        if router_dir.is_dir() or manifest.get("router") is True:
+            from ..utils.io import META_FILE, TENSORS_FILE
             from .router import Router
 
-            library.router = Router.load(directory / ROUTER_DIR)
+            for f in (META_FILE, TENSORS_FILE):
+                if not (router_dir / f).is_file():
+                    raise FileNotFoundError(f"{router_dir / f} is missing: the library was saved with a router")
+                _inside(root, router_dir / f, f"{ROUTER_DIR}/{f}")
+            library.router = Router.load(router_dir)
         return library
+
+    @staticmethod
+    def _read_manifest(manifest_file: Path) -> list[ExpertInfo]:
+        """The experts of `library.json`, every name, type and duplicate checked (errors name the file)."""
+        manifest = read_json(manifest_file)
+        if not isinstance(manifest, dict):
+            raise StateLoadError(f"{manifest_file} holds a {type(manifest).__name__}, not a library manifest object")
+        version = manifest.get("format_version")
+        if version != LIBRARY_FORMAT_VERSION:
+            raise ValueError(
+                f"ExpertLibrary.format_version={version!r} is not allowed: this version reads {LIBRARY_FORMAT_VERSION}"
+                f" (in {manifest_file})"
+            )
+        for key in ("base_model", "experiment_id"):
+            if not isinstance(manifest.get(key) or "", str):
+                raise StateLoadError(f"{manifest_file}: {key}={manifest.get(key)!r} is not allowed: expected a string")
+        entries = manifest.get("experts")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise StateLoadError(f"{manifest_file}: 'experts' must be a list of objects, got {entries!r:.200}")
+        if not entries:
+            raise ValueError(f"the library in {manifest_file.parent} holds no expert ({manifest_file})")
+        infos: list[ExpertInfo] = []
+        seen: set[str] = set()
+        for entry in entries:
+            name = _check_path_name(entry.get("name"), f"in {manifest_file}")
+            if name in seen:
+                raise ValueError(f"ExpertLibrary.name={name!r} is not allowed: it is listed twice in {manifest_file}")
+            seen.add(name)
+            try:
+                info = ExpertInfo.from_dict(entry)
+            except TypeError as err:
+                raise StateLoadError(f"{manifest_file}: the entry of expert {name!r} is malformed: {err}") from err
+            _check_info_types(info, manifest_file)
+            infos.append(info)
+        return infos
+
+    @staticmethod
+    def _check_adapter_folder(experts_dir: Path, name: str, root: Path) -> dict[str, torch.Tensor]:
+        """The adapter weights of `name`, after checking that its folder and files are there and stay inside `root`."""
+        folder = experts_dir / name
+        _inside(root, folder, f"{EXPERTS_DIR}/{name}")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is missing: expert {name!r} is listed in {LIBRARY_FILE}")
+        for f in ADAPTER_FILES:
+            if not (folder / f).is_file():
+                raise FileNotFoundError(f"{folder / f} is missing: every expert folder holds {list(ADAPTER_FILES)}")
+            _inside(root, folder / f, f"{EXPERTS_DIR}/{name}/{f}")
+        weights_file = folder / ADAPTER_FILES[1]
+        weights = read_tensors(weights_file)
+        if not weights:
+            raise StateLoadError(f"{weights_file} holds no tensor: expert {name!r} would load untrained")
+        for key, tensor in weights.items():
+            check_tensor(key, tensor, floating=True, file=weights_file)
+        return weights
+
+    @staticmethod
+    def _check_loaded_adapter(model: Any, name: str, weights: dict[str, torch.Tensor], weights_file: Path) -> None:
+        """Every weight the expert has in the model came from the file (peft only warns about missing keys)."""
+        from peft import get_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(model, adapter_name=name)
+        missing = sorted(k for k in expected if k not in weights)
+        if missing:
+            raise StateLoadError(
+                f"{weights_file} lacks {len(missing)} of the {len(expected)} weights of expert {name!r} "
+                f"(e.g. {missing[:3]}): it would load partly untrained"
+            )
+        for key, tensor in expected.items():
+            check_tensor(key, weights[key], shape=tensor.shape, file=weights_file)
 
     # ------------------------------------------------------------------ the Hub
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:

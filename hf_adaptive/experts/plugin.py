@@ -5,7 +5,14 @@ expert, fork it into a new one, or create a new one; the chosen expert becomes t
 of the trainer's `PeftModel` (the library's model). At `on_task_end` the expert's profile is recomputed from
 the task's validation examples (the mean of the signatures of the tasks it serves), its accuracy is recorded,
 and for a reuse the outcome (did the tasks it served before keep their accuracy within `tolerance`?) goes
-back to the router (rewards, τ, calibration).
+back to the router (rewards, τ, calibration, and the learned scorer, refitted from all outcomes).
+
+A reuse is checked before it is committed (`verify_reuse`, default on): the task trains a fork of the chosen
+expert (a copy under the task's own expert name), and at task end the tasks the original expert served are
+evaluated with the fork. If any of them loses more than `tolerance`, the original stays untouched and the fork
+stays as the task's own expert (a failed reuse, rolled back); otherwise the fork's weights replace the original's
+and the fork is deleted (a successful reuse: one expert). Without the check a wrong reuse trains over the old
+tasks' expert and cannot be undone.
 
 Use it with `adapter_strategy="full"` and the library's `PeftModel` (or the backbone it wraps) as the trainer's
 model: the trainer then leaves the parameters alone and this plugin decides which adapter trains. By name
@@ -37,6 +44,12 @@ def check_tolerance(tolerance: float) -> None:
         raise ValueError(f"ExpertRoutingPlugin.tolerance={tolerance!r} is not allowed: a number in [0, 1]")
 
 
+def check_verify_reuse(verify_reuse: bool) -> None:
+    """Whether reuses train a fork that is checked against the old tasks before it replaces the expert: a bool."""
+    if not isinstance(verify_reuse, bool):
+        raise ValueError(f"ExpertRoutingPlugin.verify_reuse={verify_reuse!r} is not allowed: True or False")
+
+
 def signature_dim(model: torch.nn.Module, config: SignatureConfig) -> int:
     """Size of the signatures `config` gives on `model`, found without a tokenizer (the text part is `text_dim`,
     else the sentence encoder's or the backbone's hidden size); also checks `config.layers` against the model."""
@@ -53,8 +66,11 @@ class ExpertRoutingPlugin(ContinualPlugin):
         signature_config: SignatureConfig | None = None,
         tolerance: float = 0.05,
         eval_limit: int | None = 64,
+        verify_reuse: bool = True,
     ) -> None:
         check_tolerance(tolerance)
+        check_verify_reuse(verify_reuse)
+        self.verify_reuse = verify_reuse
         self.library = library
         self.router = router
         self.library.router = router
@@ -66,6 +82,8 @@ class ExpertRoutingPlugin(ContinualPlugin):
         self.task_signatures: dict[str, torch.Tensor] = {}
         self.decisions: list[dict[str, Any]] = []
         self._pending: tuple[RoutingDecision, torch.Tensor] | None = None
+        #: during a checked reuse: (the reused expert, the fork that trains instead)
+        self._trial: tuple[str, str] | None = None
 
     @classmethod
     def from_config(cls, config: Any, model: torch.nn.Module | None = None) -> ExpertRoutingPlugin:
@@ -94,7 +112,14 @@ class ExpertRoutingPlugin(ContinualPlugin):
             raise config_error(err, config, "SignatureConfig", "signature_") from None
         router = Router(config.expert_router_config(dim))
         library = ExpertLibrary(model, lora_config=lora_config(config), experiment_id=config.run_name or "")
-        return cls(library, router, signature_config=signature_config, tolerance=config.router_tolerance)
+        return cls(
+            library,
+            router,
+            signature_config=signature_config,
+            tolerance=config.router_tolerance,
+            eval_limit=config.router_eval_limit,
+            verify_reuse=getattr(config, "router_verify_reuse", True),
+        )
 
     # ------------------------------------------------------------------ helpers
     def _signer(self, trainer: Any) -> TaskSignature:
@@ -148,10 +173,16 @@ class ExpertRoutingPlugin(ContinualPlugin):
             raise ValueError("ExpertRoutingPlugin: the trainer's model must be the library's model (library.model)")
         query = self._from_main_process(trainer, self._signer(trainer).compute(task, split="train").vector)
         decision = self.router.route(query)
+        self._trial = None
         if decision.action == "reuse" and decision.expert is not None:
-            expert = decision.expert
-            self.library.activate(expert)
             new = None
+            if self.verify_reuse and self._checked_tasks(trainer, decision.expert, task.name):
+                expert = self._new_name(task)  # train a copy; the original is kept until the check at task end
+                self.library.fork(decision.expert, expert, task_id=task.name)
+                self._trial = (decision.expert, expert)
+            else:
+                expert = decision.expert
+                self.library.activate(expert)
         else:
             expert = self._new_name(task)
             if decision.action == "fork" and decision.expert is not None:
@@ -164,20 +195,61 @@ class ExpertRoutingPlugin(ContinualPlugin):
             trainer.model = self.library.model.to(trainer.args.device)
             trainer.model_wrapped = trainer.model
         trainer.optimizer, trainer.lr_scheduler = None, None
-        self.task_expert[task.name] = expert
+        self.task_expert[task.name] = expert  # a checked reuse: the fork until the check at task end
         self._pending = (decision, query)
         self.decisions.append(
             {
                 "task": task.name,
                 "action": decision.action,
-                "expert": expert,
+                "expert": expert if self._trial is None else self._trial[0],
                 "source": decision.expert,
                 "score": decision.score,
                 "rule": decision.rule,
             }
         )
 
+    def _checked_tasks(self, trainer: Any, expert: str, current: str) -> list[str]:
+        """The earlier tasks `expert` serves whose accuracy can be re-measured (known task, accuracy recorded)."""
+        known = self._tasks_by_name(trainer)
+        return [
+            t
+            for t, e in self.task_expert.items()
+            if e == expert and t != current and t in known and t in self.task_accuracy
+        ]
+
+    def _commit_trial(self, trainer: Any, task: Task) -> tuple[str, bool, dict[str, float]]:
+        """End of a checked reuse: the old tasks of the reused expert measured with the fork that trained; within
+        `tolerance` the fork's weights replace the original's (fork deleted), else the original stays untouched and
+        the fork becomes the task's own expert. Returns (the task's expert, success, the old tasks' accuracies)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        original, fork = self._trial  # type: ignore[misc]
+        known = self._tasks_by_name(trainer)
+        measured = {}
+        for other in self._checked_tasks(trainer, original, task.name):
+            measured[other] = self._synced_accuracy(trainer, known[other], fork)
+        kept = all(measured[t] >= self.task_accuracy[t] - self.tolerance for t in measured)
+        if kept:
+            weights = get_peft_model_state_dict(self.library.model, adapter_name=fork)
+            set_peft_model_state_dict(
+                self.library.model, {k: v.detach().clone() for k, v in weights.items()}, adapter_name=original
+            )
+            self.library.activate(original)
+            self.library.delete(fork)
+            self.library.set_metrics(original, **{f"accuracy/{t}": a for t, a in measured.items()})
+            return original, True, measured
+        # rolled back: the fork is a new expert (the router counts it, not the reused one)
+        self.router.counts[original] = max(0, self.router.counts.get(original, 0) - 1)
+        self.router.counts[fork] = self.router.counts.get(fork, 0) + 1
+        return fork, False, measured
+
     def on_task_end(self, trainer: Any, task: Task, task_index: int) -> None:
+        decision, query = self._pending or (None, None)
+        trial, outcome, measured = self._trial, None, {}
+        if trial is not None:
+            expert, outcome, measured = self._commit_trial(trainer, task)
+            self.task_expert[task.name] = expert
+            self._trial = None
         expert = self.task_expert[task.name]
         signer = self._signer(trainer)
         self.task_signatures[task.name] = self._from_main_process(trainer, signer.compute(task, split="eval").vector)
@@ -188,17 +260,24 @@ class ExpertRoutingPlugin(ContinualPlugin):
         acc = self._synced_accuracy(trainer, task, expert)
         self.task_accuracy[task.name] = acc
         self.library.set_metrics(expert, **{f"accuracy/{task.name}": acc})
-        decision, query = self._pending or (None, None)
         if decision is not None and decision.action == "reuse":
-            kept = True
-            for other in served:
-                if other == task.name or other not in known:
-                    continue
-                now = self._synced_accuracy(trainer, known[other], expert)
-                kept = kept and now >= self.task_accuracy[other] - self.tolerance
-                self.library.set_metrics(expert, **{f"accuracy/{other}": now})
-            self.router.record_outcome(query, expert, decision.score, kept)
-            self.decisions[-1]["success"] = kept
+            if outcome is None:  # unchecked reuse: measured after the fact, nothing can be undone
+                outcome = True
+                for other in served:
+                    if other == task.name or other not in known or other not in self.task_accuracy:
+                        continue
+                    now = self._synced_accuracy(trainer, known[other], expert)
+                    measured[other] = now
+                    outcome = outcome and now >= self.task_accuracy[other] - self.tolerance
+                    self.library.set_metrics(expert, **{f"accuracy/{other}": now})
+            self.router.record_outcome(query, decision.expert, decision.score, outcome)
+            self.decisions[-1]["success"] = outcome
+            self.decisions[-1]["checked"] = trial is not None
+            self.decisions[-1]["rolled_back"] = trial is not None and not outcome
+            self.decisions[-1]["trained_expert"] = expert
+            self.decisions[-1]["old_task_accuracy"] = {
+                t: {"before": self.task_accuracy[t], "after": a} for t, a in measured.items()
+            }
         self.library.model.set_adapter(expert)
         self._pending = None
 
@@ -249,12 +328,12 @@ class ExpertRoutingPlugin(ContinualPlugin):
         state saved in `directory` (experts, weights, router) and return the library's model, which has the
         adapters that the snapshot's weights load into (the trainer's fresh backbone has none). None: no state."""
         from ..trainer import PLUGIN_STATE_DIR
-        from ..utils.io import load_state
+        from ..utils.io import load_state_into
 
         folder = Path(directory) / PLUGIN_STATE_DIR / self.name
         if not folder.is_dir():
             return None
-        self.load_state_dict(load_state(folder))
+        load_state_into(self, folder)  # errors name the folder
         return self.library.model
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

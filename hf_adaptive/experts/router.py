@@ -18,7 +18,12 @@ Pieces, each replaceable through `RouterConfig`:
   profiles change.
 * **scorers**: `cosine` (the similarity itself), `linear` (σ(w·(q⊙p) + b), starting as a scaled cosine) and
   `mlp` (on [q⊙p, |q−p|]), the last two trained by `fit_scorer` on recorded outcomes (did reusing that
-  expert for that task keep accuracy?). Learned scorers re-rank the `top_k` nearest experts.
+  expert for that task keep accuracy?). `record_outcome` refits them from all outcomes as soon as there are
+  `min_outcomes` of them with both a success and a failure; until then (`scorer_fitted` False) the router scores
+  by cosine, since an untrained scorer's output means nothing against the thresholds. A fitted learned scorer
+  gives p(reuse succeeds) and re-ranks the `top_k` nearest experts; its score is compared with the probability
+  thresholds `p_reuse` / `p_fork` instead of the cosine thresholds (rules `threshold`, `ucb`, `adaptive`'s band;
+  `calibrated` takes it as the probability itself).
 * **decisions**:
   - `threshold`: reuse if score ≥ `reuse_threshold`, fork if ≥ `fork_threshold`, else create;
   - `ucb`: score + λ·(mean reward − ½) + c·√(ln(1+N)/(1+nᵢ)) per candidate, then the thresholds (tries
@@ -221,8 +226,10 @@ class Router:
         self.n_decisions = 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.linear = LinearScorer(config.dim, init_threshold=config.fork_threshold)
+            self.linear = LinearScorer(config.dim, init_threshold=config.reuse_threshold)
             self.mlp = MLPScorer(config.dim, config.mlp_hidden)
+        #: True once a learned scorer was trained on outcomes; before that `scores` falls back to cosine
+        self.scorer_fitted = False
         self._faiss = None
         self._faiss_dirty = True
         # population statistics for the normalisation (float64 running sums of observed unit vectors)
@@ -405,11 +412,17 @@ class Router:
         top = torch.topk(sims, k)
         return [self.names[int(i)] for i in top.indices], top.values
 
+    @property
+    def learned_scoring(self) -> bool:
+        """Whether scores are a fitted learned scorer's p(reuse succeeds) (else cosine similarities)."""
+        return self.config.scorer != "cosine" and self.scorer_fitted
+
     def scores(self, query: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-        """Candidates and their scores under the configured scorer (learned scorers re-rank the top-k)."""
+        """Candidates and their scores under the configured scorer (a fitted learned scorer re-ranks the top-k;
+        an unfitted one is not used: cosine, so that the cosine thresholds keep their meaning)."""
         q = self.transform(self._check_vector(query))
         names, sims = self._nearest_normalized(q, None)
-        if self.config.scorer == "cosine" or not names:
+        if not self.learned_scoring or not names:
             return names, sims
         profiles = self.normalized_profiles[[self._index[n] for n in names]]
         with torch.no_grad():
@@ -422,9 +435,16 @@ class Router:
     def _by_thresholds(self, score: float, reuse: float, fork: float) -> str:
         return "reuse" if score >= reuse else "fork" if score >= fork else "create"
 
+    def thresholds(self) -> tuple[float, float]:
+        """(reuse, fork) thresholds on the current score scale: the cosine ones, or `p_reuse` / `p_fork` once a
+        learned scorer gives probabilities."""
+        cfg = self.config
+        return (cfg.p_reuse, cfg.p_fork) if self.learned_scoring else (cfg.reuse_threshold, cfg.fork_threshold)
+
     def route(self, query: torch.Tensor) -> RoutingDecision:
         """Decide reuse / fork / create for a task with signature `query` (does not change the state)."""
         cfg = self.config
+        reuse_t, fork_t = self.thresholds()
         names, scores = self.scores(query)
         candidates = list(zip(names, [float(s) for s in scores], strict=True))
         if not names:
@@ -436,7 +456,7 @@ class Router:
                 action, best if action == "reuse" else None, best_score, "bootstrap", candidates=candidates
             )
         if cfg.decision == "threshold":
-            action = self._by_thresholds(best_score, cfg.reuse_threshold, cfg.fork_threshold)
+            action = self._by_thresholds(best_score, reuse_t, fork_t)
             return RoutingDecision(
                 action, None if action == "create" else best, best_score, "threshold", candidates=candidates
             )
@@ -448,11 +468,21 @@ class Router:
                 exploit = cfg.ucb_reward_weight * (self.rewards.get(n, 0.0) / c - 0.5) if c else 0.0
                 values.append(s + exploit + cfg.ucb_c * math.sqrt(math.log(1 + total) / (1 + c)))
             i = max(range(len(values)), key=values.__getitem__)
-            action = self._by_thresholds(values[i], cfg.reuse_threshold, cfg.fork_threshold)
+            action = self._by_thresholds(values[i], reuse_t, fork_t)
             return RoutingDecision(
                 action, None if action == "create" else names[i], values[i], "ucb", candidates=candidates
             )
         if cfg.decision == "calibrated":
+            if self.learned_scoring:  # the fitted scorer's score is already p(reuse succeeds)
+                action = self._by_thresholds(best_score, cfg.p_reuse, cfg.p_fork)
+                return RoutingDecision(
+                    action,
+                    None if action == "create" else best,
+                    best_score,
+                    "calibrated(scorer)",
+                    probability=best_score,
+                    candidates=candidates,
+                )
             if self.calibration is None:
                 action = self._by_thresholds(best_score, cfg.reuse_threshold, cfg.fork_threshold)
                 return RoutingDecision(
@@ -473,7 +503,7 @@ class Router:
                 candidates=candidates,
             )
         # adaptive threshold: the fork band keeps its width below τ
-        band = cfg.reuse_threshold - cfg.fork_threshold
+        band = reuse_t - fork_t
         action = self._by_thresholds(best_score, self.tau, self.tau - band)
         return RoutingDecision(
             action, None if action == "create" else best, best_score, "adaptive", candidates=candidates
@@ -500,7 +530,8 @@ class Router:
             self.counts[used] = self.counts.get(used, 0) + 1
 
     def record_outcome(self, query: torch.Tensor, expert: str, score: float, success: bool) -> None:
-        """A reuse result: the reward of `expert`, τ, and (once enough exist) the calibration are updated."""
+        """A reuse result: the reward of `expert`, τ, and (once `min_outcomes` exist, with both a success and a
+        failure) the calibration and the learned scorer (refitted from all outcomes) are updated."""
         cfg = self.config
         self.outcomes.append(Outcome(self._check_vector(query), expert, float(score), bool(success)))
         self.rewards[expert] = self.rewards.get(expert, 0.0) + float(success)
@@ -511,6 +542,8 @@ class Router:
         labels = {o.success for o in self.outcomes}
         if len(self.outcomes) >= cfg.min_outcomes and len(labels) == 2:
             self.calibrate()
+            if cfg.scorer != "cosine" and any(o.expert in self._index for o in self.outcomes):
+                self.fit_scorer()
 
     def calibrate(self) -> tuple[float, float]:
         """Fit the logistic calibration p = σ(a·score + b) on the recorded outcomes."""
@@ -521,8 +554,19 @@ class Router:
         self.calibration = fit_logistic(x, y)
         return self.calibration
 
+    def _initial_scorer(self) -> torch.nn.Module:
+        """The configured learned scorer as initialised (seeded by `config.seed`, whatever the global RNG)."""
+        cfg = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            linear = LinearScorer(cfg.dim, init_threshold=cfg.reuse_threshold)
+            mlp = MLPScorer(cfg.dim, cfg.mlp_hidden)
+        return linear if cfg.scorer == "linear" else mlp
+
     def fit_scorer(self, epochs: int = 200, lr: float = 0.05) -> float:
-        """Train the configured learned scorer (linear or MLP) by BCE on the outcomes; returns the final loss."""
+        """Train the configured learned scorer (linear or MLP) by BCE on all outcomes whose expert still has a
+        profile, from its seeded initialisation (so the weights depend on the outcomes only, not on how often it
+        was refitted); afterwards the router scores with it. Returns the final loss."""
         if self.config.scorer == "cosine":
             return 0.0
         usable = [o for o in self.outcomes if o.expert in self._index]
@@ -532,13 +576,16 @@ class Router:
         p = self.normalized_profiles[[self._index[o.expert] for o in usable]]
         y = torch.tensor([float(o.success) for o in usable])
         scorer = self.linear if self.config.scorer == "linear" else self.mlp
+        scorer.load_state_dict(self._initial_scorer().state_dict())
         opt = torch.optim.Adam(scorer.parameters(), lr=lr)
         loss = torch.tensor(0.0)
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy(scorer(q, p).clamp(1e-6, 1 - 1e-6), y)
-            loss.backward()
-            opt.step()
+        with torch.enable_grad():
+            for _ in range(epochs):
+                opt.zero_grad()
+                loss = torch.nn.functional.binary_cross_entropy(scorer(q, p).clamp(1e-6, 1 - 1e-6), y)
+                loss.backward()
+                opt.step()
+        self.scorer_fitted = True
         return float(loss.detach())
 
     # ------------------------------------------------------------------ state
@@ -562,6 +609,7 @@ class Router:
             "outcome_success": [o.success for o in outcomes],
             "linear": {k: v.detach().clone() for k, v in self.linear.state_dict().items()},
             "mlp": {k: v.detach().clone() for k, v in self.mlp.state_dict().items()},
+            "scorer_fitted": self.scorer_fitted,
             "observed": self._obs_n,
             "observed_sum": self._obs_sum.clone(),
             "observed_sumsq": self._obs_sumsq.clone(),
@@ -577,6 +625,7 @@ class Router:
             raise ValueError(
                 f"Router state dim={state['config']['dim']} does not match RouterConfig.dim={self.config.dim}"
             )
+        self._check_state(state)
         self.names, self._index = [], {}
         self._profiles = torch.zeros(max(16, len(state["names"])), self.config.dim)
         self.counts, self.rewards = {}, {}
@@ -596,6 +645,7 @@ class Router:
         ]
         self.linear.load_state_dict(state["linear"])
         self.mlp.load_state_dict(state["mlp"])
+        self.scorer_fitted = bool(state.get("scorer_fitted", False))  # older states: never fitted in a run
         if version >= 2:
             self._obs_n = int(state["observed"])
             self._obs_sum = state["observed_sum"].double().clone()
@@ -605,6 +655,37 @@ class Router:
             self._obs_sum = torch.zeros(self.config.dim, dtype=torch.float64)
             self._obs_sumsq = torch.zeros(self.config.dim, dtype=torch.float64)
         self._invalidate()
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Shapes, finiteness and lengths of a saved state, checked before anything is replaced.
+
+        A NaN profile or query loads silently otherwise and turns every later score into NaN (no expert ever
+        reused), far from the file that caused it.
+        """
+        from ..utils.io import StateLoadError, check_tensor
+
+        names = state["names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise StateLoadError(f"Router state names={names!r:.200} is not allowed: expected distinct strings")
+        n, dim = len(names), self.config.dim
+        check_tensor("Router state profiles", state["profiles"], (n, dim))
+        for key in ("counts", "rewards"):
+            if len(state[key]) != n:
+                raise StateLoadError(
+                    f"Router state {key} has {len(state[key])} entries, which is not allowed: one per expert ({n})"
+                )
+        if not math.isfinite(float(state["tau"])):
+            raise StateLoadError(f"Router state tau={state['tau']!r} is not allowed: expected a finite number")
+        n_out = len(state["outcome_experts"])
+        check_tensor("Router state outcome_queries", state["outcome_queries"], (n_out, dim))
+        if not all(math.isfinite(float(x)) for x in state["outcome_scores"]):
+            raise StateLoadError("Router state outcome_scores holds NaN/inf, which is not allowed: expected finite")
+        for part in ("linear", "mlp"):
+            for key, tensor in state[part].items():
+                check_tensor(f"Router state {part}.{key}", tensor)
+        if state.get("version", 1) >= 2:
+            for key in ("observed_sum", "observed_sumsq"):
+                check_tensor(f"Router state {key}", state[key], (dim,))
 
     def save(self, directory: str | os.PathLike) -> Path:
         """`directory/tensors.safetensors` + `directory/state.json` (no pickle)."""
@@ -624,6 +705,12 @@ class Router:
             config["normalize"] = "none"
         if config.get("index") in ("faiss",) and not faiss_available():
             config["index"] = "exact"
-        router = cls(RouterConfig(**config))
-        router.load_state_dict(state)
+        from ..utils.io import StateLoadError
+
+        try:
+            router = cls(RouterConfig(**config))
+            router.load_state_dict(state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # StateLoadError is a ValueError
+            detail = f"missing key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+            raise StateLoadError(f"the router saved in {Path(directory)} cannot be loaded: {detail}") from err
         return router

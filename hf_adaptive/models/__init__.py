@@ -5,7 +5,7 @@ from .loading import TINY_MODEL_NAME, load_model_and_tokenizer
 from .pruning import load_pruned_model, prune_heads, save_pruned_model
 from .tiny import build_tiny_gemma, build_tokenizer, tiny_gemma_config
 
-#: the mission's name for the gated wrapper: it gates Gemma (1/2/3) and Llama-family attention alike
+#: an alias of `GatedModel` kept for the README and older code: it gates Gemma (1/2/3) and Llama-family attention
 GatedGemma = GatedModel
 
 __all__ = [

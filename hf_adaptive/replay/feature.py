@@ -4,7 +4,8 @@ What a "feature" is: the last hidden state (after the final norm, `outputs.hidde
 position* of a row, i.e. at the last prompt token, whose next-token prediction is the answer. It is the
 representation the label decision is read from, so keeping it stable keeps old tasks' decisions stable.
 
-At the end of each task, `samples_per_task` training rows of the task go through the model once, in eval mode
+At the end of each task, `samples_per_task` training rows of the task (a seeded sample stratified by label,
+`_common.task_rows`; a distillation loss, so label smoothing does not apply) go through the model once, in eval mode
 under `torch.no_grad` (no copy of the model is made). The memory keeps, per task:
 
 * the rows' prompt tokens (int32; the features depend only on them, the model being causal);
@@ -22,10 +23,9 @@ under `torch.no_grad` (no copy of the model is made). The memory keeps, per task
 Both losses are exactly 0 for the model the memory was taken from (without dropout) and have a gradient that
 reaches every parameter the features depend on. What it does not protect: the output head. With tied
 embeddings (Gemma) the label words' rows move while a new task trains, so old decisions can change even with
-features kept; pair it with exact replay or EWC (the hybrid of the design notes: replay_alpha=0.2 with
-feature_replay_alpha=0.1). At each training step `batch_size` stored rows (all old tasks
-together) are drawn and one extra forward runs on them; the term is ``LossTerm("feature_replay", loss,
-weight=feature_replay_alpha)``.
+features kept; pair it with exact replay or EWC (for example replay_alpha=0.2 with feature_replay_alpha=0.1).
+At each training step `batch_size` stored rows (all old tasks together) are drawn and one extra forward runs
+on them; the term is ``LossTerm("feature_replay", loss, weight=feature_replay_alpha)``.
 
 Memory bound, per stored row of ``L`` prompt tokens: ``4 L`` bytes of tokens plus ``hidden × 4`` bytes
 (``"features"``, float32; 2 with ``feature_dtype=torch.bfloat16``) or ``K × 4`` bytes (``"prototypes"``); per
@@ -181,12 +181,16 @@ class FeatureReplayPlugin(ContinualPlugin):
 
     @classmethod
     def from_config(cls, args: ContinualConfig, **overrides: Any) -> FeatureReplayPlugin:
-        """From `feature_replay_alpha`, `replay_buffer_size` (as `max_rows`), `replay_batch_size` and `seed`."""
+        """From the `feature_replay_*` fields, `replay_buffer_size` (as `max_rows`), `replay_batch_size`, `seed`."""
         kwargs = dict(
             alpha=args.feature_replay_alpha,
+            samples_per_task=args.feature_replay_samples_per_task,
             max_rows=args.replay_buffer_size,
+            target=args.feature_replay_target,
+            k_per_class=args.feature_replay_k_per_class,
             batch_size=args.replay_batch_size,
             seed=args.seed,
+            feature_dtype=getattr(torch, args.feature_replay_dtype),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -194,8 +198,8 @@ class FeatureReplayPlugin(ContinualPlugin):
     # ------------------------------------------------------------------ memory
     def on_task_end(self, trainer: Any, task: Any, task_index: int) -> None:
         tokenizer = trainer_tokenizer(trainer, "FeatureReplayPlugin")
-        rows = task_rows(task, tokenizer, self.samples_per_task)
-        classes = torch.tensor([int(x) for x in task.train_dataset["label"][: len(rows)]], dtype=torch.long)
+        rows = task_rows(task, tokenizer, self.samples_per_task, seed=self.seed, task_index=task_index)
+        classes = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         self.remember(trainer.model, task.name, prompt_tokens(rows), classes, tokenizer.pad_token_id or 0)
 
     def remember(

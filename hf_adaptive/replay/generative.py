@@ -19,12 +19,15 @@ Here, with a task's template ``"<task name> : {text} ?"`` and verbalizer ``["yes
   `max_rounds` rounds of sampling (each asking for 1.5 × what is still missing) fill each task's share.
 * Replaying: accepted pseudo-examples are re-encoded exactly like real rows (`encode_example`), kept in a
   balanced `ReplayMemory` that is rebuilt before every new task, and replayed like exact replay:
-  ``LossTerm("generative_replay", answer loss of replay_batch_size pseudo rows, weight=replay_alpha)``.
+  ``LossTerm("generative_replay", answer loss of replay_batch_size pseudo rows, weight=replay_alpha)``; the
+  answer loss is the task loss's (label-smoothed when ``args.label_smoothing_factor > 0``, `_common.answer_loss`),
+  while ``generative_lm`` stays the plain LAMOL language-modelling loss (it is not a classification loss).
 
 Prototype-conditioned variant (``conditioning="prototype"``): at the end of each task the answer-position
-features of `prototype_samples` real rows are computed (see `feature.py`); for each class, the
-`prototypes_per_class` real rows nearest to the class mean (the class prototype, L2 distance) with distinct
-prefixes are kept, but only the first `prefix_words` tokens of their text. Generation for that task then starts
+features of `prototype_samples` real rows (a seeded sample stratified by label, `_common.task_rows`) are
+computed (see `feature.py`); for each class, the `prototypes_per_class` real rows nearest to the class mean
+(the class prototype, L2 distance) with distinct prefixes are kept, but only the first `prefix_words` tokens of
+their text. Generation for that task then starts
 from ``<bos> <task name> : <prototype prefix>``, cycling over the stored prototypes of every class, so the
 pseudo-examples are anchored near real, class-representative inputs and balanced over classes (plain LAMOL
 sampling drifts toward the majority label). The filter is the same.
@@ -47,7 +50,16 @@ import torch.nn.functional as F
 
 from ..plugins import ContinualPlugin, LossTerm
 from ..tasks import Task, encode_example
-from ._common import IGNORE_INDEX, check_number, collate, fail, model_device, task_rows, trainer_tokenizer
+from ._common import (
+    IGNORE_INDEX,
+    answer_loss,
+    check_number,
+    collate,
+    fail,
+    model_device,
+    task_rows,
+    trainer_tokenizer,
+)
 from .buffer import ReplayMemory
 from .feature import class_prototypes, extract_features, prompt_tokens
 
@@ -187,7 +199,16 @@ class GenerativeReplayPlugin(ContinualPlugin):
         kwargs = dict(
             ratio=args.generative_replay_ratio,
             alpha=args.replay_alpha,
+            lm_lambda=args.generative_replay_lm_lambda,
             batch_size=args.replay_batch_size,
+            conditioning=args.generative_replay_conditioning,
+            max_new_tokens=args.generative_replay_max_new_tokens,
+            top_k=args.generative_replay_top_k,
+            temperature=args.generative_replay_temperature,
+            max_rounds=args.generative_replay_max_rounds,
+            prototype_samples=args.generative_replay_prototype_samples,
+            prototypes_per_class=args.generative_replay_prototypes_per_class,
+            prefix_words=args.generative_replay_prefix_words,
             seed=args.seed,
         )
         kwargs.update(overrides)
@@ -199,8 +220,8 @@ class GenerativeReplayPlugin(ContinualPlugin):
             self.specs.append(TaskSpec(task.name, task.template, list(task.verbalizer)))
         if self.conditioning == "prototype":
             tokenizer = trainer_tokenizer(trainer, "GenerativeReplayPlugin")
-            rows = task_rows(task, tokenizer, self.prototype_samples)
-            classes = torch.tensor([int(x) for x in task.train_dataset["label"][: len(rows)]], dtype=torch.long)
+            rows = task_rows(task, tokenizer, self.prototype_samples, seed=self.seed, task_index=task_index)
+            classes = torch.tensor([r["label"] for r in rows], dtype=torch.long)
             self.prototypes[task.name] = self.select_prototypes(trainer.model, task, rows, classes, tokenizer)
 
     def select_prototypes(
@@ -326,10 +347,12 @@ class GenerativeReplayPlugin(ContinualPlugin):
                 trainer_tokenizer(trainer, "GenerativeReplayPlugin"),
                 model_device(model),
             )
-            out = model(**batch)
-            terms.append(LossTerm(self.name, out.loss, weight=self.alpha))
-            if self.lm_lambda > 0:
+            if self.lm_lambda > 0:  # one forward serves both terms
+                out = model(**{k: v for k, v in batch.items() if k != "labels"})
+                terms.append(LossTerm(self.name, answer_loss(trainer, model, batch, out), weight=self.alpha))
                 lm_parts.append(lm_loss(out.logits, batch["input_ids"], batch["attention_mask"]))
+            else:
+                terms.append(LossTerm(self.name, answer_loss(trainer, model, batch), weight=self.alpha))
         if lm_parts:
             terms.append(LossTerm("generative_lm", torch.stack(lm_parts).mean(), weight=self.lm_lambda))
         return terms

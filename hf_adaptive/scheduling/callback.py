@@ -2,7 +2,9 @@
 
 The Trainer owns the optimizer step, so the scheduler's pieces run at its hooks:
 
-* `on_pre_optimizer_step`: non-finite gradients (a NaN/inf loss) are dropped, so `optimizer.step()` changes nothing;
+* `on_pre_optimizer_step`: non-finite gradients (a NaN/inf loss) are dropped, so `optimizer.step()` changes nothing.
+  Inside a `ContinualTrainer` its always-on guard has already decided (and skipped, counted and logged the step, and
+  applies `nonfinite_patience`): the callback takes that decision instead of its own, so a skip is counted once;
 * `on_optimizer_step`: exploration dither (when enabled);
 * `on_step_end`: the adaptive LR/momentum are written back over what the Trainer's own LR scheduler just wrote;
 * `on_log`: each logged training loss (every `logging_steps`) is one observation of the adaptive laws; a skipped
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..plugins import ContinualPlugin
+from ..trainer import NONFINITE_SKIP_ATTR as TRAINER_SKIP_ATTR
 from .adaptive_scheduler import AdaptiveScheduler, AdaptiveSchedulerConfig
 
 
@@ -38,8 +41,9 @@ class AdaptiveSchedulerCallback(ContinualPlugin):
             dither=args.adaptive_dither,
             seed=args.seed,
         )
+        reward_key = overrides.pop("reward_key", args.adaptive_reward_key)
         values.update(overrides)
-        return cls(AdaptiveSchedulerConfig(**values))
+        return cls(AdaptiveSchedulerConfig(**values), reward_key=reward_key)
 
     def __init__(self, config: AdaptiveSchedulerConfig | None = None, reward_key: str | None = None) -> None:
         self.config = config or AdaptiveSchedulerConfig()
@@ -49,6 +53,7 @@ class AdaptiveSchedulerCallback(ContinualPlugin):
         self._pending: dict[str, Any] | None = None
         self._skipped_since_log = False
         self._skipped_this_step = False
+        self._trainer_guards = False
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) != "constant":
@@ -70,9 +75,15 @@ class AdaptiveSchedulerCallback(ContinualPlugin):
             self._pending = None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.scheduler is not None:
+        if self.scheduler is None:
+            return
+        decided = getattr(self.scheduler.optimizer, TRAINER_SKIP_ATTR, None)
+        self._trainer_guards = decided is not None
+        if self._trainer_guards:  # the trainer's guard ran first (and already dropped the gradients)
+            self._skipped_this_step = bool(decided)
+        else:  # a plain Trainer: guard here
             self._skipped_this_step = not self.scheduler.guard_gradients()
-            self._skipped_since_log |= self._skipped_this_step
+        self._skipped_since_log |= self._skipped_this_step
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.scheduler is not None and not self._skipped_this_step:
@@ -95,7 +106,9 @@ class AdaptiveSchedulerCallback(ContinualPlugin):
         snap = self.scheduler.observe(logs["loss"], reward=reward, skipped=self._skipped_since_log)
         self._sync_logged_lr(lr_scheduler)
         self._skipped_since_log = False
-        extra = {"adaptive_lr": snap.lr, "adaptive_sigma": snap.sigma, "skipped_steps": self.scheduler.num_skipped}
+        extra = {"adaptive_lr": snap.lr, "adaptive_sigma": snap.sigma}
+        if not self._trainer_guards:  # otherwise the trainer logs its own count, `nonfinite_steps_skipped`
+            extra["skipped_steps"] = self.scheduler.num_skipped
         if snap.momentum is not None:
             extra["adaptive_momentum"] = snap.momentum
         logs.update(extra)

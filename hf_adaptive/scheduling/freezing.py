@@ -186,6 +186,9 @@ class SelectiveFreezingCallback(ContinualPlugin):
             threshold_mode=args.freeze_threshold_mode,
             granularity=args.freeze_granularity,
             probe_every=args.freeze_probe_every,
+            ema_beta=args.freeze_ema_beta,
+            warmup_steps=args.freeze_warmup_steps,
+            max_frozen_fraction=args.freeze_max_frozen_fraction,
         )
         values.update(overrides)
         return cls(FreezingConfig(**values))

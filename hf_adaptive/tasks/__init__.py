@@ -8,9 +8,18 @@ from .formatting import (  # noqa: E402
     IGNORE_INDEX,
     CausalLMCollator,
     encode_example,
+    label_token_ids,
     rank_classify,
     task_accuracy,
     tokenize_task,
 )
 
-__all__ += ["IGNORE_INDEX", "CausalLMCollator", "encode_example", "rank_classify", "task_accuracy", "tokenize_task"]
+__all__ += [
+    "IGNORE_INDEX",
+    "CausalLMCollator",
+    "encode_example",
+    "label_token_ids",
+    "rank_classify",
+    "task_accuracy",
+    "tokenize_task",
+]

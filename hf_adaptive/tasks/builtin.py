@@ -61,10 +61,13 @@ def _examples(rule: Rule, n: int, rng: random.Random) -> list[dict]:
 
 def make_task(name: str, n_train: int = 256, n_eval: int = 128, seed: int = 0) -> Task:
     """One built-in task by name, with seeded train and eval splits."""
-    if name not in RULES:
-        raise ValueError(f"unknown built-in task name={name!r}; allowed: {sorted(RULES)}")
-    if n_train < 2 or n_eval < 2:
-        raise ValueError(f"n_train and n_eval must be >= 2, got n_train={n_train}, n_eval={n_eval}")
+    if not isinstance(name, str) or name not in RULES:
+        raise ValueError(f"make_task.name={name!r} is not allowed: one of the built-in tasks {sorted(RULES)}")
+    for field_name, value in (("n_train", n_train), ("n_eval", n_eval)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"make_task.{field_name}={value!r} is not allowed: an integer >= 2 (both labels appear)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"make_task.seed={seed!r} is not allowed: an integer")
     description, rule = RULES[name]
     rng = random.Random(f"{seed}-{name}")
     from datasets import Dataset
@@ -82,8 +85,17 @@ def make_task(name: str, n_train: int = 256, n_eval: int = 128, seed: int = 0) -
 def builtin_suite(
     names: Sequence[str] | None = None, n_train: int = 256, n_eval: int = 128, seed: int = 0
 ) -> list[Task]:
-    """The built-in task sequence (default: `DEFAULT_SUITE`)."""
-    return [make_task(n, n_train=n_train, n_eval=n_eval, seed=seed) for n in (names or DEFAULT_SUITE)]
+    """The built-in task sequence (default, `names=None`: `DEFAULT_SUITE`).
+
+    An empty `names` is an error rather than the default suite: an empty selection is a mistake to report.
+    """
+    if names is None:
+        names = DEFAULT_SUITE
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ValueError(
+            f"builtin_suite.names={names!r} is not allowed: None or a non-empty list of task names from {sorted(RULES)}"
+        )
+    return [make_task(n, n_train=n_train, n_eval=n_eval, seed=seed) for n in names]
 
 
 def builtin_vocabulary() -> list[str]:

@@ -93,13 +93,119 @@ def save_state(directory: str | os.PathLike, state: Mapping[str, Any]) -> None:
     atomic_write_json(directory / META_FILE, skeleton)
 
 
+class StateLoadError(ValueError):
+    """Saved state that cannot be restored: unreadable, truncated, incomplete or with wrong values.
+
+    The message always names the file (or folder) it came from, so that a bad checkpoint can be found.
+    """
+
+
+def _tensor_refs(obj: Any, out: list[str]) -> list[str]:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR_REF}:
+            out.append(obj[_TENSOR_REF])
+        else:
+            for v in obj.values():
+                _tensor_refs(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _tensor_refs(v, out)
+    return out
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """`json.loads` of a file, with a `StateLoadError` naming the file when it is unreadable or truncated."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        detail = f"{type(err).__name__}: {err}"
+        raise StateLoadError(f"{path} is not readable JSON (truncated or corrupt?): {detail}") from err
+
+
+def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """`safetensors.load_file` with a `StateLoadError` naming the file when it is missing, truncated or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateLoadError(f"{path} is missing")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors raises its own SafetensorError, OSError, or RuntimeError
+        raise StateLoadError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {type(err).__name__}: {err}"
+        ) from err
+
+
 def load_state(directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Inverse of `save_state`."""
+    """Inverse of `save_state`.
+
+    Raises `FileNotFoundError` when there is no `state.json`, and `StateLoadError` naming the file when the JSON
+    or the safetensors file is truncated or corrupt, or when the JSON refers to tensors that are not there.
+    """
     directory = Path(directory)
     meta = directory / META_FILE
     if not meta.is_file():
         raise FileNotFoundError(f"no saved state in {directory} (missing {META_FILE})")
-    skeleton = json.loads(meta.read_text(encoding="utf-8"))
+    skeleton = read_json(meta)
+    if not isinstance(skeleton, dict):
+        raise StateLoadError(f"{meta} holds a {type(skeleton).__name__}, not an object of saved state")
+    refs = _tensor_refs(skeleton, [])
     tensor_file = directory / TENSORS_FILE
-    tensors = load_file(str(tensor_file), device=str(device)) if tensor_file.is_file() else {}
+    if refs and not tensor_file.is_file():
+        raise StateLoadError(f"{tensor_file} is missing: {meta} refers to {len(refs)} tensors (e.g. {refs[0]!r})")
+    tensors = read_tensors(tensor_file, device) if tensor_file.is_file() else {}
+    missing = [r for r in refs if not isinstance(r, str) or r not in tensors]
+    if missing:
+        raise StateLoadError(f"{tensor_file} lacks {len(missing)} tensors that {meta} refers to: {missing[:5]!r}")
     return _join(skeleton, tensors)
+
+
+def check_tensor(
+    name: str,
+    tensor: Any,
+    shape: tuple[int, ...] | list[int] | torch.Size | None = None,
+    *,
+    finite: bool = True,
+    floating: bool = False,
+    nonnegative: bool = False,
+    file: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """Check one loaded tensor (type, shape, finiteness, sign); `StateLoadError` names `name`, the value and `file`.
+
+    Loading is where wrong state must be caught: a NaN or a wrongly shaped tensor that loads silently breaks a run
+    much later (broadcasting, NaN losses), far from its cause.
+    """
+    where = f" (in {file})" if file is not None else ""
+    if not isinstance(tensor, torch.Tensor):
+        raise StateLoadError(f"{name}={type(tensor).__name__} is not allowed{where}: expected a tensor")
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise StateLoadError(f"{name}.shape={tuple(tensor.shape)} is not allowed{where}: expected {tuple(shape)}")
+    if floating and not tensor.is_floating_point():
+        raise StateLoadError(f"{name}.dtype={tensor.dtype} is not allowed{where}: expected a floating point tensor")
+    if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise StateLoadError(f"{name} holds {bad} NaN/inf values, which is not allowed{where}: expected finite values")
+    if nonnegative and bool((tensor < 0).any()):
+        raise StateLoadError(f"{name} holds negative values, which is not allowed{where}: expected values >= 0")
+    return tensor
+
+
+def load_state_into(target: Any, directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """`target.load_state_dict(load_state(directory))`, with every error raised as `StateLoadError` naming the folder.
+
+    `load_state_dict` methods see a dict, not a file; this is where the file name is added to what they reject
+    (missing keys, wrong shapes, NaN).
+    """
+    directory = Path(directory)
+    state = load_state(directory, device=device)
+    try:
+        target.load_state_dict(state)
+    except (StateLoadError, KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as err:
+        owner = type(target).__name__
+        detail = f"missing key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise StateLoadError(
+            f"{owner} state in {directory / META_FILE} + {directory / TENSORS_FILE} cannot be loaded: {detail}"
+        ) from err
+    return state

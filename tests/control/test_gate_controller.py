@@ -98,19 +98,30 @@ def test_log_prob_is_the_exact_sequential_masked_probability():
 
 
 @pytest.mark.parametrize("algorithm", ["reinforce", "a2c", "ppo"])
-def test_each_algorithm_improves_a_fixed_synthetic_reward(algorithm):
-    gains = []
-    for seed in range(3):
-        ctrl = GateController(L, H, GateControllerConfig(algorithm=algorithm, max_active_fraction=0.75, seed=seed))
-        matches = _run(ctrl, 200)
-        gains.append(sum(matches[-40:]) / 40 - sum(matches[:20]) / 20)
-        assert ctrl.updates > 0
-    # averaged over seeds the controller ends much closer to the rewarded gates than a fresh policy is
-    assert sum(gains) / len(gains) > 0.15, gains
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_an_update_moves_the_taken_action_with_the_sign_of_its_advantage(algorithm, sign, seed):
+    """The policy-gradient mechanism itself, on any trajectory: a reward above the critic's value makes the action
+    that earned it more likely, one below makes it less likely (value and entropy terms off, so only the policy term
+    moves the weights; a small step, so the first-order effect decides)."""
+    cfg = GateControllerConfig(
+        algorithm=algorithm, max_active_fraction=0.75, value_coef=0.0, entropy_coef=0.0, lr=1e-3, seed=seed
+    )
+    ctrl = GateController(L, H, cfg)
+    ctrl.act(torch.rand(L, H, generator=torch.Generator().manual_seed(seed)), None)
+    transition = ctrl.pending
+    ctrl.observe(float(transition["value"]) + sign)  # advantage = reward - value = sign (no bootstrap below)
+    with torch.no_grad():
+        before = ctrl._evaluate(transition)[0].sum()
+    ctrl._update()  # no next state: the return is the reward itself
+    with torch.no_grad():
+        after = ctrl._evaluate(transition)[0].sum()
+    assert ctrl.updates == 1
+    assert sign * (after - before) > 0, (float(before), float(after))
 
 
 def test_untrained_policy_does_not_improve(monkeypatch):
-    """Control for the test above: with learning switched off the same loop does not improve."""
+    """With learning switched off the synthetic loop does not improve (the loop itself rewards nothing by chance)."""
     gains = []
     for seed in range(3):
         ctrl = GateController(L, H, GateControllerConfig(algorithm="ppo", max_active_fraction=0.75, seed=seed))

@@ -32,7 +32,8 @@ def test_routing_plugin_in_a_sequence(tiny_model, tokenizer, tmp_path):
         per_device_train_batch_size=8,
         num_train_epochs=1,
         learning_rate=5e-3,
-        save_strategy="no",
+        save_strategy="steps",  # end-of-task snapshots (read below) follow the save settings
+        save_steps=10_000,
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
@@ -244,10 +245,14 @@ def test_two_processes_route_identically(tmp_path):
     (another projection seed on each): the plugin broadcasts the main process's signatures and accuracies, so both
     processes take the same decisions, keep the same router state and train the same adapters."""
     import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
 
+    with socket.socket() as sock:  # a free port, not "0": accelerate < 1.7 does not pick one for port 0
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     root = Path(__file__).resolve().parents[2]
     script = tmp_path / "ddp_routing.py"
     script.write_text(_DDP_SCRIPT)
@@ -255,7 +260,7 @@ def test_two_processes_route_identically(tmp_path):
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
         str(script), str(tmp_path), "desync",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)

@@ -282,12 +282,14 @@ def test_hard_concrete_sampled_once_per_forward_under_gradient_checkpointing(tok
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
-def test_l0_plugin_trains_gates_in_continual_trainer(tmp_path, tokenizer, small_tasks):
+def test_l0_plugin_trains_gates_in_continual_trainer(tmp_path, tokenizer, small_tasks, test_seed):
+    """Weight 5 on the L0 term, whose gradient on every log_alpha is positive: it outweighs the task's pull on the
+    gates, so most gates close in a few Adam steps whatever the seed (the effect is large by construction)."""
     from hf_adaptive.config import ContinualConfig
     from hf_adaptive.tasks import CausalLMCollator, tokenize_task
     from hf_adaptive.trainer import ContinualTrainer
 
-    model, _ = build_tiny_gemma(tokenizer, seed=0)
+    model, _ = build_tiny_gemma(tokenizer, seed=test_seed)
     gated = gate_model(model, mode="hard_concrete", init_log_alpha=1.0)
     before = gated.log_alpha.detach().clone()
     args = ContinualConfig(
@@ -300,6 +302,7 @@ def test_l0_plugin_trains_gates_in_continual_trainer(tmp_path, tokenizer, small_
         logging_steps=1,
         use_cpu=True,
         disable_tqdm=True,
+        seed=test_seed,
     )
     rows = tokenize_task(small_tasks[0], tokenizer)
     trainer = ContinualTrainer(
@@ -312,4 +315,4 @@ def test_l0_plugin_trains_gates_in_continual_trainer(tmp_path, tokenizer, small_
     trainer.train()
     logged = [r["loss_head_l0"] for r in trainer.state.log_history if "loss_head_l0" in r]
     assert logged and logged[-1] < logged[0]  # the penalty closes gates
-    assert (gated.log_alpha.detach() < before).float().mean() > 0.5
+    assert (gated.log_alpha.detach() < before).float().mean() > 0.5, gated.log_alpha.detach() - before

@@ -7,6 +7,7 @@ import torch
 
 from hf_adaptive.config import ContinualConfig
 from hf_adaptive.replay import FeatureReplayPlugin
+from hf_adaptive.replay._common import task_row_indices
 from hf_adaptive.utils.io import load_state, save_state
 
 
@@ -23,7 +24,9 @@ def test_prototypes_equal_a_hand_computation(stand_in, two_tasks, tiny_model, to
     plugin = FeatureReplayPlugin(alpha=0.1, samples_per_task=16)
     plugin.on_task_end(stand_in, task, 0)
     mem = plugin.memory[task.name]
-    texts, labels = task.train_dataset["text"][:16], task.train_dataset["label"][:16]
+    idx = task_row_indices(task, 16, seed=0, task_index=0)  # the seeded, label-stratified rows it keeps
+    texts = [task.train_dataset["text"][i] for i in idx]
+    labels = [task.train_dataset["label"][i] for i in idx]
     feats = torch.stack([hand_feature(tiny_model, tokenizer, task, t) for t in texts])
     labels = torch.tensor(labels)
     expected = torch.stack([feats[labels == c].mean(0) for c in (0, 1)])
@@ -82,7 +85,7 @@ def test_loss_equals_hand_mse(stand_in, two_tasks, tiny_model, tokenizer):
         tiny_model.model.norm.weight.add_(0.3)
     picks = plugin.sample(4)
     loss = plugin.distillation_loss(tiny_model, picks)
-    texts = task.train_dataset["text"]
+    texts = [task.train_dataset["text"][i] for i in task_row_indices(task, 6, seed=0, task_index=0)]
     hand = torch.stack(
         [(hand_feature(tiny_model, tokenizer, task, texts[i]) - stored[i]).pow(2).mean() for _, i in picks]
     )
@@ -152,7 +155,7 @@ def test_max_rows_caps_the_memory_with_equal_shares(stand_in, two_tasks, tokeniz
     torch.testing.assert_close(mem["prototypes"], protos_before)  # the summary keeps all 20 rows
     # kept rows still carry their own targets: the loss of the unchanged model stays zero
     assert float(plugin.distillation_loss(stand_in.model, plugin.sample(15)).detach()) < 1e-10
-    texts = two_tasks[0].train_dataset["text"][:20]
+    texts = [two_tasks[0].train_dataset["text"][i] for i in task_row_indices(two_tasks[0], 20, seed=0, task_index=0)]
     prompts = {
         tuple([tokenizer.bos_token_id] + tokenizer(two_tasks[0].prompt(t), add_special_tokens=False)["input_ids"])
         for t in texts

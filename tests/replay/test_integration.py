@@ -20,6 +20,8 @@ def test_two_task_sequence_with_replay(tiny_model, tokenizer, tmp_path, make_arg
         seed=0,
         evaluate_unseen_tasks=False,
         save_results_plot=False,
+        save_strategy="steps",  # end-of-task snapshots (read below) follow the save settings
+        save_steps=10_000,
     )
     plugin = ReplayPlugin.from_config(args)
     trainer = ContinualTrainer(model=tiny_model, args=args, processing_class=tokenizer, callbacks=[plugin])
