@@ -6,9 +6,12 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
+# the package of this checkout, also when it is not installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,15 +55,18 @@ def environment() -> dict:
     }
 
 
-def write_results(name: str, data: dict, markdown: str) -> None:
+def write_results(name: str, data: dict, markdown: str, out: Path | str = RESULTS) -> None:
+    """`<out>/<name>.json` (`data` plus the `environment`, a script's own entries there kept) and `<out>/<name>.md`,
+    each written atomically; prints the markdown. Every benchmark writes its results through here."""
     from hf_adaptive.utils.io import atomic_write_json, atomic_write_text
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    data = {**data, "environment": environment()}
-    atomic_write_json(RESULTS / f"{name}.json", data)
-    atomic_write_text(RESULTS / f"{name}.md", markdown.rstrip() + "\n")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {**data, "environment": {**environment(), **data.get("environment", {})}}
+    atomic_write_json(out / f"{name}.json", data)
+    atomic_write_text(out / f"{name}.md", markdown.rstrip() + "\n")
     print(markdown)
-    print(f"\nwritten: {RESULTS / (name + '.md')}, {RESULTS / (name + '.json')}")
+    print(f"\nwritten: {out / (name + '.md')}, {out / (name + '.json')}")
 
 
 def dumps(obj) -> str:

@@ -22,7 +22,6 @@ the markdown from the same numbers as the JSON): the committed files are this sc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,18 +29,14 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402, I001  (first: sets the single-threaded, offline environment)
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_adaptive.consolidation.fisher import auto_chunk_size, compute_fisher, minibatch_fisher  # noqa: E402
 from hf_adaptive.models import build_tiny_gemma, build_tokenizer  # noqa: E402
 from hf_adaptive.tasks import builtin_suite, tokenize_task  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 TARGET = 4.0
 
 
@@ -64,9 +59,13 @@ def _model(tokenizer, lora: bool):
     model, _ = build_tiny_gemma(tokenizer, seed=0)
     if not lora:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    from hf_adaptive.adapters import lora_config
+
+    # task_type=None: a plain PeftModel, as the committed results were measured
+    config = lora_config(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type=None)
+    torch.manual_seed(0)  # lora_A's initialisation draws from the global generator: fix it, whatever ran before
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # a trained adapter: B != 0, otherwise every lora_A gradient is zero
         for name, p in peft_model.named_parameters():
@@ -237,14 +236,8 @@ def main() -> None:
     }
     if load_average is not None:
         env["load_average"] = load_average
-    from hf_adaptive.utils.io import atomic_write_text
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "target_speedup": TARGET, "results": results}
-    text = _markdown(results, env, args.chunk_size)
-    atomic_write_text(RESULTS / "fisher.json", json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(RESULTS / "fisher.md", text)
-    print(text)
+    write_results("fisher", payload, _markdown(results, env, args.chunk_size))
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, write_results  # noqa: E402, I001  (first: sets the single-threaded, offline environment)
 import torch  # noqa: E402
-from common import RESULTS  # noqa: E402  (also sets the single-threaded, offline environment)
 
 from hf_adaptive.models import build_tiny_gemma, build_tokenizer  # noqa: E402
 from hf_adaptive.scheduling import Freezer, FreezingConfig  # noqa: E402
 from hf_adaptive.tasks import CausalLMCollator, builtin_suite, task_accuracy, tokenize_task  # noqa: E402
-from hf_adaptive.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def run_arm(
@@ -162,10 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             "",
         ]
     )
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "freezing.md", report)
-    atomic_write_json(args.out / "freezing.json", {"meta": meta, "summary": summary, "runs": runs})
+    write_results("freezing", {"meta": meta, "summary": summary, "runs": runs}, report, out=args.out)
     return summary
 
 

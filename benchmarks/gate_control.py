@@ -22,28 +22,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402, I001  (first: sets the single-threaded, offline environment)
 import torch  # noqa: E402
 
 from hf_adaptive.control.feedback import validation_loss  # noqa: E402
 from hf_adaptive.control.gate_controller import GateController, GateControllerConfig  # noqa: E402
-from hf_adaptive.models import build_tiny_gemma, build_tokenizer  # noqa: E402
-from hf_adaptive.models.gated import attention_entropy, gate_model, head_importance, o_proj_magnitude  # noqa: E402
+from hf_adaptive.models import (  # noqa: E402
+    attention_entropy,
+    build_tiny_gemma,
+    build_tokenizer,
+    gate_model,
+    head_importance,
+    o_proj_magnitude,
+)
+from hf_adaptive.models.tiny import TINY_PRESETS  # noqa: E402
 from hf_adaptive.tasks import CausalLMCollator, builtin_suite, task_accuracy, tokenize_task  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-LAYERS, HEADS = 4, 8
+PRESET = "gates"
+LAYERS, HEADS = TINY_PRESETS[PRESET]["num_hidden_layers"], TINY_PRESETS[PRESET]["num_attention_heads"]
 
 
 def batches(rows, collate, bs=64):
@@ -99,8 +102,8 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=600)
     p.add_argument("--controller-steps", type=int, default=100)
     p.add_argument("--algorithm", default="ppo", choices=["reinforce", "a2c", "ppo"])
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "gate_control"))
-    p.add_argument("--plot", default=str(ROOT / "docs" / "gate_control_pareto.png"))
+    p.add_argument("--out", default=str(RESULTS / "gate_control"))
+    p.add_argument("--plot", default=str(RESULTS.parent / "gate_control_pareto.png"))
     args = p.parse_args()
     if args.quick:
         args.train_steps, args.controller_steps = 60, 6
@@ -117,16 +120,7 @@ def main() -> None:
     val_batches, test_batches = batches(val_rows, collate), batches(test_rows, collate)
     stats_batches = [collate(val_rows[::8])]
 
-    model, _ = build_tiny_gemma(
-        tokenizer,
-        seed=0,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=4,
-        head_dim=16,
-    )
+    model, _ = build_tiny_gemma(tokenizer, seed=0, preset=PRESET)
     train(model, train_rows, collate, args.train_steps, 3e-3, seed=0)
     gated = gate_model(model)
     full_loss, full_acc = evaluate(model, gated, torch.ones(LAYERS, HEADS), test_batches, test_tasks, tokenizer)
@@ -228,14 +222,11 @@ def main() -> None:
         },
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    write_markdown(out.with_suffix(".md"), result, Path(args.plot))
     plot(Path(args.plot), rows, front, n)
-    print(out.with_suffix(".md").read_text())
+    write_results(out.name, result, markdown(result, Path(args.plot)), out=out.parent)
 
 
-def write_markdown(path: Path, result: dict, plot_path: Path) -> None:
+def markdown(result: dict, plot_path: Path) -> str:
     m = result["meta"]
     lines = [
         "# Gate control: which heads to keep at a budget",
@@ -265,7 +256,7 @@ def write_markdown(path: Path, result: dict, plot_path: Path) -> None:
         "",
         f"![Pareto front](../{plot_path.name})",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def plot(path: Path, rows: list[dict], front: list[dict], n: int) -> None:

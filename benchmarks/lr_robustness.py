@@ -23,14 +23,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, write_results  # noqa: E402, I001  (first: sets the single-threaded, offline environment)
 import torch  # noqa: E402
-from common import RESULTS  # noqa: E402  (also sets the single-threaded, offline environment)
 
 from hf_adaptive.models import build_tiny_gemma, build_tokenizer  # noqa: E402
 from hf_adaptive.scheduling import AdaptiveScheduler, AdaptiveSchedulerConfig  # noqa: E402
-from hf_adaptive.tasks import CausalLMCollator, builtin_suite, tokenize_task  # noqa: E402
-from hf_adaptive.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from hf_adaptive.tasks import (  # noqa: E402
+    IGNORE_INDEX,
+    CausalLMCollator,
+    answer_cross_entropy,
+    builtin_suite,
+    tokenize_task,
+)
 
 METHODS = ("constant", "cosine", "plateau", "adaptive")
 
@@ -52,12 +56,8 @@ def eval_loss(model, rows, collate, batch_size: int = 128) -> float:
     for i in range(0, len(rows), batch_size):
         batch = collate(rows[i : i + batch_size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)
-        nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        total += float(nll[mask].sum())
-        count += int(mask.sum())
+        total += float(answer_cross_entropy(logits, batch["labels"], reduction="sum"))
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     model.train()
     return total / max(count, 1)
 
@@ -259,10 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
     }
     report = write_report(summary, meta)
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "lr_robustness.md", report)
-    atomic_write_json(args.out / "lr_robustness.json", {"meta": meta, "summary": summary, "runs": runs})
+    write_results("lr_robustness", {"meta": meta, "summary": summary, "runs": runs}, report, out=args.out)
     return summary
 
 

@@ -26,32 +26,29 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_adaptive.config import ContinualConfig  # noqa: E402
 from hf_adaptive.models import build_tiny_gemma, build_tokenizer  # noqa: E402
+from hf_adaptive.models.tiny import tiny_layout  # noqa: E402
+from hf_adaptive.plugins import TaskContext  # noqa: E402
 from hf_adaptive.tasks import CausalLMCollator, builtin_suite, tokenize_task  # noqa: E402
 from hf_adaptive.trainer import ContinualTrainer  # noqa: E402
 
-MODEL = dict(
-    hidden_size=256,
-    intermediate_size=1024,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=32,
-)
+PRESET = "bench"
+MODEL = tiny_layout(PRESET)
 
 
 def plugin_callbacks(names, args, tasks, tokenizer, model):
     """The named plugins, primed with a finished task so that their terms are active from the first step."""
     from hf_adaptive.registry import build_plugins
 
-    plugins = build_plugins(names, args)
+    plugins = build_plugins(names, args, model=model)
     stub = ContinualTrainer(model=model, args=args, processing_class=tokenizer)
+    context = TaskContext.build(tasks[0], 0, tokenizer)
     for plugin in plugins:
-        plugin.on_task_end(stub, tasks[0], 0)
+        plugin.on_task_end(stub, context)
     return plugins
 
 
 def run_variant(variant, steps, batch, tasks, tokenizer, out):
-    model, _ = build_tiny_gemma(tokenizer, seed=0, **MODEL)
+    model, _ = build_tiny_gemma(tokenizer, seed=0, preset=PRESET)
     data = tokenize_task(tasks[1], tokenizer)
     timer = StepTimer()
     common = dict(

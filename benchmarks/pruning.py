@@ -14,36 +14,34 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_results  # noqa: E402, I001  (first: sets the offline environment)
 import torch  # noqa: E402
-from transformers import GemmaConfig, GemmaForCausalLM  # noqa: E402
+from transformers import GemmaForCausalLM  # noqa: E402
 
-from hf_adaptive.models.gated import attention_modules, gate_model  # noqa: E402
+from hf_adaptive.models import gate_model  # noqa: E402
+from hf_adaptive.models.gates import attention_modules  # noqa: E402
 from hf_adaptive.models.pruning import prune_heads  # noqa: E402
+from hf_adaptive.models.tiny import TINY_PRESETS, tiny_gemma_config  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+PRESET = TINY_PRESETS["pruning"]
 
 
 def build(args) -> GemmaForCausalLM:
-    config = GemmaConfig(
-        vocab_size=1024,
+    config = tiny_gemma_config(
+        1024,
+        "pruning",
         hidden_size=args.hidden,
         intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=args.hidden // 8,
-        max_position_embeddings=max(256, args.seq),
+        head_dim=args.hidden // PRESET["num_attention_heads"],
+        max_position_embeddings=max(PRESET["max_position_embeddings"], args.seq),
     )
     config._attn_implementation = args.attn
     torch.manual_seed(0)
@@ -125,8 +123,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="few repetitions, small batch (smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=PRESET["hidden_size"])
+    p.add_argument("--layers", type=int, default=PRESET["num_hidden_layers"])
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=15)
@@ -202,8 +200,6 @@ def main() -> None:
         "quick": args.quick,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     lines = [
         "# Head pruning: time of plain vs gated vs physically pruned models",
         "",
@@ -223,8 +219,7 @@ def main() -> None:
             f"| {r['variant']} | {r['forward_ms']:.2f} | {r['forward_ratio']:.3f} | {r['train_step_ms']:.2f} | "
             f"{r['train_step_ratio']:.3f} | {r['attention_forward_ms']:.2f} | {r['attention_ratio']:.3f} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out.name, {"meta": meta, "results": rows}, "\n".join(lines), out=out.parent)
 
 
 if __name__ == "__main__":

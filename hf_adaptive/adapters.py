@@ -6,6 +6,7 @@ adds the next expert, `set_adapter` makes it the (only) trainable and active one
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -26,16 +27,31 @@ def is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def lora_config(args: Any):
+#: the LoRA defaults (`ContinualConfig.lora_*` and `ExpertLibrary` share them)
+LORA_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ("q_proj", "v_proj")}
+
+
+def lora_config(
+    r: int = LORA_DEFAULTS["r"],
+    alpha: float = LORA_DEFAULTS["alpha"],
+    dropout: float = LORA_DEFAULTS["dropout"],
+    target_modules: Iterable[str] | str = LORA_DEFAULTS["target_modules"],
+    **kwargs: Any,
+):
+    """The one LoRA-config factory of the package: a causal-LM `peft.LoraConfig`; `kwargs` go to `LoraConfig`
+    (e.g. `init_lora_weights`). A lone string for `target_modules` is one module name (not a peft regex)."""
+    if hasattr(r, "lora_r"):  # the former `lora_config(args)`, kept while call sites move to `lora_config_from_args`
+        return lora_config_from_args(r, **kwargs)
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=list(args.lora_target_modules),
-    )
+    modules = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    kwargs.setdefault("task_type", TaskType.CAUSAL_LM)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, **kwargs)
+
+
+def lora_config_from_args(args: Any, **kwargs: Any):
+    """`lora_config` from an object with the `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules` options."""
+    return lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules, **kwargs)
 
 
 def adapter_for_task(strategy: str, task_name: str) -> str | None:
@@ -60,9 +76,9 @@ def prepare_task_parameters(model: torch.nn.Module, strategy: str, task_name: st
     from peft import get_peft_model
 
     if not is_peft_model(model):
-        return get_peft_model(model, lora_config(args), adapter_name=adapter)
+        return get_peft_model(model, lora_config_from_args(args), adapter_name=adapter)
     if adapter not in model.peft_config:
-        model.add_adapter(adapter, lora_config(args))
+        model.add_adapter(adapter, lora_config_from_args(args))
     model.set_adapter(adapter)
     return model
 

@@ -126,8 +126,7 @@ def run_sequence(model_args: ModelArguments, task_args: TaskArguments, config: A
     )
     result = trainer.train_sequence(tasks, resume_from_checkpoint=config.resume_from_checkpoint or None)
     summary: dict[str, Any] = {"metrics": result.metrics(), "output_dir": config.output_dir}
-    extras = plugin_results(trainer.plugins)
-    result.extra.update(extras)
+    extras = {k: result.extra[k] for p in trainer.plugins for k in p.extra_results()}  # already in results.json
     summary.update(extras)
     if task_args.joint_upper_bound:
         joint_model, _ = load_model_and_tokenizer(
@@ -151,20 +150,9 @@ def run_sequence(model_args: ModelArguments, task_args: TaskArguments, config: A
         summary["joint_avg_acc"] = result.extra["joint_avg_acc"]
         if joint.is_world_process_zero():
             print(f"\njoint multi-task upper bound: avg_acc={result.extra['joint_avg_acc']:.4f}", flush=True)
-    if (extras or task_args.joint_upper_bound) and config.should_save:  # results.json again, with the additions
+    if task_args.joint_upper_bound and config.should_save:  # results.json again, with the joint bound
         result.save(config.output_dir, plot=config.save_results_plot)
     return summary
-
-
-def plugin_results(plugins: list[Any]) -> dict[str, Any]:
-    """What plugins add to `results.json` and the printed summary through an optional `extra_results()` hook
-    (e.g. the routing decisions of `expert_routing`): JSON values keyed by name."""
-    extras: dict[str, Any] = {}
-    for plugin in plugins:
-        hook = getattr(plugin, "extra_results", None)
-        if callable(hook):
-            extras.update(hook())
-    return extras
 
 
 def _replace(config: Any, **changes: Any) -> Any:

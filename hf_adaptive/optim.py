@@ -5,13 +5,15 @@ around the optimizer named by `inner`, itself any of these names), and any other
 `gradient_centralization=True` centralizes the gradients of every matrix parameter before each step with
 pytorch_optimizer's `centralize_gradient` (a step pre-hook, so it works with any optimizer, inside Lookahead too).
 
-Two entry points:
-* `build_optimizer(name, model_or_params, lr, weight_decay, **kwargs)`: an optimizer instance;
-* `optimizer_cls_and_kwargs(name, lr, weight_decay, **kwargs)`: the `(class_or_factory, kwargs)` pair for
+One implementation, `build_optimizer(name, model_or_params, lr, weight_decay, **options)` (an optimizer instance),
+and two thin views of it with the same options:
+* `optimizer_cls_and_kwargs(name, lr, weight_decay, **options)`: the `(class_or_factory, kwargs)` pair for
   `Trainer(optimizer_cls_and_kwargs=...)`. Plain optimizers are passed as `(class, kwargs)` so the Trainer builds
   its usual decay / no-decay groups (their weight decay is then `TrainingArguments.weight_decay`); wrapped ones
-  (lookahead, gradient centralization) as a factory, which the
-  Trainer calls as `factory()(model, **kwargs)`.
+  (lookahead, gradient centralization) as a factory that calls `build_optimizer`, which the Trainer calls as
+  `factory()(model, **kwargs)`;
+* `OptimizerConfig(...).trainer_optimizer(lr, weight_decay)`: the same pair from the option fields a
+  `ContinualConfig` / YAML file carries (`optimizer_name`, `lookahead_*`, `gradient_centralization`).
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .utils.options import OptionSource
+from .utils.validation import OptionError, check_bool, check_number, fail
+
 TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 WRAPPERS = ("lookahead",)
 #: the Trainer's own rule (`Trainer.get_decay_parameter_names`): no weight decay on biases and normalization weights
 NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
-def _fail(field_name: str, value: Any, allowed: str, owner: str = "build_optimizer") -> None:
-    raise ValueError(f"{owner}.{field_name}={value!r} is not allowed: {allowed}")
+#: the owner named in the errors of `build_optimizer` / `optimizer_cls_and_kwargs`
+OWNER = "build_optimizer"
 
 
 def available_optimizers() -> list[str]:
@@ -45,17 +50,17 @@ def available_optimizers() -> list[str]:
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The class behind a (non-wrapper) name; `ValueError` naming the allowed ones otherwise."""
     if not isinstance(name, str) or not name:
-        _fail("name", name, "must be a non-empty optimizer name")
+        fail(OWNER, "name", name, "must be a non-empty optimizer name")
     key = name.lower()
     if key in TORCH_OPTIMIZERS:
         return TORCH_OPTIMIZERS[key]
     if key in WRAPPERS:
-        _fail("name", name, "'lookahead' wraps another optimizer: pass it as `inner`")
+        fail(OWNER, "name", name, "'lookahead' wraps another optimizer: pass it as `inner`")
     from pytorch_optimizer import get_supported_optimizers, load_optimizer
 
     if key not in get_supported_optimizers():
         ours = ["adamw", "adam", "sgd", "lamb", "lookahead"]
-        _fail("name", name, f"choose one of {ours} or a pytorch_optimizer name")
+        fail(OWNER, "name", name, f"choose one of {ours} or a pytorch_optimizer name")
     return load_optimizer(key)
 
 
@@ -99,18 +104,20 @@ def add_gradient_centralization(optimizer: torch.optim.Optimizer) -> torch.optim
 
 
 def _validate(name: str, lr: float, weight_decay: float, inner: str | None) -> None:
+    """The checks of every entry point, done before anything is built (errors name `build_optimizer.<arg>`)."""
     for key, value in (("lr", lr), ("weight_decay", weight_decay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value or value < 0:
-            _fail(key, value, "must be a number >= 0")
+        check_number(OWNER, key, value, 0)
     if not isinstance(name, str):
-        _fail("name", name, "must be an optimizer name")
+        fail(OWNER, "name", name, "must be an optimizer name")
     if name.lower() in WRAPPERS:
         try:
             optimizer_class(inner or "adamw")
-        except ValueError as err:  # it is `inner` that is wrong, not `name`
-            raise ValueError(str(err).replace("build_optimizer.name=", "build_optimizer.inner=", 1)) from None
-    else:
-        optimizer_class(name)
+        except OptionError as err:  # it is `inner` that is wrong, not `name`
+            raise err.renamed(OWNER, "inner") from None
+        return
+    optimizer_class(name)
+    if inner is not None:
+        fail(OWNER, "inner", inner, "only 'lookahead' wraps an inner optimizer")
 
 
 def build_optimizer(
@@ -126,7 +133,11 @@ def build_optimizer(
     gradient_centralization: bool = False,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """An optimizer by name; `kwargs` go to the (inner) optimizer's constructor."""
+    """An optimizer by name; `kwargs` go to the (inner) optimizer's constructor.
+
+    `inner`, `k`, `alpha`, `pullback_momentum` configure 'lookahead' (`WRAPPING_OPTIONS`, with
+    `gradient_centralization`); the other entry points take the same options and end here.
+    """
     _validate(name, lr, weight_decay, inner)
     groups = param_groups(model_or_params, weight_decay)
     if name.lower() == "lookahead":
@@ -135,12 +146,14 @@ def build_optimizer(
         base = optimizer_class(inner or "adamw")(groups, lr=lr, weight_decay=weight_decay, **kwargs)
         optimizer = Lookahead(base, k=k, alpha=alpha, pullback_momentum=pullback_momentum)
     else:
-        if inner is not None:
-            _fail("inner", inner, "only 'lookahead' wraps an inner optimizer")
         optimizer = optimizer_class(name)(groups, lr=lr, weight_decay=weight_decay, **kwargs)
     if gradient_centralization:
         add_gradient_centralization(optimizer)
     return optimizer
+
+
+#: the keyword-only options of `build_optimizer` that wrap or hook the optimizer (not its constructor's arguments)
+WRAPPING_OPTIONS = ("inner", "k", "alpha", "pullback_momentum", "gradient_centralization")
 
 
 class OptimizerFactory:
@@ -164,75 +177,68 @@ class OptimizerFactory:
 
 
 def optimizer_cls_and_kwargs(
-    name: str,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    *,
-    inner: str | None = None,
-    k: int = 5,
-    alpha: float = 0.5,
-    pullback_momentum: str = "none",
-    gradient_centralization: bool = False,
-    **kwargs: Any,
+    name: str, lr: float = 1e-3, weight_decay: float = 0.0, **options: Any
 ) -> tuple[Any, dict[str, Any]]:
-    """The value of `Trainer(optimizer_cls_and_kwargs=...)` for an optimizer by name (validated now, not at train)."""
-    _validate(name, lr, weight_decay, inner)
-    if name.lower() not in WRAPPERS and not gradient_centralization:
-        if inner is not None:
-            _fail("inner", inner, "only 'lookahead' wraps an inner optimizer")
-        return optimizer_class(name), {"lr": lr, **kwargs}
-    options = dict(
-        inner=inner,
-        k=k,
-        alpha=alpha,
-        pullback_momentum=pullback_momentum,
-        gradient_centralization=gradient_centralization,
-    )
-    factory = functools.partial(OptimizerFactory, name, **options)
-    return factory, {"lr": lr, "weight_decay": weight_decay, **kwargs}
+    """The value of `Trainer(optimizer_cls_and_kwargs=...)` for `build_optimizer(name, ..., **options)`, validated
+    now, not at train time."""
+    wrapping = {key: options.pop(key) for key in WRAPPING_OPTIONS if key in options}
+    _validate(name, lr, weight_decay, wrapping.get("inner"))
+    if name.lower() in WRAPPERS or wrapping.get("gradient_centralization"):
+        factory = functools.partial(OptimizerFactory, name, **wrapping)
+        return factory, {"lr": lr, "weight_decay": weight_decay, **options}
+    return optimizer_class(name), {"lr": lr, **options}
 
 
 @dataclass
 class OptimizerConfig:
-    """The optimizer options a `ContinualConfig` / YAML file would carry."""
+    """The optimizer options, declared once: `ContinualConfig` / YAML take them under these names
+    (`OPTIMIZER_OPTIONS`); `optimizer_name=None` keeps the Trainer's own (`TrainingArguments.optim`)."""
 
-    optimizer_name: str = field(
-        default="adamw", metadata={"help": "adamw, adam, sgd, lamb, lookahead, or a pytorch_optimizer name."}
+    optimizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer by name through pytorch_optimizer / torch: adamw, adam, sgd, lamb, lookahead "
+            "or any pytorch_optimizer name; None keeps TrainingArguments.optim."
+        },
     )
     lookahead_inner: str = field(default="adamw", metadata={"help": "Optimizer wrapped by 'lookahead'."})
     lookahead_k: int = field(default=5, metadata={"help": "Fast steps between Lookahead's slow-weight updates."})
     lookahead_alpha: float = field(default=0.5, metadata={"help": "Lookahead interpolation factor in [0, 1]."})
-    gradient_centralization: bool = field(default=False, metadata={"help": "Centralize matrix gradients."})
+    gradient_centralization: bool = field(
+        default=False, metadata={"help": "Centralize the gradients of matrix parameters (needs optimizer_name)."}
+    )
 
     def __post_init__(self) -> None:
         c = type(self).__name__
-        # lookahead_inner first and on its own (checked even when optimizer_name is not 'lookahead'), so that its
-        # error names it and not optimizer_name
+        check_bool(c, "gradient_centralization", self.gradient_centralization)
+        if self.gradient_centralization and self.optimizer_name is None:
+            fail(c, "gradient_centralization", True, "needs optimizer_name (it hooks the named optimizer)")
+        if self.optimizer_name is not None and (not isinstance(self.optimizer_name, str) or not self.optimizer_name):
+            fail(c, "optimizer_name", self.optimizer_name, "None or an optimizer name (adamw, lamb, lookahead, ...)")
+        # lookahead_inner before optimizer_name and on its own (checked even when optimizer_name is not 'lookahead':
+        # a typo there should not wait for its use), so that its error names it and not optimizer_name
         if not isinstance(self.lookahead_inner, str) or not self.lookahead_inner:
-            _fail("lookahead_inner", self.lookahead_inner, "must be a plain optimizer name, e.g. 'adamw'", c)
+            fail(c, "lookahead_inner", self.lookahead_inner, "must be a plain optimizer name, e.g. 'adamw'")
         if self.lookahead_inner.lower() in WRAPPERS:
-            _fail("lookahead_inner", self.lookahead_inner, "must be a plain optimizer, not 'lookahead'", c)
+            fail(c, "lookahead_inner", self.lookahead_inner, "must be a plain optimizer, not 'lookahead'")
         try:
             optimizer_class(self.lookahead_inner)
-        except ValueError as err:
-            raise ValueError(str(err).replace("build_optimizer.name", f"{c}.lookahead_inner")) from None
-        try:
-            _validate(self.optimizer_name, 0.0, 0.0, self.lookahead_inner)
-        except ValueError as err:
-            raise ValueError(str(err).replace("build_optimizer.name", f"{c}.optimizer_name")) from None
-        if isinstance(self.lookahead_k, bool) or not isinstance(self.lookahead_k, int) or self.lookahead_k < 1:
-            _fail("lookahead_k", self.lookahead_k, "must be an integer >= 1", c)
-        if (
-            isinstance(self.lookahead_alpha, bool)
-            or not isinstance(self.lookahead_alpha, (int, float))
-            or not 0.0 <= self.lookahead_alpha <= 1.0
-        ):
-            _fail("lookahead_alpha", self.lookahead_alpha, "must be a number in [0, 1]", c)
-        if not isinstance(self.gradient_centralization, bool):
-            _fail("gradient_centralization", self.gradient_centralization, "must be True or False (a bool)", c)
+        except OptionError as err:
+            raise err.renamed(c, "lookahead_inner") from None
+        if self.optimizer_name is not None:
+            try:
+                _validate(self.optimizer_name, 0.0, 0.0, None)
+            except OptionError as err:
+                raise err.renamed(c, "optimizer_name") from None
+        check_number(c, "lookahead_k", self.lookahead_k, 1, integer=True)
+        check_number(c, "lookahead_alpha", self.lookahead_alpha, 0.0, 1.0)
 
-    def trainer_optimizer(self, lr: float, weight_decay: float = 0.0, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        """`optimizer_cls_and_kwargs` for these options."""
+    def trainer_optimizer(
+        self, lr: float, weight_decay: float = 0.0, **kwargs: Any
+    ) -> tuple[Any, dict[str, Any]] | None:
+        """`optimizer_cls_and_kwargs` for these options (None when `optimizer_name` is None: the Trainer's own)."""
+        if self.optimizer_name is None:
+            return None
         wrapped = self.optimizer_name.lower() in WRAPPERS
         return optimizer_cls_and_kwargs(
             self.optimizer_name,
@@ -244,3 +250,7 @@ class OptimizerConfig:
             gradient_centralization=self.gradient_centralization,
             **kwargs,
         )
+
+
+#: the optimizer options of `ContinualConfig` (field name = option name)
+OPTIMIZER_OPTIONS = (OptionSource(OptimizerConfig),)

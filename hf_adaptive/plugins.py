@@ -1,25 +1,42 @@
-"""The small protocol through which the trainer knows its plugins.
+"""The protocol through which the trainer knows its plugins: everything it may call is declared here.
 
 A plugin is a `TrainerCallback` that may also
+  * be built from options (`options`: the config dataclasses it reads; `from_config` builds it from them), and
+    know the trainer it serves (`bind`, called by `ContinualTrainer`), to log through `trainer.log`;
   * contribute loss terms (`loss_terms`), which `ContinualTrainer.compute_loss` weights, adds and logs;
-  * react to task boundaries of a task sequence (`on_task_begin` / `on_task_end`);
-  * keep state that survives a restart (`state_dict` / `load_state_dict`: tensors + JSON values only,
-    saved as safetensors + JSON into every checkpoint).
+  * react to task boundaries of a task sequence (`on_task_begin` / `on_task_end`), receiving the `TaskContext`
+    the trainer built once: the task, its tokenized splits, the tokenizer and the collator (no plugin tokenizes
+    a task again);
+  * ask the trainer for a model or adapter to train a task with (`setup_task` returns a `TaskSetup`; only the
+    trainer swaps models, adapters and optimizers) and say which adapter scores a finished task
+    (`adapter_for_task`);
+  * keep state that survives a restart (`state_dict` / `load_state_dict`: tensors + JSON values only, saved as
+    safetensors + JSON into `<checkpoint>/continual/<name>/`), rebuilding model parts first where its state needs
+    them (`restore_model`);
+  * add to the sequence's results (`extra_results`).
 
-The trainer never imports EWC, replay, ... by name: it only calls these methods.
+The trainer never imports EWC, replay, ... by name: it only calls these methods. The protocol sits on the
+lowest floor: it imports nothing of the package above `tasks` and `utils`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from transformers import TrainerCallback
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .tasks import Task
-    from .trainer import ContinualTrainer
+from .tasks import Task
+from .utils.options import OptionSource, build_config
+
+#: folder (inside a checkpoint or snapshot) that holds one sub-folder of state per plugin
+PLUGIN_STATE_DIR = "continual"
+#: set on the optimizer by the trainer's non-finite guard before every optimizer step: True when that step is
+#: skipped. Callbacks that also guard against NaN (the adaptive scheduler) read it instead of deciding on their own.
+NONFINITE_SKIP_ATTR = "hf_adaptive_step_skipped"
 
 
 @dataclass
@@ -31,28 +48,94 @@ class LossTerm:
     weight: float | torch.Tensor = 1.0
 
 
+@dataclass
+class TaskContext:
+    """What a plugin needs of the task being learned, built once by the trainer."""
+
+    task: Task
+    index: int
+    train_dataset: Any  # rows of `tokenize_task` (input_ids, attention_mask, labels, task_name)
+    eval_dataset: Any | None
+    tokenizer: Any
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, task: Task, index: int, tokenizer: Any, append_eos: bool = True, collator: Any = None):
+        """Tokenize `task` (train, and eval when it has one) the way the trainer trains on it."""
+        from .tasks import CausalLMCollator, tokenize_task
+
+        train = tokenize_task(task, tokenizer, "train", append_eos=append_eos)
+        evaluation = tokenize_task(task, tokenizer, "eval", append_eos=append_eos) if task.eval_dataset else None
+        return cls(task, index, train, evaluation, tokenizer, collator or CausalLMCollator(tokenizer))
+
+
+@dataclass
+class TaskSetup:
+    """A plugin's request for the coming task: train `model` (when it replaces the trainer's model, e.g. after
+    putting LoRA experts on it) with `adapter` active and trainable."""
+
+    model: torch.nn.Module | None = None
+    adapter: str | None = None
+
+
 class ContinualPlugin(TrainerCallback):
     """Base class of every plugin. Subclasses override only what they need."""
 
     #: unique name; used for logging (`loss_<name>`) and for the checkpoint folder of the plugin's state
     name: str = "plugin"
+    #: the config dataclasses this plugin is built from, and the option names their fields take
+    options: ClassVar[tuple[OptionSource, ...]] = ()
+    #: whether `from_config` needs the model (e.g. to size a gate controller by the model's heads)
+    needs_model: ClassVar[bool] = False
+    #: the trainer this plugin serves, set by `bind` (plugins report through `trainer.log`)
+    trainer: Any = None
+
+    def bind(self, trainer: Any) -> None:
+        """Called by `ContinualTrainer.__init__` for every plugin; a plain `Trainer` user calls it once."""
+        self.trainer = trainer
+
+    @classmethod
+    def from_config(cls, config: Any, model: torch.nn.Module | None = None) -> ContinualPlugin:
+        """Build the plugin from the option values on `config` (a `ContinualConfig`, or one config per source).
+
+        The default passes one built config per option source, positionally, plus `model=` when `needs_model`.
+        """
+        owner = type(config).__name__
+        built = [build_config(source, config, owner=owner) for source in cls.options]
+        return cls(*built, model=model) if cls.needs_model else cls(*built)
 
     @property
     def term_names(self) -> tuple[str, ...]:
         """Names of the loss terms this plugin may return (a learned loss weighting sizes itself by them)."""
         return (self.name,)
 
-    def loss_terms(
-        self, trainer: ContinualTrainer, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any
-    ) -> list[LossTerm]:
+    def loss_terms(self, trainer: Any, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> list[LossTerm]:
         """Extra loss terms for this batch (each a per-batch quantity, not scaled for accumulation)."""
         return []
 
-    def on_task_begin(self, trainer: ContinualTrainer, task: Task, task_index: int) -> None:
-        """Called by `train_sequence` after the trainable parameters of `task` are set up, before training."""
+    def setup_task(self, trainer: Any, context: TaskContext) -> TaskSetup | None:
+        """Before the task's parameters are set up: a model / adapter for the trainer to train, or None."""
+        return None
 
-    def on_task_end(self, trainer: ContinualTrainer, task: Task, task_index: int) -> None:
-        """Called by `train_sequence` after `task` is trained, before the evaluation of all tasks."""
+    def on_task_begin(self, trainer: Any, context: TaskContext) -> None:
+        """Called by `train_sequence` after the trainable parameters of the task are set up, before training."""
+
+    def on_task_end(self, trainer: Any, context: TaskContext) -> None:
+        """Called by `train_sequence` after the task is trained, before the evaluation of all tasks."""
+
+    def adapter_for_task(self, task_name: str) -> str | None:
+        """The adapter that scores the finished task `task_name` (a routing plugin's choice), or None."""
+        return None
+
+    def restore_model(self, snapshot: Path, model: torch.nn.Module) -> torch.nn.Module | None:
+        """Before a snapshot's weights load: rebuild what the plugin put on the model (e.g. LoRA experts) and
+        return the model to load them into, or None when the plugin adds nothing to the model."""
+        return None
+
+    def extra_results(self) -> dict[str, Any]:
+        """Entries this plugin adds to the sequence's `results.json` (`extra`)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """State to restore on resume: a nested dict of tensors and JSON values."""

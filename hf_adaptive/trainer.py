@@ -28,22 +28,18 @@ from transformers.utils import logging as hf_logging
 from .adapters import activate_adapter, adapter_for_task, is_peft_model, prepare_task_parameters
 from .config import ContinualConfig
 from .metrics import ContinualResult
-from .plugins import ContinualPlugin, LossTerm, is_plugin
+from .plugins import NONFINITE_SKIP_ATTR, PLUGIN_STATE_DIR, ContinualPlugin, LossTerm, TaskContext, TaskSetup, is_plugin
 from .tasks import CausalLMCollator, Task, TaskStream, task_accuracy, tokenize_task
 from .utils.io import atomic_write_json, load_state, load_state_into, save_state
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_STATE_DIR = "continual"
 SEQUENCE_STATE_NAME = "sequence_state.json"
 SNAPSHOT_PREFIX = "snapshot-after-task-"
 TRAINER_STATE_NAME = "trainer_state.json"
 LOSS_WEIGHTING_STATE = "loss_weighting"
 #: the trainer's own per-checkpoint bookkeeping (loss sum and skipped steps before the checkpoint), for resuming
 TRAINER_BOOKKEEPING_NAME = "continual_trainer_state.json"
-#: set on the optimizer by the non-finite guard before every optimizer step: True when that step is skipped.
-#: Callbacks that also guard against NaN (the adaptive scheduler) read it instead of deciding on their own.
-NONFINITE_SKIP_ATTR = "hf_adaptive_step_skipped"
 
 # `Trainer.create_optimizer` takes the model to optimise only from transformers 5.3 on
 _PARENT_CREATE_OPTIMIZER_TAKES_MODEL = "model" in inspect.signature(Trainer.create_optimizer).parameters
@@ -167,27 +163,22 @@ class ContinualTrainer(Trainer):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         name = getattr(training_args, "optimizer_name", None)
         if name is not None and kwargs.get("optimizer_cls_and_kwargs") is None and not self._user_optimizer:
-            from .optim import OptimizerConfig
+            from .optim import OPTIMIZER_OPTIONS
+            from .utils.options import build_config
 
-            options = OptimizerConfig(
-                name,
-                training_args.lookahead_inner,
-                training_args.lookahead_k,
-                training_args.lookahead_alpha,
-                training_args.gradient_centralization,
-            )
+            options = build_config(OPTIMIZER_OPTIONS[0], training_args, owner=type(training_args).__name__)
             kwargs["optimizer_cls_and_kwargs"] = options.trainer_optimizer(
                 training_args.learning_rate, training_args.weight_decay
             )
         super().__init__(*args, **kwargs)
         mode = _continual_option(self.args, "loss_weighting")
         if loss_weighting is None and mode != "none":
-            from .control.loss_weighting import LossWeightController
+            from .registry import loss_weighting_class
 
             names = [n for p in self.plugins for n in p.term_names]
             if not names:
                 raise ValueError(f"ContinualConfig.loss_weighting={mode!r} needs plugins that return loss terms")
-            loss_weighting = LossWeightController(names, mode=mode)
+            loss_weighting = loss_weighting_class(mode)(names, mode=mode)
         self.loss_weighting = loss_weighting
         if isinstance(loss_weighting, torch.nn.Module):
             loss_weighting.to(self.args.device)
@@ -196,6 +187,8 @@ class ContinualTrainer(Trainer):
         self._weights_last: dict[str, float] = {}
         self.current_task: Task | None = None
         self.current_task_index: int | None = None
+        #: the task being learned, tokenized once (`TaskContext`): what every plugin hook receives
+        self.task_context: TaskContext | None = None
         self.tasks: TaskStream | None = None
         # non-finite guard (always on): see `_guard_step`
         self._nonfinite_loss: torch.Tensor | None = None
@@ -205,6 +198,8 @@ class ContinualTrainer(Trainer):
         # loss sum of the steps before the checkpoint a `train()` resumed from (so a task's loss covers all its steps)
         self._resumed_loss_sum = 0.0
         self.callback_handler.callbacks.insert(0, _NonFiniteGuard(self))
+        for plugin in self.plugins:
+            plugin.bind(self)
 
     # ------------------------------------------------------------------------------------------------- plugins
     @property
@@ -496,7 +491,7 @@ class ContinualTrainer(Trainer):
     def evaluate_tasks(self, tasks: Sequence[Task], trained: int | None = None) -> list[float]:
         """Rank-classification accuracy on each task's eval split.
 
-        Under a LoRA-per-task strategy (or with a routing plugin that implements `expert_for_task`) task
+        Under a LoRA-per-task strategy (or with a plugin whose `adapter_for_task` names an adapter) task
         j < `trained` is scored with its own expert, later tasks with the newest one (what a user would deploy
         for an unseen task). A model with non-finite weights is not scored (an argmax over NaN scores would look
         like chance accuracy): every entry is NaN, with a warning. One progress bar (off with `disable_tqdm`).
@@ -540,10 +535,9 @@ class ContinualTrainer(Trainer):
         return accuracies
 
     def _routed_expert(self, task_name: str) -> str | None:
-        """The adapter a routing plugin (one with `expert_for_task`) assigned to `task_name`, if any."""
+        """The adapter a plugin (e.g. expert routing) assigned to `task_name`, if any (`adapter_for_task`)."""
         for plugin in self.plugins:
-            lookup = getattr(plugin, "expert_for_task", None)
-            if callable(lookup) and (name := lookup(task_name)) is not None:
+            if (name := plugin.adapter_for_task(task_name)) is not None:
                 return name
         return None
 
@@ -552,20 +546,43 @@ class ContinualTrainer(Trainer):
             raise ValueError("ContinualTrainer.processing_class (the tokenizer) is required to run a task sequence")
         return self.processing_class
 
+    def _task_context(self, task: Task, index: int) -> TaskContext:
+        """The task tokenized once, with the tokenizer and collator: what the trainer and every plugin use."""
+        tokenizer = self._require_tokenizer()
+        if not self._user_collator:
+            self.data_collator = CausalLMCollator(tokenizer)
+        evaluation = self._tokenize(task, "eval") if task.eval_dataset is not None else None
+        return TaskContext(task, index, self._tokenize(task, "train"), evaluation, tokenizer, self.data_collator)
+
+    def _task_setup(self, context: TaskContext) -> TaskSetup | None:
+        """The one plugin request (if any) for the model / adapter that trains this task."""
+        requests = [(p.name, r) for p in self.plugins if (r := p.setup_task(self, context)) is not None]
+        if len(requests) > 1:
+            names = [name for name, _ in requests]
+            raise ValueError(f"plugins {names} each asked to set up task {context.task.name!r}: at most one may")
+        return requests[0][1] if requests else None
+
     def _prepare_task(self, task: Task, index: int) -> None:
-        """Set up the trainable parameters, data, optimizer and output folder of task `index`."""
-        model = prepare_task_parameters(self.model, self.adapter_strategy, task.name, self.args)
+        """Set up the data, the trainable parameters, optimizer and output folder of task `index`.
+
+        The trainer alone swaps the model and the trained adapter: a plugin asks for it through `setup_task`;
+        otherwise `adapter_strategy` decides.
+        """
+        context = self._task_context(task, index)
+        setup = self._task_setup(context)
+        if setup is not None:
+            model = setup.model if setup.model is not None else self.model
+            activate_adapter(model, setup.adapter)  # peft's set_adapter: the active adapter is the trainable one
+        else:
+            model = prepare_task_parameters(self.model, self.adapter_strategy, task.name, self.args)
         if model is not self.model:
             self.model = model.to(self.args.device)
         # a fresh optimizer and scheduler (new trainable parameters) and a fresh DDP wrapper around them
         self.model_wrapped = self.model
         self.optimizer, self.lr_scheduler = None, None
-        tokenizer = self._require_tokenizer()
-        self.train_dataset = self._tokenize(task, "train")
-        self.eval_dataset = self._tokenize(task, "eval") if task.eval_dataset is not None else None
-        if not self._user_collator:
-            self.data_collator = CausalLMCollator(tokenizer)
+        self.train_dataset, self.eval_dataset = context.train_dataset, context.eval_dataset
         self.current_task, self.current_task_index = task, index
+        self.task_context = context
 
     def _tokenize(self, task: Task, split: str) -> Any:
         return tokenize_task(
@@ -607,15 +624,20 @@ class ContinualTrainer(Trainer):
                     shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
-    def _restore_snapshot(self, base: Path, state: dict[str, Any]) -> None:
+    def _restore_plugins(self, base: Path, state: dict[str, Any]) -> None:
+        """First half of restoring an end-of-task snapshot, before the next task is set up: what plugins put on the
+        model (expert routing rebuilds its experts) and their states, so that `setup_task` decides as it would
+        have in the uninterrupted run."""
         snapshot = base / state["snapshot"]
         logger.info("restoring the end-of-task snapshot %s", snapshot)
-        for plugin in self.plugins:  # a plugin that puts adapters on the model (expert routing) rebuilds them first
-            rebuild = getattr(plugin, "restore_model", None)
-            if callable(rebuild) and (model := rebuild(snapshot)) is not None:
+        for plugin in self.plugins:
+            if (model := plugin.restore_model(snapshot, self.model)) is not None:
                 self.model = self.model_wrapped = model.to(self.args.device)
-        Trainer._load_from_checkpoint(self, str(snapshot))
         self.load_continual_state(snapshot)
+
+    def _restore_weights(self, base: Path, state: dict[str, Any]) -> None:
+        """Second half, once the task's parameters are set up: the snapshot's weights (or adapters)."""
+        Trainer._load_from_checkpoint(self, str(base / state["snapshot"]))
 
     @staticmethod
     def _read_sequence_state(path: Path) -> dict[str, Any]:
@@ -773,9 +795,12 @@ class ContinualTrainer(Trainer):
         try:
             for index in range(start, len(stream)):
                 task = stream[index]
+                resuming = index == start and start > 0
+                if resuming:
+                    self._restore_plugins(base, state)
                 self._prepare_task(task, index)
-                if index == start and start > 0:
-                    self._restore_snapshot(base, state)
+                if resuming:
+                    self._restore_weights(base, state)
                 task_dir = base / task_directory_name(index, task)
                 self.args.output_dir = str(task_dir)
                 resume_ckpt = last_complete_checkpoint(task_dir) if resume_from_checkpoint else None
@@ -783,12 +808,12 @@ class ContinualTrainer(Trainer):
                 if self.is_world_process_zero():
                     print(f"\n=== task {index + 1}/{len(stream)}: {task.name} ===", flush=True)
                 for plugin in self.plugins:
-                    plugin.on_task_begin(self, task, index)
+                    plugin.on_task_begin(self, self.task_context)
                 started = time.perf_counter()
                 output = self.train(resume_from_checkpoint=resume_ckpt)
                 elapsed = time.perf_counter() - started
                 for plugin in self.plugins:
-                    plugin.on_task_end(self, task, index)
+                    plugin.on_task_end(self, self.task_context)
                 row = self.evaluate_tasks(stream if evaluate_unseen else stream[: index + 1], trained=index + 1)
                 row += [float("nan")] * (len(stream) - len(row))
                 state["matrix"].append(row)
@@ -802,6 +827,9 @@ class ContinualTrainer(Trainer):
         finally:
             self.args.output_dir = original_output_dir
             self.current_task = None
+            self.task_context = None
+        for plugin in self.plugins:
+            state["extra"].update(plugin.extra_results())
         result = ContinualResult(
             task_names=names,
             matrix=state["matrix"],
@@ -836,6 +864,6 @@ class ContinualTrainer(Trainer):
         self._prepare_task(stream[0], 0)
         self.train_dataset = concatenate_datasets([self._tokenize(t, "train") for t in stream])
         self.eval_dataset = None
-        self.current_task = None
+        self.current_task = self.task_context = None
         self.train()
         return self.evaluate_tasks(stream)

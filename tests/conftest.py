@@ -39,7 +39,7 @@ def tokenizer():
 
 @pytest.fixture
 def tiny_model(tokenizer):
-    """A fresh tiny Gemma (2 layers, 4 heads, 2 kv heads, hidden 64), same weights every time."""
+    """A fresh tiny Gemma (the `tiny` preset: 2 layers, 4 heads, 2 kv heads, hidden 64), same weights every time."""
     from hf_adaptive.models import build_tiny_gemma
 
     model, _ = build_tiny_gemma(tokenizer, seed=0)

@@ -207,15 +207,27 @@ def test_registry_names_resolve():
     args = ContinualConfig(output_dir="unused", report_to=[], early_stopping_patience=2)
     model, _ = build_tiny_gemma()
     gate_model(model, mode="fixed")
-    plugins = build_plugins(list(PLUGINS), args, model=model)
-    by_name = dict(zip(PLUGINS, plugins))
+    # head_l0 trains hard-concrete gates and gate_feedback sets fixed ones: one model cannot carry both kinds,
+    # so head_l0 is built on a model of its own (and refuses the model with fixed gates, below)
+    names = [name for name in PLUGINS if name != "head_l0"]
+    plugins = build_plugins(names, args, model=model)
+    by_name = dict(zip(names, plugins))
+    other, _ = build_tiny_gemma()
+    (by_name["head_l0"],) = build_plugins(["head_l0"], args, model=other)
     assert by_name["gate_feedback"].controller.num_heads == 4 and by_name["gate_feedback"].controller.num_layers == 2
     assert by_name["expert_routing"].library.model is model  # the experts go on the model the trainer gets
-    assert [type(p).__name__ for p in plugins] == [path.split(":")[1] for path in PLUGINS.values()]
+    assert [type(by_name[name]).__name__ for name in PLUGINS] == [
+        spec.plugin.split(":")[1] for spec in PLUGINS.values()
+    ]
+    with pytest.raises(ValueError, match="hard_concrete"):
+        build_plugins(["head_l0"], args, model=model)
     with pytest.raises(ValueError, match="unique"):
         build_plugins(["ewc", "ewc"], args)
-    with pytest.raises(ValueError, match="model=None"):
+    # without the model: the gate controller cannot be sized, the experts have nothing to go on
+    with pytest.raises(ValueError, match=r"FeedbackCallback: give controller=.* or model="):
         build_plugins(["gate_feedback"], args)
+    with pytest.raises(ValueError, match="model=None is not allowed"):
+        build_plugins(["expert_routing"], args)
 
 
 def test_run_with_gated_heads_and_feedback_controller(tmp_path, monkeypatch):

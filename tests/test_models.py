@@ -48,3 +48,34 @@ def test_quantization_needs_bitsandbytes_and_is_validated(tiny_gemma_dir, monkey
         load_model_and_tokenizer(tiny_gemma_dir, quantization="2bit")
     with pytest.raises(ValueError, match="quantization='8bit' is not allowed for the embedded tiny-gemma"):
         load_model_and_tokenizer("tiny-gemma", quantization="8bit")
+
+
+def test_tiny_presets_are_the_one_table_of_tiny_layouts():
+    from transformers import LlamaConfig
+
+    from hf_adaptive.models.tiny import TINY_PRESETS, tiny_gemma_config, tiny_layout
+
+    default = tiny_gemma_config(100)
+    assert {k: getattr(default, k) for k in TINY_PRESETS["tiny"]} == TINY_PRESETS["tiny"]
+    assert (default.pad_token_id, default.eos_token_id, default.bos_token_id) == (0, 1, 2)
+    bench = tiny_gemma_config(100, "bench", num_hidden_layers=1)
+    assert bench.hidden_size == 256 and bench.num_hidden_layers == 1
+    assert LlamaConfig(vocab_size=64, **tiny_layout("micro")).head_dim == 8
+    tiny_layout("tiny")["hidden_size"] = 1  # a copy: the table is not changed
+    assert TINY_PRESETS["tiny"]["hidden_size"] == 64
+    with pytest.raises(ValueError, match=r"tiny_layout\.preset='huge' is not allowed"):
+        tiny_layout("huge")
+
+
+def test_lora_config_is_the_one_factory(tiny_model):
+    from types import SimpleNamespace
+
+    from hf_adaptive.adapters import lora_config, lora_config_from_args
+
+    config = lora_config(4, 8.0, 0.1, "q_proj")
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules) == (4, 8.0, 0.1, {"q_proj"})
+    assert config.task_type == "CAUSAL_LM"
+    args = SimpleNamespace(lora_r=4, lora_alpha=8.0, lora_dropout=0.1, lora_target_modules=["q_proj"])
+    assert lora_config_from_args(args) == config
+    assert lora_config(args) == config  # the former `lora_config(args)` call
+    assert lora_config(init_lora_weights=False).init_lora_weights is False

@@ -169,3 +169,57 @@ def test_optimizer_config_for_yaml_fields():
 def test_bad_names_and_values_fail_clearly(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+def test_optimizer_config_defaults_keep_the_trainers_optimizer():
+    cfg = OptimizerConfig()
+    assert (cfg.optimizer_name, cfg.lookahead_inner, cfg.lookahead_k, cfg.lookahead_alpha) == (None, "adamw", 5, 0.5)
+    assert cfg.gradient_centralization is False and cfg.trainer_optimizer(lr=1e-3) is None
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"lookahead_k": 0}, "lookahead_k"),
+        ({"lookahead_alpha": 1.5}, "lookahead_alpha"),
+        ({"gradient_centralization": "yes", "optimizer_name": "adamw"}, "gradient_centralization"),
+        ({"gradient_centralization": True}, "gradient_centralization"),
+        ({"optimizer_name": "adamz"}, "optimizer_name"),
+        ({"lookahead_inner": "bogus"}, "lookahead_inner"),
+    ],
+)
+def test_optimizer_config_errors_name_the_field_and_are_restated_under_the_option(values, field):
+    """`OptimizerConfig.<field>` standalone; `build_config` restates it as the option of a ContinualConfig-like
+    owner (the option names are the field names)."""
+    from types import SimpleNamespace
+
+    from hf_adaptive.optim import OPTIMIZER_OPTIONS
+    from hf_adaptive.utils.options import build_config
+    from hf_adaptive.utils.validation import OptionError
+
+    with pytest.raises(OptionError, match=rf"^OptimizerConfig\.{field}="):
+        OptimizerConfig(**values)
+    (source,) = OPTIMIZER_OPTIONS
+    assert source.names() == {f: f for f in OptimizerConfig.__dataclass_fields__}
+    options = SimpleNamespace(**{**{f.name: f.default for f in source.fields()}, **values})
+    with pytest.raises(OptionError, match=rf"^ContinualConfig\.{field}=") as err:
+        build_config(source, options, owner="ContinualConfig")
+    assert err.value.field == field
+
+
+def test_the_three_entry_points_build_the_same_optimizer():
+    """`build_optimizer`, `optimizer_cls_and_kwargs` and `OptimizerConfig.trainer_optimizer`: one implementation."""
+    options = dict(inner="lamb", k=3, alpha=0.4, gradient_centralization=True)
+    built = [
+        build_optimizer("lookahead", _model(), lr=1e-2, weight_decay=0.1, **options),
+        (lambda pair: pair[0]()(_model(), **pair[1]))(
+            optimizer_cls_and_kwargs("lookahead", lr=1e-2, weight_decay=0.1, **options)
+        ),
+        (lambda pair: pair[0]()(_model(), **pair[1]))(
+            OptimizerConfig("lookahead", "lamb", 3, 0.4, True).trainer_optimizer(lr=1e-2, weight_decay=0.1)
+        ),
+    ]
+    for opt in built:
+        assert type(opt) is Lookahead and type(opt.optimizer) is Lamb and (opt.k, opt.alpha) == (3, 0.4)
+        assert opt._hf_adaptive_gradient_centralization
+        assert [g["weight_decay"] for g in opt.param_groups] == [g["weight_decay"] for g in built[0].param_groups]

@@ -19,11 +19,13 @@ class Recorder(ContinualPlugin):
     def __init__(self):
         self.events = []
 
-    def on_task_begin(self, trainer, task, index):
+    def on_task_begin(self, trainer, context):
+        task, index = context.task, context.index
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         self.events.append(("begin", task.name, index, trainable))
 
-    def on_task_end(self, trainer, task, index):
+    def on_task_end(self, trainer, context):
+        task, index = context.task, context.index
         self.events.append(("end", task.name, index, trainer.state.global_step))
 
     def state_dict(self):

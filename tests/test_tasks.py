@@ -139,3 +139,30 @@ def test_glue_task_trains_in_a_sequence(tmp_path, tokenizer, make_args):
     model, _ = build_tiny_gemma(tokenizer)
     result = ContinualTrainer(model=model, args=make_args(tmp_path), processing_class=tokenizer).train_sequence(tasks)
     assert len(result.matrix) == 2
+
+
+def test_answer_scores_match_the_former_local_copies(tiny_model, tiny_batch):
+    """`answer_logprobs` and `cross_entropy_per_row` now go through `answer_cross_entropy`: the same numbers as
+    the code they replaced (log_softmax + gather, and `F.cross_entropy`)."""
+    import torch.nn.functional as F
+
+    from hf_adaptive.tasks.formatting import answer_logprobs, cross_entropy_per_row
+
+    with torch.no_grad():
+        logits = tiny_model(input_ids=tiny_batch["input_ids"], attention_mask=tiny_batch["attention_mask"]).logits
+        ids, mask, labels = tiny_batch["input_ids"], tiny_batch["attention_mask"], tiny_batch["labels"]
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(answer_logprobs(tiny_model, ids, mask, labels), (logp * keep).sum(-1))
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+        old = (ce * keep.float()).sum(-1) / keep.float().sum(-1).clamp_min(1.0)
+        torch.testing.assert_close(cross_entropy_per_row(logits, labels), old, rtol=0, atol=1e-6)
+
+
+def test_tasks_package_exports_lazily():
+    import subprocess
+    import sys
+
+    code = "import sys, hf_adaptive.tasks as t; assert 'torch' not in sys.modules; t.Task; print(sorted(dir(t))[:1])"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -8,10 +8,16 @@ The sums run over the parameters that are trainable now *and* had a Fisher measu
 frozen parameters cannot move, so they are skipped.
 
 At the end of every task (`on_task_end`) the diagonal Fisher of the task just learned is measured exactly
-on `fisher_samples` of its training rows (`hf_adaptive.consolidation.fisher.compute_fisher`: per-sample
-gradients with vmap, summed across processes). With gamma-gated EWC the new Fisher is multiplied by the
-neuromodulatory `gamma_gain` (`neuromodulation.GammaGain`) before it is stored or accumulated;
-`bypass_gamma` (`ewc_fixed_lambda_bypass_gamma`) keeps the gain at 1.
+on `fisher_samples` of its training rows, as the trainer tokenized them (`TaskContext.train_dataset`), by
+`hf_adaptive.consolidation.fisher.compute_fisher` (per-sample gradients with vmap, summed across processes).
+With gamma-gated EWC the new Fisher is multiplied by the neuromodulatory `gamma_gain`
+(`neuromodulation.GammaGain`) before it is stored or accumulated; `bypass_gamma`
+(`ewc_fixed_lambda_bypass_gamma`) keeps the gain at 1.
+
+Options: `EWCConfig` and `NeuromodulationConfig` (`hf_adaptive.consolidation.config`), offered as the options
+`ewc_lambda`, `ewc_mode`, `ewc_gamma`, `fisher_*`, `gamma_gated_ewc`, `ewc_fixed_lambda_bypass_gamma`,
+`gamma_gain_lambda`, `neuromod_*` (`EWC_OPTIONS`). Enabled by name with no option, EWC is separate EWC with
+λ = 1 on the raw Fisher.
 
 Memory: two float32 copies of the trainable parameters (Fisher + anchor) per task in separate mode, one
 pair in online mode. Everything is in `state_dict` (tensors → safetensors in each checkpoint), so a resumed
@@ -20,48 +26,22 @@ run has the same penalty.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..plugins import ContinualPlugin, LossTerm
-from .fisher import FISHER_METHODS, FISHER_TYPES, compute_fisher, trainable_parameters
-from .neuromodulation import GammaGain, NeuromodulationConfig, gradient_norm
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import ContinualConfig
-    from ..tasks import Task
+from ..plugins import ContinualPlugin, LossTerm, TaskContext
+from ..utils.options import build_config
+from ..utils.validation import fail
+from .config import EWC_MODES, EWC_OPTIONS, EWCConfig, NeuromodulationConfig
+from .fisher import compute_fisher, trainable_parameters
+from .neuromodulation import GammaGain, gradient_norm
 
 logger = logging.getLogger(__name__)
-
-EWC_MODES = ("separate", "online")
-
-
-def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"EWCPlugin.{field_name}={value!r} is not allowed: {allowed}")
-
-
-def _number(field_name: str, value: Any, low: float, high: float | None = None) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not value >= low
-        or (high is not None and value > high)
-    ):
-        _fail(field_name, value, f"must be a number >= {low}" + (f" and <= {high}" if high is not None else ""))
-    return float(value)
-
-
-def _positive_int(field_name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(field_name, value, "must be an integer >= 1")
-    return int(value)
-
-
-FISHER_NORMALIZATIONS = ("none", "max", "mean")
 
 
 class _QuadraticPenalty(torch.autograd.Function):
@@ -93,61 +73,36 @@ def _unwrap(trainer: Any, model: torch.nn.Module) -> torch.nn.Module:
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
+def _option(name: str) -> property:
+    return property(lambda self: getattr(self.config, name), doc=f"`EWCConfig.{name}` of this plugin (read-only).")
+
+
 class EWCPlugin(ContinualPlugin):
     """EWC (separate or online) with an exact per-sample Fisher and optional gamma gating.
 
-    Parameters mirror `ContinualConfig` (see `from_config`): `ewc_lambda` (λ, 0 disables the plugin),
-    `mode` ("separate" / "online"), `gamma` (online decay γ in [0, 1]), `fisher_samples`, `fisher_type`
-    ("empirical" / "true"), `fisher_chunk_size` (rows per vmap call; None: as many as fit the memory
-    budget of `compute_fisher`), `fisher_method` ("vmap" / "loop"), `gamma_gated`,
+    Built from an `EWCConfig` (every field can also be passed as a keyword, e.g. `EWCPlugin(ewc_lambda=2.0)`):
+    `ewc_lambda` (λ, 0 disables the plugin), `mode` ("separate" / "online"), `gamma` (online decay γ in [0, 1]),
+    `fisher_samples`, `fisher_type` ("empirical" / "true"), `fisher_chunk_size` (rows per vmap call; None: as many
+    as fit the memory budget of `compute_fisher`), `fisher_method` ("vmap" / "loop"), `gamma_gated`,
     `fisher_normalization` ("none"; "max" / "mean": each task's Fisher divided by its largest / mean entry,
     so that λ is a stiffness that does not shrink when the model is nearly certain on its task: the Fisher
-    of a saturated classifier is ~p(1-p) ≈ 0 and plain EWC then needs λ ~ 1e6), `bypass_gamma`,
-    `neuromodulation` (how the gain is computed), `seed` (which rows measure the Fisher and
-    the label sampling of the true Fisher), `progress_bar`.
+    of a saturated classifier is ~p(1-p) ≈ 0 and plain EWC then needs λ ~ 1e6), `bypass_gamma`, `seed` (which
+    rows measure the Fisher and the label sampling of the true Fisher), `progress_bar`; and from a
+    `NeuromodulationConfig` (`neuromodulation`): how the gain of gamma-gated EWC is computed.
     """
 
     name = "ewc"
+    options = EWC_OPTIONS
 
     def __init__(
         self,
-        ewc_lambda: float = 1.0,
-        mode: str = "separate",
-        gamma: float = 1.0,
-        fisher_samples: int = 50,
-        fisher_type: str = "empirical",
-        fisher_chunk_size: int | None = None,
-        fisher_method: str = "vmap",
-        fisher_normalization: str = "none",
-        gamma_gated: bool = False,
-        bypass_gamma: bool = False,
+        config: EWCConfig | None = None,
         neuromodulation: NeuromodulationConfig | None = None,
-        seed: int = 0,
-        progress_bar: bool = True,
+        **overrides: Any,
     ) -> None:
-        self.ewc_lambda = _number("ewc_lambda", ewc_lambda, 0.0)
-        if mode not in EWC_MODES:
-            _fail("mode", mode, f"choose one of {list(EWC_MODES)}")
-        self.mode = mode
-        self.gamma = _number("gamma", gamma, 0.0, 1.0)
-        self.fisher_samples = _positive_int("fisher_samples", fisher_samples)
-        if fisher_type not in FISHER_TYPES:
-            _fail("fisher_type", fisher_type, f"choose one of {list(FISHER_TYPES)}")
-        self.fisher_type = fisher_type
-        self.fisher_chunk_size = (
-            None if fisher_chunk_size is None else _positive_int("fisher_chunk_size", fisher_chunk_size)
-        )
-        if fisher_method not in FISHER_METHODS:
-            _fail("fisher_method", fisher_method, f"choose one of {list(FISHER_METHODS)}")
-        self.fisher_method = fisher_method
-        if fisher_normalization not in FISHER_NORMALIZATIONS:
-            _fail("fisher_normalization", fisher_normalization, f"choose one of {list(FISHER_NORMALIZATIONS)}")
-        self.fisher_normalization = fisher_normalization
-        self.gamma_gated = bool(gamma_gated)
-        self.bypass_gamma = bool(bypass_gamma)
-        self.seed = int(seed)
-        self.progress_bar = bool(progress_bar)
-        self.modulator = GammaGain(neuromodulation) if self.uses_gamma_gain else None
+        self.config = dataclasses.replace(config or EWCConfig(), **overrides)
+        self.neuromodulation = neuromodulation or NeuromodulationConfig()
+        self.modulator = GammaGain(self.neuromodulation) if self.uses_gamma_gain else None
         #: one entry per finished task (separate) or a single running entry (online):
         #: {"task": str, "gamma_gain": float, "fisher": {name: tensor}, "anchor": {name: tensor}}
         self.entries: list[dict[str, Any]] = []
@@ -156,27 +111,33 @@ class EWCPlugin(ContinualPlugin):
         self._param_cache: tuple[int, dict[str, torch.nn.Parameter]] | None = None
 
     @classmethod
-    def from_config(cls, args: ContinualConfig, **overrides: Any) -> EWCPlugin:
-        """The plugin described by the EWC fields of a `ContinualConfig` (keyword `overrides` win)."""
-        kwargs: dict[str, Any] = dict(
-            ewc_lambda=args.ewc_lambda,
-            mode=args.ewc_mode,
-            gamma=args.ewc_gamma,
-            fisher_samples=args.fisher_samples,
-            fisher_type=args.fisher_type,
-            fisher_chunk_size=args.fisher_chunk_size,
-            fisher_method=args.fisher_method,
-            fisher_normalization=args.fisher_normalization,
-            gamma_gated=args.gamma_gated_ewc,
-            bypass_gamma=args.ewc_fixed_lambda_bypass_gamma,
-            neuromodulation=NeuromodulationConfig(gamma_gain_lambda=args.gamma_gain_lambda),
-            seed=args.seed,
-            progress_bar=not args.disable_tqdm,
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
+    def from_config(cls, config: Any, model: torch.nn.Module | None = None) -> EWCPlugin:
+        """The plugin described by the EWC options on `config` (a `ContinualConfig`); `seed` and `progress_bar`
+        follow its TrainingArguments `seed` and `disable_tqdm` when it has them."""
+        owner = type(config).__name__
+        fixed: dict[str, Any] = {}
+        if hasattr(config, "seed"):
+            fixed["seed"] = config.seed
+        if hasattr(config, "disable_tqdm"):
+            fixed["progress_bar"] = not config.disable_tqdm
+        ewc, neuromodulation = cls.options
+        return cls(build_config(ewc, config, owner=owner, **fixed), build_config(neuromodulation, config, owner=owner))
 
     # ------------------------------------------------------------------------------------------ properties
+    # the options, read from `self.config` (the one place they are stored)
+    ewc_lambda = _option("ewc_lambda")
+    mode = _option("mode")
+    gamma = _option("gamma")
+    fisher_samples = _option("fisher_samples")
+    fisher_type = _option("fisher_type")
+    fisher_chunk_size = _option("fisher_chunk_size")
+    fisher_method = _option("fisher_method")
+    fisher_normalization = _option("fisher_normalization")
+    gamma_gated = _option("gamma_gated")
+    bypass_gamma = _option("bypass_gamma")
+    seed = _option("seed")
+    progress_bar = _option("progress_bar")
+
     @property
     def enabled(self) -> bool:
         return self.ewc_lambda > 0
@@ -211,7 +172,12 @@ class EWCPlugin(ContinualPlugin):
                 if p is None:
                     continue
                 if f.shape != p.shape:  # a Fisher of another model (e.g. a loaded state) must not broadcast
-                    _fail(f"fisher[{name!r}].shape", tuple(f.shape), f"the parameter has shape {tuple(p.shape)}")
+                    fail(
+                        "EWCPlugin",
+                        f"fisher[{name!r}].shape",
+                        tuple(f.shape),
+                        f"the parameter has shape {tuple(p.shape)}",
+                    )
                 if f.device != p.device:  # loaded from a checkpoint on CPU: move once
                     fisher[name] = f = f.to(p.device)
                     anchor[name] = anchor[name].to(p.device)
@@ -238,21 +204,22 @@ class EWCPlugin(ContinualPlugin):
         if self.modulator is not None and self.enabled and model is not None:
             self.modulator.observe_grad_norm(gradient_norm(p for p in model.parameters() if p.requires_grad))
 
-    def on_task_begin(self, trainer: Any, task: Task, task_index: int) -> None:
+    def on_task_begin(self, trainer: Any, context: TaskContext) -> None:
         self._param_cache = None
         if self.modulator is not None:
             self.modulator.reset()
 
-    def on_task_end(self, trainer: Any, task: Task, task_index: int) -> None:
-        """Measure the Fisher of `task` at the weights just trained and store or accumulate it."""
+    def on_task_end(self, trainer: Any, context: TaskContext) -> None:
+        """Measure the Fisher of the task just trained, at its weights, on `fisher_samples` of the rows it was
+        trained on (`context.train_dataset`), and store or accumulate it."""
         self._param_cache = None
         if not self.enabled:
             return
-        from ..tasks import tokenize_task
-
+        task, seed = context.task, self.seed + context.index
         model = _unwrap(trainer, trainer.model)
-        rows = tokenize_task(task, trainer.processing_class, "train")
-        rows = rows.shuffle(seed=self.seed + task_index).select(range(min(self.fisher_samples, len(rows))))
+        rows = context.train_dataset.shuffle(seed=seed).select(
+            range(min(self.fisher_samples, len(context.train_dataset)))
+        )
         started = time.perf_counter()
         result = compute_fisher(
             model,
@@ -260,7 +227,7 @@ class EWCPlugin(ContinualPlugin):
             fisher_type=self.fisher_type,
             method=self.fisher_method,
             chunk_size=self.fisher_chunk_size,
-            seed=self.seed + task_index,
+            seed=seed,
             progress_bar=self.progress_bar,
             desc=f"Fisher {task.name}",
         )
@@ -356,7 +323,12 @@ class EWCPlugin(ContinualPlugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("mode", self.mode) != self.mode:
-            _fail("mode", self.mode, f"the saved state was written in mode {state.get('mode')!r}; use the same mode")
+            fail(
+                "EWCPlugin",
+                "mode",
+                self.mode,
+                f"the saved state was written in mode {state.get('mode')!r}; use the same mode",
+            )
         entries = [
             {
                 "task": e["task"],
@@ -375,4 +347,4 @@ class EWCPlugin(ContinualPlugin):
         self._param_cache = None
 
 
-__all__ = ["EWC_MODES", "EWCPlugin"]
+__all__ = ["EWC_MODES", "EWCPlugin", "EWCConfig"]

@@ -50,11 +50,12 @@ import torch
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from ..tasks.losses import IGNORE_INDEX, answer_cross_entropy
+from ..utils.validation import check_choice, check_number
+from .config import FISHER_METHODS, FISHER_TYPES
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-FISHER_TYPES = ("empirical", "true")
-FISHER_METHODS = ("vmap", "loop")
 DEFAULT_MAX_CHUNK_BYTES = 1 << 30  # per vmap call on CPU; on CUDA a quarter of the free memory
 
 
@@ -77,11 +78,6 @@ class _Example:
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The parameters the Fisher covers: those with ``requires_grad=True``, by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _check_choice(field: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"compute_fisher.{field}={value!r} is not allowed: choose one of {list(allowed)}")
 
 
 def _to_examples(rows: Any) -> list[_Example]:
@@ -111,12 +107,9 @@ def _to_examples(rows: Any) -> list[_Example]:
 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of the labelled tokens of each row: logits [B, L, V], labels [B, L] -> [B]."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return -(logp * mask).sum(-1)
+    """Summed next-token NLL of the labelled tokens of each row: logits [B, L, V], labels [B, L] -> [B]
+    (`answer_cross_entropy` per row, summed over the answer tokens: the sequence NLL the Fisher differentiates)."""
+    return answer_cross_entropy(logits, labels, reduction="per_row_sum")
 
 
 def _pad(examples: Sequence[_Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,18 +300,10 @@ def compute_fisher(
     with a warning if vmap fails) or "loop". `attn_implementation`: attention used while vmapping (None keeps
     the model's). Returns float32 tensors on the parameters' devices.
     """
-    _check_choice("fisher_type", fisher_type, FISHER_TYPES)
-    _check_choice("method", method, FISHER_METHODS)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(
-            f"compute_fisher.chunk_size={chunk_size!r} is not allowed: must be None (auto) or an integer >= 1"
-        )
-    if max_chunk_bytes is not None and (
-        isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, int) or max_chunk_bytes < 1
-    ):
-        raise ValueError(
-            f"compute_fisher.max_chunk_bytes={max_chunk_bytes!r} is not allowed: must be None (auto) or an integer >= 1"
-        )
+    check_choice("compute_fisher", "fisher_type", fisher_type, FISHER_TYPES)
+    check_choice("compute_fisher", "method", method, FISHER_METHODS)
+    check_number("compute_fisher", "chunk_size", chunk_size, low=1, integer=True, optional=True)
+    check_number("compute_fisher", "max_chunk_bytes", max_chunk_bytes, low=1, integer=True, optional=True)
     examples = _to_examples(rows)
     names = list(trainable_parameters(model))
     if not names:
@@ -380,8 +365,7 @@ def minibatch_fisher(model: torch.nn.Module, rows: Any, batch_size: int = 8) -> 
     Same per-row loss as `compute_fisher`. Not an estimate of F: it is ≈ F / B plus the squared mean
     gradient; shown in `benchmarks/fisher.py` for comparison only.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"minibatch_fisher.batch_size={batch_size!r} is not allowed: must be an integer >= 1")
+    check_number("minibatch_fisher", "batch_size", batch_size, low=1, integer=True)
     examples = _to_examples(rows)
     params = trainable_parameters(model)
     names, plist = list(params), list(params.values())

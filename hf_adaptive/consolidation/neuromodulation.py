@@ -32,50 +32,12 @@ bounded, scale-free map so that no signal dominates by its units.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
-SIGNALS = ("nll", "accuracy", "grad_norm", "entropy")
-
-
-def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"NeuromodulationConfig.{field_name}={value!r} is not allowed: {allowed}")
-
-
-@dataclass
-class NeuromodulationConfig:
-    """How the gamma gain is computed (see the module docstring for the formulas)."""
-
-    gamma_gain_lambda: float = 3.0
-    signal_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SIGNALS, 1.0))
-    ema_beta: float = 0.9
-    grad_warmup_steps: int = 5
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.gamma_gain_lambda, bool)
-            or not isinstance(self.gamma_gain_lambda, (int, float))
-            or not (self.gamma_gain_lambda >= 0)
-        ):
-            _fail("gamma_gain_lambda", self.gamma_gain_lambda, "must be a number >= 0")
-        unknown = set(self.signal_weights) - set(SIGNALS)
-        if unknown:
-            _fail("signal_weights", self.signal_weights, f"keys must be among {list(SIGNALS)}")
-        if any(not isinstance(w, (int, float)) or not (w >= 0) for w in self.signal_weights.values()) or not any(
-            w > 0 for w in self.signal_weights.values()
-        ):
-            _fail("signal_weights", self.signal_weights, "weights must be numbers >= 0, at least one > 0")
-        if not isinstance(self.ema_beta, (int, float)) or not 0 <= self.ema_beta < 1:
-            _fail("ema_beta", self.ema_beta, "must be a number in [0, 1)")
-        if (
-            isinstance(self.grad_warmup_steps, bool)
-            or not isinstance(self.grad_warmup_steps, int)
-            or (self.grad_warmup_steps < 1)
-        ):
-            _fail("grad_warmup_steps", self.grad_warmup_steps, "must be an integer >= 1")
+from ..tasks.losses import IGNORE_INDEX
+from .config import SIGNALS, NeuromodulationConfig
 
 
 @torch.no_grad()

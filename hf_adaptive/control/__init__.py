@@ -1,21 +1,43 @@
-"""Control loops: the RL gate controller, its reward and Pareto archive, and the feedback callback."""
+"""Control loops: the RL gate controller, its reward and Pareto archive, the feedback callback that drives the head
+gates (`gate_feedback`), the L0 penalty of hard-concrete gates (`head_l0`) and the differentiable loss weighting.
 
-from .feedback import FeedbackCallback, FeedbackConfig, OnlineGateAdapter, head_statistics, validation_loss
-from .gate_controller import ALGORITHMS, GateController, GateControllerConfig
-from .pareto import ParetoArchive, ParetoPoint
-from .rewards import RewardTracker, gate_reward
+Names are imported on first access (PEP 562), so `import hf_adaptive.control.config` stays light.
+"""
 
-__all__ = [
-    "ALGORITHMS",
-    "FeedbackCallback",
-    "FeedbackConfig",
-    "GateController",
-    "GateControllerConfig",
-    "OnlineGateAdapter",
-    "ParetoArchive",
-    "ParetoPoint",
-    "RewardTracker",
-    "gate_reward",
-    "head_statistics",
-    "validation_loss",
-]
+from __future__ import annotations
+
+from ..utils.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    # options (light)
+    "ALGORITHMS": "config",
+    "GATE_FEEDBACK_OPTIONS": "config",
+    "GATE_OPTIONS": "config",
+    "HEAD_L0_OPTIONS": "config",
+    "FeedbackConfig": "config",
+    "GateConfig": "config",
+    "GateControllerConfig": "config",
+    "HeadL0Config": "config",
+    # controller, reward, archive
+    "GateController": "gate_controller",
+    "ParetoArchive": "pareto",
+    "ParetoPoint": "pareto",
+    "RewardTracker": "rewards",
+    "gate_reward": "rewards",
+    # plugins and loops
+    "FeedbackCallback": "feedback",
+    "OnlineGateAdapter": "feedback",
+    "head_statistics": "feedback",
+    "validation_loss": "feedback",
+    "HeadGatePlugin": "head_l0",
+    # loss weighting
+    "ControlledScalar": "loss_weighting",
+    "LossWeightController": "loss_weighting",
+    "SoftmaxWeighting": "loss_weighting",
+    "UncertaintyWeighting": "loss_weighting",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

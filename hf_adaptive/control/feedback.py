@@ -12,51 +12,43 @@ feedback), with no backward pass through the language model.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from ..models.gated import GatedModel, attention_entropy, find_gates, head_importance
-from ..plugins import ContinualPlugin
-from .gate_controller import GateController, GateControllerConfig
+from ..models.gates import GatedModel, find_gates, gate_model
+from ..models.head_importance import attention_entropy, head_importance
+from ..plugins import ContinualPlugin, TaskContext
+from ..tasks.losses import answer_cross_entropy
+from ..utils.options import build_config
+from ..utils.validation import OptionError
+from .config import (
+    FEEDBACK_SOURCE,
+    GATE_CONTROLLER_SOURCE,
+    GATE_FEEDBACK_OPTIONS,
+    GATE_SOURCE,
+    MODES,
+    STATISTICS,
+    FeedbackConfig,
+    GateConfig,
+    GateControllerConfig,
+    with_overrides,
+)
+from .gate_controller import GateController
 from .pareto import ParetoArchive
 
-MODES = ("periodic", "continuous")
-STATISTICS = ("importance", "entropy")
-
-
-@dataclass
-class FeedbackConfig:
-    """How often and on what `FeedbackCallback` measures the model."""
-
-    eval_every: int = 50
-    mode: str = "periodic"
-    eval_size: int = 64
-    eval_batch_size: int = 16
-    statistics: tuple[str, ...] = ("importance", "entropy")
-    stats_batches: int = 1
-    preference: float | None = None  # at train end, apply the Pareto point picked with this preference
-    log_gates: bool = True
-
-    def __post_init__(self) -> None:
-        def bad(field: str, allowed: str) -> ValueError:
-            return ValueError(f"FeedbackConfig.{field}={getattr(self, field)!r} is not allowed: {allowed}")
-
-        if int(self.eval_every) < 1:
-            raise bad("eval_every", "an integer >= 1")
-        if self.mode not in MODES:
-            raise bad("mode", f"one of {MODES}")
-        for name in ("eval_size", "eval_batch_size", "stats_batches"):
-            if int(getattr(self, name)) < 1:
-                raise bad(name, "an integer >= 1")
-        self.statistics = tuple(self.statistics)
-        if not set(self.statistics) <= set(STATISTICS):
-            raise bad("statistics", f"a subset of {STATISTICS}")
-        if self.preference is not None and not (self.preference >= 0 and math.isfinite(self.preference)):
-            raise bad("preference", "None or a finite number >= 0")
+__all__ = [
+    "MODES",
+    "STATISTICS",
+    "FeedbackCallback",
+    "FeedbackConfig",
+    "OnlineGateAdapter",
+    "head_statistics",
+    "validation_loss",
+]
 
 
 def _batches(rows: Any, collate: Callable, batch_size: int, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -77,13 +69,8 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Te
             labels = batch.get("labels", batch["input_ids"]).to(device)
             mask = batch.get("attention_mask")
             logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device)).logits
-            targets = labels[:, 1:]
-            valid = targets != -100
-            ce = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none"
-            )
-            total += float((ce * valid).sum())
-            count += float(valid.sum())
+            total += float(answer_cross_entropy(logits, labels, reduction="sum"))
+            count += float((labels[:, 1:] != -100).sum())
     finally:
         model.train(was_training)
     if count == 0:
@@ -104,59 +91,83 @@ def head_statistics(
 class FeedbackCallback(ContinualPlugin):
     """Every `eval_every` steps: loss -> reward -> controller update -> new gates (see the module docstring).
 
+    `FeedbackCallback(config, controller=...)` with a built `GateController`, or `FeedbackCallback(config,
+    controller_config, model=model)` to build the controller sized by the model's gates (fixed gates are attached
+    to a model that has none, as the registry does for the plugin `gate_feedback`).
+
     `eval_dataset` holds tokenized rows (input_ids/attention_mask/labels); its first `eval_size` rows are the
-    fixed validation subset. Inside `ContinualTrainer.train_sequence` it may be None: each task's own eval split
-    is then used, and the reward baseline and the Pareto front restart at each task (losses of different tasks
-    do not compare; `controller.log` keeps the whole history).
+    fixed validation subset. Inside `ContinualTrainer.train_sequence` it may be None: each task's own tokenized
+    eval split (`TaskContext.eval_dataset`) is then used, and the reward baseline and the Pareto front restart at
+    each task (losses of different tasks do not compare; `controller.log` keeps the whole history).
+
+    Each feedback round is logged through `Trainer.log` (`gate_loss`, `gate_reward`, `gate_active_fraction`,
+    `gate_pareto_points`, `gate_values`), so every reporting integration receives it. Inside a task sequence the
+    trainer is known from `on_task_begin`; with a plain `Trainer`, call `bind(trainer)` once it is built.
     """
 
     name = "gate_feedback"
+    options = GATE_FEEDBACK_OPTIONS
+    needs_model = True
 
     @classmethod
-    def from_config(cls, args: Any, model: Any = None) -> FeedbackCallback:
-        """Controller and feedback loop from the `gate_*` fields of a `ContinualConfig`, sized by `model`'s gates."""
-        if model is None:
-            raise ValueError("FeedbackCallback.from_config: model=None is not allowed: the gates size the policy")
-        gated = find_gates(model)
-        controller = GateController(
-            gated.num_layers,
-            gated.num_heads,
-            GateControllerConfig(
-                algorithm=args.gate_algorithm,
-                min_active_fraction=args.gate_min_active_fraction,
-                max_active_fraction=args.gate_max_active_fraction,
-                efficiency_factor=args.gate_efficiency_factor,
-                seed=args.seed,
-            ),
+    def from_config(cls, config: Any, model: torch.nn.Module | None = None) -> FeedbackCallback:
+        """The loop and its controller from the `gate_*` options; the controller is seeded by the run's `seed`
+        (as before the options moved here) and sized by `model`'s gates."""
+        owner = type(config).__name__
+        seed = {"seed": config.seed} if hasattr(config, "seed") else {}
+        return cls(
+            build_config(FEEDBACK_SOURCE, config, owner=owner),
+            build_config(GATE_CONTROLLER_SOURCE, config, owner=owner, **seed),
+            build_config(GATE_SOURCE, config, owner=owner),
+            model=model,
         )
-        config = FeedbackConfig(
-            eval_every=args.gate_feedback_every,
-            mode=args.gate_feedback_mode,
-            eval_size=args.gate_eval_size,
-            eval_batch_size=args.gate_eval_batch_size,
-            statistics=tuple(args.gate_statistics),
-            stats_batches=args.gate_stats_batches,
-            preference=args.gate_preference,
-            log_gates=args.gate_log_gates,
-        )
-        return cls(controller, config=config)
 
     def __init__(
         self,
-        controller: GateController,
+        config: FeedbackConfig | None = None,
+        controller_config: GateControllerConfig | None = None,
+        gate: GateConfig | None = None,
+        *,
+        controller: GateController | None = None,
+        model: torch.nn.Module | None = None,
         eval_dataset: Any = None,
         data_collator: Callable | None = None,
-        config: FeedbackConfig | None = None,
+        **overrides: Any,
     ) -> None:
+        if isinstance(config, GateController):
+            raise TypeError("FeedbackCallback: the controller is a keyword argument: FeedbackCallback(controller=...)")
+        self.config = with_overrides(config, FeedbackConfig, overrides, type(self).__name__)
+        self.gate = gate if gate is not None else GateConfig()
+        if self.gate.mode not in (None, "fixed"):
+            raise OptionError(
+                type(self.gate).__name__,
+                "mode",
+                self.gate.mode,
+                "gate_feedback sets fixed gates: 'fixed', or None (the plugin attaches them)",
+            )
+        if controller is None:
+            if model is None:
+                raise ValueError(
+                    "FeedbackCallback: give controller= (a GateController) or model= (its gates size the controller)"
+                )
+            gated = gate_model(model, mode="fixed")  # the existing gates when attached already
+            controller = GateController(gated.num_layers, gated.num_heads, controller_config)
+        elif controller_config is not None:
+            raise TypeError("FeedbackCallback: give controller= or controller_config, not both")
         self.controller = controller
         self.eval_dataset = eval_dataset
         self._per_task_eval = eval_dataset is None  # no fixed subset given: use each task's eval split
         self.data_collator = data_collator
-        self.config = config or FeedbackConfig()
         self.gated: GatedModel | None = None
         self.model: torch.nn.Module | None = None
+        self.trainer: Any = None
         self._eval_batches: list[dict[str, torch.Tensor]] | None = None
-        self._last_train_loss: float | None = None
+        self._warned_unbound = False
+
+    def bind(self, trainer: Any) -> FeedbackCallback:
+        """The trainer whose `log` reports the feedback rounds (set by `on_task_begin` in a task sequence)."""
+        self.trainer = trainer
+        return self
 
     # ------------------------------------------------------------------ setup
     def _collator(self) -> Callable:
@@ -190,13 +201,17 @@ class FeedbackCallback(ContinualPlugin):
             )
         return self._eval_batches
 
-    def on_task_begin(self, trainer, task, task_index: int) -> None:
-        from ..tasks import CausalLMCollator, tokenize_task
-
+    def on_task_begin(self, trainer: Any, context: TaskContext) -> None:
+        self.bind(trainer)
         if self.data_collator is None:
-            self.data_collator = CausalLMCollator(trainer.processing_class)
+            self.data_collator = context.collator
         if self._per_task_eval:
-            self.eval_dataset = tokenize_task(task, trainer.processing_class, "eval")
+            if context.eval_dataset is None and self.config.mode == "periodic":
+                raise ValueError(
+                    f"FeedbackCallback: task {context.task.name!r} has no eval split: periodic feedback scores one "
+                    "(give the task an eval split, or use gate_feedback_mode='continuous')"
+                )
+            self.eval_dataset = context.eval_dataset  # already tokenized by the trainer
             self._eval_batches = None
         # a new task: its losses are not comparable to the last task's (reward baseline and Pareto front restart)
         self.controller.tracker.previous_loss = None
@@ -217,7 +232,6 @@ class FeedbackCallback(ContinualPlugin):
         reward = self.controller.feedback(loss, step=state.global_step)
         self._act(state)
         record: dict[str, Any] = {
-            "step": state.global_step,
             "gate_loss": loss,
             "gate_reward": reward,
             "gate_active_fraction": float(self.controller.gates.mean()),
@@ -225,7 +239,19 @@ class FeedbackCallback(ContinualPlugin):
         }
         if self.config.log_gates:
             record["gate_values"] = self.controller.gates.reshape(-1).int().tolist()
-        state.log_history.append(record)
+        self._log(record)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        """Through `Trainer.log` (the step is added there), so W&B / TensorBoard / ... receive it."""
+        if self.trainer is not None:
+            self.trainer.log(record)
+        elif not self._warned_unbound:
+            self._warned_unbound = True
+            warnings.warn(
+                "FeedbackCallback is not bound to a trainer: its rounds are kept in controller.log only "
+                "(call feedback.bind(trainer) to log them)",
+                stacklevel=2,
+            )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw):
         if self.config.mode == "periodic" and state.global_step % self.config.eval_every == 0:

@@ -24,72 +24,19 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config import ALGORITHMS, GateControllerConfig
 from .pareto import ParetoArchive
 from .rewards import RewardTracker
 
-ALGORITHMS = ("reinforce", "a2c", "ppo")
+__all__ = ["ALGORITHMS", "KEEP", "PRUNE", "REGROW", "GateController", "GateControllerConfig", "GatePolicy"]
+
 PRUNE, KEEP, REGROW = 0, 1, 2
-
-
-@dataclass
-class GateControllerConfig:
-    """Hyper-parameters of `GateController` (validated on construction)."""
-
-    algorithm: str = "ppo"
-    hidden_size: int = 64
-    head_embedding: int = 8
-    history: int = 4
-    lr: float = 3e-3
-    gamma: float = 0.5
-    gae_lambda: float = 0.9
-    rollout_steps: int = 4
-    ppo_epochs: int = 4
-    clip_eps: float = 0.2
-    value_coef: float = 0.5
-    entropy_coef: float = 0.01
-    max_grad_norm: float = 1.0
-    min_active_fraction: float = 0.0
-    max_active_fraction: float = 1.0
-    max_changes: int | None = None
-    keep_bias: float = 2.0
-    efficiency_factor: float = 0.1
-    reward_ema: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def bad(field: str, allowed: str) -> ValueError:
-            return ValueError(f"GateControllerConfig.{field}={getattr(self, field)!r} is not allowed: {allowed}")
-
-        if self.algorithm not in ALGORITHMS:
-            raise bad("algorithm", f"one of {ALGORITHMS}")
-        for name in ("hidden_size", "rollout_steps", "ppo_epochs"):
-            if int(getattr(self, name)) < 1:
-                raise bad(name, "an integer >= 1")
-        for name in ("head_embedding", "history"):
-            if int(getattr(self, name)) < 0:
-                raise bad(name, "an integer >= 0")
-        if not (self.lr > 0):
-            raise bad("lr", "a number > 0")
-        for name in ("gamma", "gae_lambda", "min_active_fraction", "max_active_fraction"):
-            if not (0.0 <= getattr(self, name) <= 1.0):
-                raise bad(name, "a number in [0, 1]")
-        if self.min_active_fraction > self.max_active_fraction:
-            raise bad("min_active_fraction", f"at most max_active_fraction={self.max_active_fraction}")
-        if not (self.clip_eps > 0):
-            raise bad("clip_eps", "a number > 0")
-        for name in ("value_coef", "entropy_coef", "max_grad_norm"):
-            if not (getattr(self, name) >= 0):
-                raise bad(name, "a number >= 0")
-        if self.max_changes is not None and int(self.max_changes) < 1:
-            raise bad("max_changes", "None or an integer >= 1")
-        if not (0.0 <= self.reward_ema < 1.0):
-            raise bad("reward_ema", "a number in [0, 1)")
 
 
 class GatePolicy(nn.Module):

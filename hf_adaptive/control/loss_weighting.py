@@ -31,12 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.validation import fail
+
 MODES = ("uncertainty", "softmax")
 TASK = "task"
-
-
-def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{cls}.{name}={value!r} is not allowed: {allowed}")
 
 
 def predictive_entropy(outputs: Any) -> torch.Tensor | None:
@@ -57,9 +55,9 @@ class ControlledScalar(nn.Module):
     def __init__(self, low: float, high: float, init: float, num_features: int = 0) -> None:
         super().__init__()
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            _fail(type(self).__name__, "low/high", (low, high), "need finite low < high")
+            fail(type(self).__name__, "low/high", (low, high), "need finite low < high")
         if not low < init < high:
-            _fail(type(self).__name__, "init", init, f"must lie strictly inside ({low}, {high})")
+            fail(type(self).__name__, "init", init, f"must lie strictly inside ({low}, {high})")
         self.low, self.high = float(low), float(high)
         p = (init - low) / (high - low)
         self.theta = nn.Parameter(torch.tensor(math.log(p / (1 - p))))
@@ -95,29 +93,29 @@ class LossWeightController(nn.Module):
         super().__init__()
         c = type(self).__name__
         if mode not in MODES:
-            _fail(c, "mode", mode, f"choose one of {list(MODES)}")
+            fail(c, "mode", mode, f"choose one of {list(MODES)}")
         if not isinstance(term_names, (list, tuple)) or not all(isinstance(n, str) and n for n in term_names):
-            _fail(c, "term_names", term_names, "must be a list of non-empty names")
+            fail(c, "term_names", term_names, "must be a list of non-empty names")
         if TASK in term_names or len(set(term_names)) != len(term_names):
-            _fail(c, "term_names", term_names, f"names must be unique and not {TASK!r}")
+            fail(c, "term_names", term_names, f"names must be unique and not {TASK!r}")
         if not isinstance(hidden_size, int) or hidden_size < 1:
-            _fail(c, "hidden_size", hidden_size, "must be an integer >= 1")
+            fail(c, "hidden_size", hidden_size, "must be an integer >= 1")
         lo, hi = log_var_bounds
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < 0 < hi):
-            _fail(c, "log_var_bounds", log_var_bounds, "need finite low < 0 < high")
+            fail(c, "log_var_bounds", log_var_bounds, "need finite low < 0 < high")
         if entropy_tau <= 0:
-            _fail(c, "entropy_tau", entropy_tau, "must be > 0")
+            fail(c, "entropy_tau", entropy_tau, "must be > 0")
         self.mode = mode
         self.term_names = list(term_names)
         self.weighted = ([TASK] if weight_task else []) + self.term_names
         if not self.weighted:
-            _fail(c, "term_names", term_names, "nothing to weight: give terms or weight_task=True")
+            fail(c, "term_names", term_names, "nothing to weight: give terms or weight_task=True")
         if mode == "softmax" and len(self.weighted) < 2:
-            _fail(c, "term_names", term_names, "softmax weighting needs at least two weighted terms")
+            fail(c, "term_names", term_names, "softmax weighting needs at least two weighted terms")
         self.log_var_bounds = (float(lo), float(hi))
         self.total_weight = float(total_weight if total_weight is not None else len(self.weighted))
         if not self.total_weight > 0:
-            _fail(c, "total_weight", total_weight, "must be > 0")
+            fail(c, "total_weight", total_weight, "must be > 0")
         self.entropy_tau = float(entropy_tau)
         self.num_features = 2 + 2 * len(self.term_names)  # log L_task, log L_i, log(L_i / L_task), entropy
         self.net = nn.Sequential(
@@ -171,7 +169,7 @@ class LossWeightController(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         unknown = set(terms) - set(self.term_names)
         if unknown:
-            _fail(type(self).__name__, "terms", sorted(unknown), f"known terms are {self.term_names}")
+            fail(type(self).__name__, "terms", sorted(unknown), f"known terms are {self.term_names}")
         raw = self.net(self.features(task_loss, terms, outputs))
         values = {TASK: task_loss, **terms}
         present = [i for i, name in enumerate(self.weighted) if name in values]
@@ -195,7 +193,7 @@ class LossWeightController(nn.Module):
     ) -> ControlledScalar:
         """Register a bounded tensor a plugin reads with `control(name, ...)` (e.g. a temperature or a mixing rho)."""
         if not isinstance(name, str) or not name or name in self.controls:
-            _fail(type(self).__name__, "control name", name, "must be a new non-empty name")
+            fail(type(self).__name__, "control name", name, "must be a new non-empty name")
         self.controls[name] = ControlledScalar(low, high, init, num_features=self.num_features if conditioned else 0)
         return self.controls[name]
 
@@ -208,7 +206,7 @@ class LossWeightController(nn.Module):
     ) -> torch.Tensor:
         """The current value of a registered control, as a tensor in the graph of its parameters."""
         if name not in self.controls:
-            _fail(type(self).__name__, "control name", name, f"registered controls are {list(self.controls)}")
+            fail(type(self).__name__, "control name", name, f"registered controls are {list(self.controls)}")
         module = self.controls[name]
         feats = None
         if module.proj is not None and task_loss is not None:

@@ -16,20 +16,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..utils.validation import check_number
+
 _EPS = 1e-8
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not (0.0 <= value <= 1.0) or math.isnan(value):
-        raise ValueError(f"gate_reward: {name}={value!r} is not allowed: a number in [0, 1]")
 
 
 def gate_reward(previous_loss: float, current_loss: float, pruned_fraction: float, efficiency_factor: float) -> float:
     """`tanh(relative loss improvement + efficiency_factor * pruned_fraction)` (see the module docstring)."""
-    _check_fraction("pruned_fraction", pruned_fraction)
-    for name, value in (("previous_loss", previous_loss), ("current_loss", current_loss)):
-        if not math.isfinite(value):
-            raise ValueError(f"gate_reward: {name}={value!r} is not allowed: a finite number")
+    check_number("gate_reward", "pruned_fraction", pruned_fraction, low=0, high=1)
+    check_number("gate_reward", "previous_loss", previous_loss)
+    check_number("gate_reward", "current_loss", current_loss)
     improvement = (previous_loss - current_loss) / max(abs(previous_loss), _EPS)
     return math.tanh(improvement + efficiency_factor * pruned_fraction)
 
@@ -38,10 +34,8 @@ class RewardTracker:
     """Turns a stream of losses into smoothed rewards; remembers the previous loss and the running average."""
 
     def __init__(self, efficiency_factor: float = 0.1, ema_decay: float = 0.0) -> None:
-        if not (0.0 <= ema_decay < 1.0):
-            raise ValueError(f"RewardTracker.ema_decay={ema_decay!r} is not allowed: a number in [0, 1)")
-        if not math.isfinite(efficiency_factor):
-            raise ValueError(f"RewardTracker.efficiency_factor={efficiency_factor!r} is not allowed: a finite number")
+        check_number(type(self).__name__, "ema_decay", ema_decay, low=0, high=1, high_open=True)
+        check_number(type(self).__name__, "efficiency_factor", efficiency_factor)
         self.efficiency_factor = float(efficiency_factor)
         self.ema_decay = float(ema_decay)
         self.previous_loss: float | None = None
@@ -56,8 +50,7 @@ class RewardTracker:
 
     def observe(self, loss: float, pruned_fraction: float) -> float | None:
         """Record a new loss; the smoothed reward, or None for the first loss (nothing to compare with)."""
-        if not math.isfinite(loss):
-            raise ValueError(f"RewardTracker.observe: loss={loss!r} is not allowed: a finite number")
+        check_number("RewardTracker.observe", "loss", loss)
         previous, self.previous_loss = self.previous_loss, float(loss)
         if previous is None:
             return None

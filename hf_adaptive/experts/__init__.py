@@ -1,34 +1,44 @@
 """LoRA experts on one backbone (peft), task signatures, the router that reuses / forks / creates experts,
-and sharing the library on the Hugging Face Hub."""
+and sharing the library on the Hugging Face Hub.
 
-from .hub import HubPullError, HubPushError, pull_library, push_library
-from .library import ExpertInfo, ExpertLibrary, default_lora_config
-from .plugin import ExpertRoutingPlugin, check_tolerance, signature_dim
-from .router import ACTIONS, DECISIONS, SCORERS, Router, RouterConfig, RoutingDecision, faiss_available, fit_logistic
-from .signature import Signature, SignatureConfig, TaskSignature, count_sketch, gaussian_project
+Public names are imported on first access (PEP 562), so `import hf_adaptive.experts.config` stays light and
+the optional dependencies (faiss, sentence-transformers, huggingface_hub) stay optional.
+"""
 
-__all__ = [
-    "ACTIONS",
-    "DECISIONS",
-    "SCORERS",
-    "ExpertInfo",
-    "ExpertLibrary",
-    "ExpertRoutingPlugin",
-    "HubPullError",
-    "HubPushError",
-    "Router",
-    "RouterConfig",
-    "RoutingDecision",
-    "Signature",
-    "SignatureConfig",
-    "TaskSignature",
-    "check_tolerance",
-    "count_sketch",
-    "default_lora_config",
-    "faiss_available",
-    "fit_logistic",
-    "gaussian_project",
-    "pull_library",
-    "push_library",
-    "signature_dim",
-]
+from __future__ import annotations
+
+from ..utils.lazy import lazy_exports
+
+#: public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "ACTIONS": "router",
+    "DECISIONS": "config",
+    "SCORERS": "config",
+    "EXPERT_ROUTING_OPTIONS": "config",
+    "ExpertRoutingConfig": "config",
+    "RouterConfig": "config",
+    "SignatureConfig": "config",
+    "faiss_available": "config",
+    "ExpertInfo": "library",
+    "ExpertLibrary": "library",
+    "default_lora_config": "library",
+    "pull_library": "library",
+    "HubPullError": "hub",
+    "HubPushError": "hub",
+    "push_library": "hub",
+    "ExpertRoutingPlugin": "plugin",
+    "check_tolerance": "plugin",
+    "signature_dim": "plugin",
+    "Router": "router",
+    "RoutingDecision": "router",
+    "fit_logistic": "router",
+    "Signature": "signature",
+    "TaskSignature": "signature",
+    "count_sketch": "signature",
+    "gaussian_project": "signature",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -25,14 +25,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .library import EXPERTS_DIR, LIBRARY_FILE, ROUTER_DIR
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-    from .library import ExpertLibrary
+from .layout import EXPERTS_DIR, LIBRARY_FILE, ROUTER_DIR
 
 #: templates of the model cards; a checkout keeps them at the repository root
 DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_cards"  # also linked as ./model_cards
@@ -136,7 +131,7 @@ def _fmt_metrics(metrics: dict[str, float]) -> str:
     return "| metric | value |\n|---|---|\n" + rows
 
 
-def expert_card(library: ExpertLibrary, name: str, repo_id: str, template_dir: Path = DEFAULT_TEMPLATE_DIR) -> str:
+def expert_card(library: Any, name: str, repo_id: str, template_dir: Path = DEFAULT_TEMPLATE_DIR) -> str:
     """The model card of one expert (base model, task, metrics, router signature)."""
     info = library.experts[name]
     config = library.model.peft_config[name]
@@ -174,7 +169,7 @@ def expert_card(library: ExpertLibrary, name: str, repo_id: str, template_dir: P
     )
 
 
-def library_card(library: ExpertLibrary, repo_id: str, template_dir: Path = DEFAULT_TEMPLATE_DIR) -> str:
+def library_card(library: Any, repo_id: str, template_dir: Path = DEFAULT_TEMPLATE_DIR) -> str:
     rows = "\n".join(
         f"| `{_md(i.name)}` | {_md(i.task_id or '-')} | {_md(i.parent or '-')} | {i.uses} | "
         + (", ".join(f"{_md(k)}={float(v):.3f}" for k, v in sorted(i.metrics.items())) or "-")
@@ -202,7 +197,7 @@ def library_card(library: ExpertLibrary, repo_id: str, template_dir: Path = DEFA
 
 
 def push_library(
-    library: ExpertLibrary,
+    library: Any,
     repo_id: str,
     *,
     endpoint: str | None = None,
@@ -271,26 +266,19 @@ def _is_timeout(err: BaseException) -> bool:
     return False
 
 
-def pull_library(
+def download_library(
     repo_id: str,
-    base_model: torch.nn.Module,
     *,
     endpoint: str | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
-    is_trainable: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
-) -> ExpertLibrary:
-    """Download `repo_id` (snapshot) and load it onto `base_model` with `ExpertLibrary.load`.
-
-    Everything pulled is checked before use (see `ExpertLibrary.load`: names, paths inside the snapshot, files
-    present, complete and finite); any failure is a `HubPullError` naming the repository and the file.
-    `timeout`: seconds each HTTP request may wait for the server.
-    """
+) -> tuple[Path, Path]:
+    """Download `repo_id` (snapshot of the library's files): `(local folder, trusted root)`, the root being the
+    repository's cache folder that the snapshot's links may point into. Any failure is a `HubPullError`.
+    `ExpertLibrary.from_pretrained` / `pull_library` load what this downloads."""
     from huggingface_hub import snapshot_download
-
-    from .library import ExpertLibrary
 
     timeout = _check_timeout("pull_library", timeout)
     try:
@@ -314,9 +302,4 @@ def pull_library(
         raise HubPullError(f"{repo_id!r} holds no {LIBRARY_FILE}: it is not an hf_adaptive expert library")
     # snapshot files are links into the cache's blobs/: the repository's cache folder is what they may point into
     trusted_root = local_path.parents[1] if local_path.parent.name == "snapshots" else local_path
-    try:
-        return ExpertLibrary.load(local_path, base_model, is_trainable=is_trainable, trusted_root=trusted_root)
-    except (OSError, ValueError) as err:  # StateLoadError is a ValueError; a missing file an OSError
-        raise HubPullError(
-            f"the expert library {repo_id!r} (snapshot {local_path}) is not loadable: {type(err).__name__}: {err}"
-        ) from err
+    return local_path, trusted_root

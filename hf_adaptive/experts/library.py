@@ -20,17 +20,29 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..adapters import LORA_DEFAULTS, lora_config
 from ..utils.io import StateLoadError, atomic_write_json, check_tensor, read_json, read_tensors
+from .hub import DEFAULT_TIMEOUT, HubPullError, download_library, push_library
+from .layout import ADAPTER_FILES, EXPERTS_DIR, LIBRARY_FILE, LIBRARY_FORMAT_VERSION, ROUTER_DIR
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import LoraConfig
 
     from .router import Router
 
-LIBRARY_FILE = "library.json"
-EXPERTS_DIR = "experts"
-ROUTER_DIR = "router"
-LIBRARY_FORMAT_VERSION = 1
+__all__ = [
+    "ADAPTER_FILES",
+    "EXPERTS_DIR",
+    "LIBRARY_FILE",
+    "LIBRARY_FORMAT_VERSION",
+    "MERGE_TYPES",
+    "ROUTER_DIR",
+    "ExpertInfo",
+    "ExpertLibrary",
+    "default_lora_config",
+    "pull_library",
+]
+
 MERGE_TYPES = ("cat", "svd")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -55,15 +67,8 @@ class ExpertInfo:
 
 
 def default_lora_config(r: int = 8, lora_alpha: float = 16.0, target_modules: list[str] | None = None) -> LoraConfig:
-    from peft import LoraConfig, TaskType
-
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=r,
-        lora_alpha=lora_alpha,
-        lora_dropout=0.0,
-        target_modules=list(target_modules or ["q_proj", "v_proj"]),
-    )
+    """The experts' LoRA config by default (`hf_adaptive.adapters.lora_config`, no dropout)."""
+    return lora_config(r, lora_alpha, 0.0, list(target_modules or LORA_DEFAULTS["target_modules"]))
 
 
 def _check_name(name: str) -> str:
@@ -73,9 +78,6 @@ def _check_name(name: str) -> str:
             "or '_', and not 'default'"
         )
     return name
-
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def _check_path_name(name: Any, source: str) -> str:
@@ -544,13 +546,37 @@ class ExpertLibrary:
     # ------------------------------------------------------------------ the Hub
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Push every expert (standard peft adapter per subfolder), router and model cards; see `hub.push_library`."""
-        from .hub import push_library
-
         return push_library(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, repo_id: str, base_model: torch.nn.Module, **kwargs: Any) -> ExpertLibrary:
         """Restore a library pushed with `push_to_hub` (experts, metadata, router)."""
-        from .hub import pull_library
-
         return pull_library(repo_id, base_model, **kwargs)
+
+
+def pull_library(
+    repo_id: str,
+    base_model: torch.nn.Module,
+    *,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    is_trainable: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> ExpertLibrary:
+    """Download `repo_id` (snapshot, `hub.download_library`) and load it onto `base_model` with `ExpertLibrary.load`.
+
+    Everything pulled is checked before use (see `ExpertLibrary.load`: names, paths inside the snapshot, files
+    present, complete and finite); any failure is a `HubPullError` naming the repository and the file.
+    `timeout`: seconds each HTTP request may wait for the server.
+    """
+    local_path, trusted_root = download_library(
+        repo_id, endpoint=endpoint, token=token, revision=revision, cache_dir=cache_dir, timeout=timeout
+    )
+    try:
+        return ExpertLibrary.load(local_path, base_model, is_trainable=is_trainable, trusted_root=trusted_root)
+    except (OSError, ValueError) as err:  # StateLoadError is a ValueError; a missing file an OSError
+        raise HubPullError(
+            f"the expert library {repo_id!r} (snapshot {local_path}) is not loadable: {type(err).__name__}: {err}"
+        ) from err

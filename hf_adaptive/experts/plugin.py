@@ -1,11 +1,13 @@
 """`ExpertRoutingPlugin`: the router chooses, for every task of a sequence, which LoRA expert trains on it.
 
-At `on_task_begin` the task's signature (from its training examples, backbone only) is routed: reuse the best
-expert, fork it into a new one, or create a new one; the chosen expert becomes the active, trainable adapter
-of the trainer's `PeftModel` (the library's model). At `on_task_end` the expert's profile is recomputed from
-the task's validation examples (the mean of the signatures of the tasks it serves), its accuracy is recorded,
-and for a reuse the outcome (did the tasks it served before keep their accuracy within `tolerance`?) goes
-back to the router (rewards, τ, calibration, and the learned scorer, refitted from all outcomes).
+Before each task (`setup_task`) the task's signature (from its tokenized training rows, backbone only) is routed:
+reuse the best expert, fork it into a new one, or create a new one; the plugin asks the trainer to train the
+library's `PeftModel` with the chosen expert as the active, trainable adapter (a `TaskSetup`: the trainer alone
+swaps the model, activates the adapter and rebuilds optimizer and scheduler). At `on_task_end` the expert's
+profile is recomputed from the task's validation rows (the mean of the signatures of the tasks it serves), its
+accuracy is recorded, and for a reuse the outcome (did the tasks it served before keep their accuracy within
+`tolerance`?) goes back to the router (rewards, τ, calibration, and the learned scorer, refitted from all
+outcomes). Each finished task is scored with its own expert (`adapter_for_task`).
 
 A reuse is checked before it is committed (`verify_reuse`, default on): the task trains a fork of the chosen
 expert (a copy under the task's own expert name), and at task end the tasks the original expert served are
@@ -14,40 +16,38 @@ stays as the task's own expert (a failed reuse, rolled back); otherwise the fork
 and the fork is deleted (a successful reuse: one expert). Without the check a wrong reuse trains over the old
 tasks' expert and cannot be undone.
 
-Use it with `adapter_strategy="full"` and the library's `PeftModel` (or the backbone it wraps) as the trainer's
-model: the trainer then leaves the parameters alone and this plugin decides which adapter trains. By name
-(`plugins: [expert_routing]` in a YAML config) it is built by `from_config` from the `router_*`, `signature_*`
-and `lora_*` options of `ContinualConfig`; its decisions go into `results.json` (`extra_results`).
+The router decides which adapter trains, so the trainer's own `adapter_strategy` must be `'full'` (the only
+strategy that adds no adapter of its own); any other is refused, naming the option. By name
+(`plugins: [expert_routing]` in a YAML config) it is built by `from_config` from the `router_*` and `signature_*`
+options (`EXPERT_ROUTING_OPTIONS`), with the experts' LoRA shape from the trainer's `lora_*` options; its decisions
+go into `results.json` (`extra_results`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..plugins import ContinualPlugin
+from ..adapters import expert_name, lora_config_from_args
+from ..plugins import PLUGIN_STATE_DIR, ContinualPlugin, TaskContext, TaskSetup
+from ..tasks import Task
+from ..utils.options import build_config
+from ..utils.validation import OptionError, check_number, fail
+from .config import EXPERT_ROUTING_OPTIONS, ExpertRoutingConfig, SignatureConfig
 from .library import ExpertInfo, ExpertLibrary
 from .router import Router, RoutingDecision
-from .signature import SignatureConfig, TaskSignature
+from .signature import TaskSignature
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..tasks import Task
+__all__ = ["ExpertRoutingPlugin", "check_tolerance", "signature_dim"]
 
 
 def check_tolerance(tolerance: float) -> None:
     """The accuracy drop of earlier tasks a reuse may cost and still count as a success: a number in [0, 1]."""
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0.0 <= tolerance <= 1.0:
-        raise ValueError(f"ExpertRoutingPlugin.tolerance={tolerance!r} is not allowed: a number in [0, 1]")
-
-
-def check_verify_reuse(verify_reuse: bool) -> None:
-    """Whether reuses train a fork that is checked against the old tasks before it replaces the expert: a bool."""
-    if not isinstance(verify_reuse, bool):
-        raise ValueError(f"ExpertRoutingPlugin.verify_reuse={verify_reuse!r} is not allowed: True or False")
+    check_number("ExpertRoutingPlugin", "tolerance", tolerance, 0.0, 1.0)
 
 
 def signature_dim(model: torch.nn.Module, config: SignatureConfig) -> int:
@@ -56,27 +56,49 @@ def signature_dim(model: torch.nn.Module, config: SignatureConfig) -> int:
     return TaskSignature(model, None, config).dim
 
 
+def _check_strategy(args: Any) -> None:
+    """Routing decides which adapter trains: the trainer must add none of its own (`adapter_strategy='full'`)."""
+    strategy = getattr(args, "adapter_strategy", "full")
+    if strategy != "full":
+        fail(
+            type(args).__name__,
+            "adapter_strategy",
+            strategy,
+            "use 'full' with the expert_routing plugin (the router chooses which LoRA expert trains for each task)",
+        )
+
+
 class ExpertRoutingPlugin(ContinualPlugin):
     name = "expert_routing"
+    options = EXPERT_ROUTING_OPTIONS
+    needs_model = True
 
     def __init__(
         self,
         library: ExpertLibrary,
         router: Router,
         signature_config: SignatureConfig | None = None,
-        tolerance: float = 0.05,
-        eval_limit: int | None = 64,
-        verify_reuse: bool = True,
+        config: ExpertRoutingConfig | None = None,
+        **overrides: Any,
     ) -> None:
-        check_tolerance(tolerance)
-        check_verify_reuse(verify_reuse)
-        self.verify_reuse = verify_reuse
+        """`library` and `router` (objects), the signatures' settings, and the plugin's own settings:
+        `config` and/or keyword overrides of its fields (`tolerance=`, `eval_limit=`, `verify_reuse=`)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ExpertRoutingConfig)})
+        if unknown:
+            raise TypeError(
+                f"ExpertRoutingPlugin got unknown option(s) {unknown}: the options are the fields of "
+                f"ExpertRoutingConfig {[f.name for f in dataclasses.fields(ExpertRoutingConfig)]}"
+            )
+        try:
+            self.config = dataclasses.replace(config or ExpertRoutingConfig(), **overrides)
+        except OptionError as err:  # a keyword the caller gave this constructor: named as the plugin's
+            raise (err.renamed(type(self).__name__, err.field) if err.field in overrides else err) from None
         self.library = library
         self.router = router
         self.library.router = router
         self.signature_config = signature_config or SignatureConfig()
-        self.tolerance = tolerance
-        self.eval_limit = eval_limit
+        #: whether the experts' LoRA shape follows the trainer's `lora_*` options (a plugin built by name)
+        self.lora_from_trainer = False
         self.task_expert: dict[str, str] = {}
         self.task_accuracy: dict[str, float] = {}
         self.task_signatures: dict[str, torch.Tensor] = {}
@@ -85,10 +107,19 @@ class ExpertRoutingPlugin(ContinualPlugin):
         #: during a checked reuse: (the reused expert, the fork that trains instead)
         self._trial: tuple[str, str] | None = None
 
+    # the plugin's own settings, read (and set) as attributes
+    def _set(self, **value: Any) -> None:
+        self.config = dataclasses.replace(self.config, **value)
+
+    tolerance = property(lambda self: self.config.tolerance, lambda self, v: self._set(tolerance=v))
+    eval_limit = property(lambda self: self.config.eval_limit, lambda self, v: self._set(eval_limit=v))
+    verify_reuse = property(lambda self: self.config.verify_reuse, lambda self, v: self._set(verify_reuse=v))
+
     @classmethod
     def from_config(cls, config: Any, model: torch.nn.Module | None = None) -> ExpertRoutingPlugin:
-        """Library, signature and router from a `ContinualConfig`: LoRA experts from `lora_*`, signatures from
-        `signature_*`, the router from `router_*` sized by the signature (computed on `model`), `router_tolerance`.
+        """Library, signature and router from the options on `config` (a `ContinualConfig`): signatures from
+        `signature_*`, the router from `router_*` sized by the signature (computed on `model`), the plugin's own
+        `router_tolerance` / `router_eval_limit` / `router_verify_reuse`; the experts' LoRA shape from `lora_*`.
 
         The library wraps `model` with the first expert; the trainer may be given `model` itself.
         """
@@ -96,34 +127,28 @@ class ExpertRoutingPlugin(ContinualPlugin):
             raise ValueError(
                 "ExpertRoutingPlugin.from_config: model=None is not allowed: the experts are LoRA adapters on the model"
             )
-        strategy = getattr(config, "adapter_strategy", "full")
-        if strategy != "full":
-            raise ValueError(
-                f"ContinualConfig.adapter_strategy={strategy!r} is not allowed with the expert_routing plugin: "
-                "use 'full' (the router chooses which LoRA expert trains for each task)"
-            )
-        from ..adapters import lora_config
-        from ..config import config_error
-
-        signature_config = config.expert_signature_config()
+        _check_strategy(config)
+        owner = type(config).__name__
+        router_options, signature_options, plugin_options = cls.options
+        signature_config = build_config(signature_options, config, owner=owner)
         try:
             dim = signature_dim(model, signature_config)
-        except ValueError as err:  # e.g. a signature_layers entry that names nothing in the model
-            raise config_error(err, config, "SignatureConfig", "signature_") from None
-        router = Router(config.expert_router_config(dim))
-        library = ExpertLibrary(model, lora_config=lora_config(config), experiment_id=config.run_name or "")
-        return cls(
-            library,
-            router,
-            signature_config=signature_config,
-            tolerance=config.router_tolerance,
-            eval_limit=config.router_eval_limit,
-            verify_reuse=getattr(config, "router_verify_reuse", True),
-        )
+        except OptionError as err:  # e.g. a signature_layers entry that names nothing in the model
+            names = signature_options.names()
+            if err.owner != "SignatureConfig" or err.field not in names:
+                raise
+            raise err.renamed(owner, names[err.field]) from None
+        router = Router(build_config(router_options, config, owner=owner, dim=dim))
+        library = ExpertLibrary(model, experiment_id=getattr(config, "run_name", None) or "")
+        if hasattr(config, "lora_r"):
+            library.lora_config = lora_config_from_args(config)
+        plugin = cls(library, router, signature_config, build_config(plugin_options, config, owner=owner))
+        plugin.lora_from_trainer = True
+        return plugin
 
     # ------------------------------------------------------------------ helpers
-    def _signer(self, trainer: Any) -> TaskSignature:
-        signer = TaskSignature(self.library.model, trainer.processing_class, self.signature_config)
+    def _signer(self, tokenizer: Any) -> TaskSignature:
+        signer = TaskSignature(self.library.model, tokenizer, self.signature_config)
         if signer.dim != self.router.config.dim:
             raise ValueError(
                 f"signature dimension {signer.dim} ({signer.part_dims}) does not match RouterConfig.dim="
@@ -132,7 +157,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
         return signer
 
     def _new_name(self, task: Task) -> str:
-        base = "expert_" + "".join(c if c.isalnum() or c == "_" else "_" for c in task.name)
+        base = expert_name(task.name)
         name, i = base, 1
         while name in self.library:
             i += 1
@@ -167,11 +192,19 @@ class ExpertRoutingPlugin(ContinualPlugin):
         return {t.name: t for t in (getattr(trainer, "tasks", None) or [])}
 
     # ------------------------------------------------------------------ task boundaries
-    def on_task_begin(self, trainer: Any, task: Task, task_index: int) -> None:
+    def setup_task(self, trainer: Any, context: TaskContext) -> TaskSetup:
+        """Route the task (its signature from `context.train_dataset`) and ask the trainer to train the chosen
+        expert: the library's model with that adapter active and trainable."""
+        _check_strategy(trainer.args)
+        task = context.task
         owned = (self.library.model, self.library.base_model())  # the backbone: a trainer restored from a snapshot
         if len(self.library) and not any(trainer.model is m for m in owned):
             raise ValueError("ExpertRoutingPlugin: the trainer's model must be the library's model (library.model)")
-        query = self._from_main_process(trainer, self._signer(trainer).compute(task, split="train").vector)
+        if self.lora_from_trainer and hasattr(trainer.args, "lora_r"):  # the experts' shape: the trainer's lora_*
+            self.library.lora_config = lora_config_from_args(trainer.args)
+        signer = self._signer(context.tokenizer)
+        vector = signer.compute(task, split="train", dataset=context.train_dataset).vector
+        query = self._from_main_process(trainer, vector)
         decision = self.router.route(query)
         self._trial = None
         if decision.action == "reuse" and decision.expert is not None:
@@ -191,10 +224,6 @@ class ExpertRoutingPlugin(ContinualPlugin):
                 self.library.create(expert, task_id=task.name, description=task.description)
             new = expert
         self.router.record_decision(decision, new_expert=new, query=query)
-        if trainer.model is not self.library.model:  # the first expert (or a restored library) wrapped the backbone
-            trainer.model = self.library.model.to(trainer.args.device)
-            trainer.model_wrapped = trainer.model
-        trainer.optimizer, trainer.lr_scheduler = None, None
         self.task_expert[task.name] = expert  # a checked reuse: the fork until the check at task end
         self._pending = (decision, query)
         self.decisions.append(
@@ -207,6 +236,8 @@ class ExpertRoutingPlugin(ContinualPlugin):
                 "rule": decision.rule,
             }
         )
+        # the first expert (or a restored library) wrapped the backbone: the trainer moves to the library's model
+        return TaskSetup(model=self.library.model, adapter=expert)
 
     def _checked_tasks(self, trainer: Any, expert: str, current: str) -> list[str]:
         """The earlier tasks `expert` serves whose accuracy can be re-measured (known task, accuracy recorded)."""
@@ -243,7 +274,8 @@ class ExpertRoutingPlugin(ContinualPlugin):
         self.router.counts[fork] = self.router.counts.get(fork, 0) + 1
         return fork, False, measured
 
-    def on_task_end(self, trainer: Any, task: Task, task_index: int) -> None:
+    def on_task_end(self, trainer: Any, context: TaskContext) -> None:
+        task = context.task
         decision, query = self._pending or (None, None)
         trial, outcome, measured = self._trial, None, {}
         if trial is not None:
@@ -251,8 +283,9 @@ class ExpertRoutingPlugin(ContinualPlugin):
             self.task_expert[task.name] = expert
             self._trial = None
         expert = self.task_expert[task.name]
-        signer = self._signer(trainer)
-        self.task_signatures[task.name] = self._from_main_process(trainer, signer.compute(task, split="eval").vector)
+        signer = self._signer(context.tokenizer)
+        vector = signer.compute(task, split="eval", dataset=context.eval_dataset).vector
+        self.task_signatures[task.name] = self._from_main_process(trainer, vector)
         served = [t for t, e in self.task_expert.items() if e == expert and t in self.task_signatures]
         profile = torch.stack([self.task_signatures[t] for t in served]).mean(0)
         self.router.update_profile(expert, profile)
@@ -281,7 +314,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
         self.library.model.set_adapter(expert)
         self._pending = None
 
-    def expert_for_task(self, task_name: str) -> str | None:
+    def adapter_for_task(self, task_name: str) -> str | None:
         """The expert that learned `task_name` (for evaluating each task with its own expert)."""
         return self.task_expert.get(task_name)
 
@@ -323,14 +356,14 @@ class ExpertRoutingPlugin(ContinualPlugin):
             "decisions": list(self.decisions),
         }
 
-    def restore_model(self, directory: str | os.PathLike) -> torch.nn.Module | None:
-        """Called by `ContinualTrainer` before it loads an end-of-task snapshot into its model: load this plugin's
-        state saved in `directory` (experts, weights, router) and return the library's model, which has the
-        adapters that the snapshot's weights load into (the trainer's fresh backbone has none). None: no state."""
-        from ..trainer import PLUGIN_STATE_DIR
+    def restore_model(self, snapshot: Path, model: torch.nn.Module) -> torch.nn.Module | None:
+        """Before the trainer loads an end-of-task snapshot into `model`: load this plugin's state saved in
+        `snapshot` (experts, weights, router) onto the library's model (`model` itself, or the library built on
+        it) and return that model, which has the adapters the snapshot's weights load into (the trainer's fresh
+        backbone has none). None: the snapshot holds no state of this plugin."""
         from ..utils.io import load_state_into
 
-        folder = Path(directory) / PLUGIN_STATE_DIR / self.name
+        folder = Path(snapshot) / PLUGIN_STATE_DIR / self.name
         if not folder.is_dir():
             return None
         load_state_into(self, folder)  # errors name the folder

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import pruned_modeling
-from .gated import attention_modules
+from .gates import attention_modules
 from .pruned_modeling import LAYOUT_KEY, reshape_to_layout, set_bookkeeping
 
 REMOTE_CODE_FILE = "modeling_pruned_heads.py"

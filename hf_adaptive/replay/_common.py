@@ -1,28 +1,46 @@
-"""Small pieces shared by the replay plugins: tokenizer and device, the rows kept of a task (seeded, stratified
-by label), collating stored rows, and the replay loss on the task loss's scale."""
+"""Small pieces shared by the replay plugins: the plugin's config and its options, tokenizer and device, the rows
+kept of a task (seeded, stratified by label, read from the task's tokenized rows), collating stored rows, and the
+replay loss on the task loss's scale."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..tasks import CausalLMCollator, encode_example
-
-IGNORE_INDEX = -100
-
-
-def fail(cls: str, name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{cls}.{name}={value!r} is not allowed: {allowed}")
+from ..tasks import CausalLMCollator
+from ..tasks.losses import IGNORE_INDEX, answer_cross_entropy
 
 
-def check_number(cls: str, name: str, value: Any, low: float, high: float | None = None, integer: bool = False) -> None:
-    kind = "an integer" if integer else "a number"
-    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    if not ok or value != value or value < low or (high is not None and value > high):
-        bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
-        fail(cls, name, value, f"must be {kind} {bounds}")
+class ConfigValue:
+    """A read-only attribute of a plugin that shows `plugin.config.<name>` (`plugin.alpha` is `config.alpha`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.config, self.name)
+
+
+def configure(config_class: type, config: Any, overrides: Mapping[str, Any], owner: str) -> Any:
+    """`config` (or the defaults of `config_class`) with `overrides` applied, validated again.
+
+    Why not `dataclasses.replace` alone: an unknown name would read "__init__() got an unexpected keyword".
+    """
+    if config is not None and not isinstance(config, config_class):
+        raise TypeError(f"{owner}: config must be a {config_class.__name__} (or None), got {type(config).__name__}")
+    names = [f.name for f in dataclasses.fields(config_class) if f.init]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(f"{owner} got unknown option(s) {unknown}; the options of {config_class.__name__}: {names}")
+    return dataclasses.replace(config if config is not None else config_class(), **overrides)
+
+
+def run_seed(options: Any) -> dict[str, Any]:
+    """`{"seed": options.seed}` when the options carry the run's seed (a `TrainingArguments`), else nothing."""
+    return {"seed": options.seed} if hasattr(options, "seed") else {}
 
 
 def trainer_tokenizer(trainer: Any, owner: str) -> Any:
@@ -87,7 +105,7 @@ def selection_generator(seed: int, task_index: int) -> torch.Generator:
 
 
 def task_row_indices(task: Any, limit: int | None = None, seed: int = 0, task_index: int = 0) -> list[int]:
-    """Which training rows of `task` `task_rows` keeps (ascending), with their class labels read from the data.
+    """Which training rows of `task` `select_rows` keeps (ascending), with their class labels read from the data.
 
     Why not the first `limit` rows: datasets are often sorted (by label, by source), so a prefix can miss a
     class. The rows are a seeded random sample (`selection_generator(seed, task_index)`), stratified by class
@@ -107,46 +125,52 @@ def _class_labels(data: Any) -> list[int]:
     return [int(x) for x in (data["label"] if hasattr(data, "column_names") else [r["label"] for r in data])]
 
 
+def select_rows(
+    task: Any, tokenized: Any, limit: int | None = None, seed: int = 0, task_index: int = 0
+) -> list[dict[str, Any]]:
+    """The rows `task_row_indices` picks of `tokenized` (the task's training rows as `tokenize_task` made them,
+    same order), each ``{"input_ids", "labels", "label"}`` with its class `label` read from the task's data."""
+    keep = task_row_indices(task, limit, seed, task_index)
+    labels = _class_labels(task.train_dataset)
+    if len(tokenized) != len(labels):
+        raise ValueError(
+            f"task {task.name!r}: {len(tokenized)} tokenized training rows for {len(labels)} rows of its train split"
+        )
+    picked = tokenized.select(keep) if hasattr(tokenized, "select") else [tokenized[i] for i in keep]
+    return [
+        {"input_ids": list(row["input_ids"]), "labels": list(row["labels"]), "label": labels[i]}
+        for i, row in zip(keep, picked, strict=True)
+    ]
+
+
+def context_rows(context: Any, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The rows kept of the task of a `TaskContext`: taken from its tokenized rows (never tokenized again)."""
+    return select_rows(context.task, context.train_dataset, limit, seed, context.index)
+
+
 def task_rows(
     task: Any, tokenizer: Any, limit: int | None = None, seed: int = 0, task_index: int = 0
 ) -> list[dict[str, Any]]:
-    """The rows `task_row_indices` picks, tokenized like the Trainer's rows (`input_ids`, `labels`, class `label`)."""
-    data = task.train_dataset
-    keep = task_row_indices(task, limit, seed, task_index)
-    labels = _class_labels(data)
-    rows = []
-    for i in keep:
-        row = encode_example(task, data[i], tokenizer)
-        rows.append({"input_ids": row["input_ids"], "labels": row["labels"], "label": labels[i]})
-    return rows
+    """`context_rows` for a caller without a task context (scripts, tests): tokenizes the task's train split."""
+    from ..tasks import tokenize_task
+
+    return select_rows(task, tokenize_task(task, tokenizer, "train"), limit, seed, task_index)
 
 
 def answer_loss(
     trainer: Any, model: torch.nn.Module, batch: dict[str, torch.Tensor], outputs: Any = None
 ) -> torch.Tensor:
-    """The task loss of the Trainer on a padded replay `batch`: mean answer-token cross-entropy, label-smoothed
-    exactly like `Trainer.compute_loss` (`LabelSmoother`, shifted labels) when `args.label_smoothing_factor > 0`.
+    """The task loss of the Trainer on a padded replay `batch`: mean answer-token cross-entropy
+    (`answer_cross_entropy`), label-smoothed exactly like `Trainer.compute_loss` (`LabelSmoother`, shifted labels)
+    when `args.label_smoothing_factor > 0`.
 
     Why: a replay term on another scale than the task loss would silently change the replay strength.
     `outputs`: the model's outputs on `batch` without labels, when the caller already has them.
     """
     epsilon = float(getattr(getattr(trainer, "args", None), "label_smoothing_factor", 0.0) or 0.0)
-    if outputs is None and epsilon <= 0:
-        return model(**batch).loss
     if outputs is None:
         outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
-    if epsilon <= 0:
-        return _plain_answer_loss(outputs.logits, batch["labels"])
-    from transformers.trainer_pt_utils import LabelSmoother
-
-    return LabelSmoother(epsilon=epsilon)(outputs, batch["labels"], shift_labels=True)
-
-
-def _plain_answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens (what a causal LM returns as ``outputs.loss``)."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    return answer_cross_entropy(outputs.logits, batch["labels"], label_smoothing=epsilon)
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:

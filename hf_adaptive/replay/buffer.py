@@ -32,15 +32,12 @@ from typing import Any
 
 import torch
 
+from ..utils.validation import check_choice, check_number, check_str
 from ._common import apportion
+from .config import REPLAY_POLICIES
 
-REPLAY_POLICIES = ("reservoir", "balanced")
 _FIELDS = ("input_ids", "labels")
 NO_LABEL = -1  # the stratum of a row offered without a class label
-
-
-def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{cls}.{name}={value!r} is not allowed: {allowed}")
 
 
 def _as_int32(values: Any) -> torch.Tensor:
@@ -57,12 +54,9 @@ class ReplayMemory:
     """
 
     def __init__(self, capacity: int, policy: str = "balanced", seed: int = 0) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            _fail("ReplayMemory", "capacity", capacity, "must be an integer >= 1")
-        if policy not in REPLAY_POLICIES:
-            _fail("ReplayMemory", "policy", policy, f"choose one of {list(REPLAY_POLICIES)}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            _fail("ReplayMemory", "seed", seed, "must be an integer")
+        check_number("ReplayMemory", "capacity", capacity, 1, integer=True)
+        check_choice("ReplayMemory", "policy", policy, REPLAY_POLICIES)
+        check_number("ReplayMemory", "seed", seed, integer=True)
         self.capacity = capacity
         self.policy = policy
         self.seed = seed
@@ -96,8 +90,7 @@ class ReplayMemory:
 
     def register(self, task: str) -> None:
         """Announce `task` (no-op if known): under ``"balanced"`` the older tasks shrink to their new share now."""
-        if not isinstance(task, str) or not task:
-            _fail("ReplayMemory", "task", task, "must be a non-empty string")
+        check_str("ReplayMemory", "task", task)
         if task in self.seen:
             return
         self.tasks.append(task)

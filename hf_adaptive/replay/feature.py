@@ -4,9 +4,10 @@ What a "feature" is: the last hidden state (after the final norm, `outputs.hidde
 position* of a row, i.e. at the last prompt token, whose next-token prediction is the answer. It is the
 representation the label decision is read from, so keeping it stable keeps old tasks' decisions stable.
 
-At the end of each task, `samples_per_task` training rows of the task (a seeded sample stratified by label,
-`_common.task_rows`; a distillation loss, so label smoothing does not apply) go through the model once, in eval mode
-under `torch.no_grad` (no copy of the model is made). The memory keeps, per task:
+At the end of each task, `samples_per_task` training rows of the task (a seeded sample stratified by label of
+the rows the trainer tokenized, `_common.context_rows`; a distillation loss, so label smoothing does not apply)
+go through the model once, in eval mode under `torch.no_grad` (no copy of the model is made).
+The memory keeps, per task:
 
 * the rows' prompt tokens (int32; the features depend only on them, the model being causal);
 * ``prototypes``: the mean feature of each class (label) present, ``[n_classes, hidden]``;
@@ -39,17 +40,25 @@ an equal share (a seeded uniform subset of its rows; its prototypes and centroid
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 
-from ..plugins import ContinualPlugin, LossTerm
-from ._common import answer_positions, check_number, fail, model_device, task_rows, trainer_tokenizer
+from ..plugins import ContinualPlugin, LossTerm, TaskContext
+from ..utils.options import OptionSource, build_config
+from ..utils.validation import fail
+from ._common import ConfigValue, answer_positions, configure, context_rows, model_device, run_seed
+from .config import FEATURE_REPLAY_OPTIONS, FEATURE_REPLAY_SOURCE, FEATURE_TARGETS, REPLAY_SOURCE, FeatureReplayConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import ContinualConfig
-
-FEATURE_TARGETS = ("features", "prototypes")
+__all__ = [
+    "FEATURE_TARGETS",
+    "FeatureReplayPlugin",
+    "class_centroids",
+    "class_prototypes",
+    "extract_features",
+    "last_token_features",
+    "prompt_tokens",
+]
 
 
 def prompt_tokens(rows: Sequence[dict[str, Any]]) -> list[list[int]]:
@@ -133,74 +142,66 @@ class FeatureReplayPlugin(ContinualPlugin):
     """Feature distillation toward a compressive memory of old tasks' answer-position features.
 
     Args:
+        config: a `FeatureReplayConfig` (None: its defaults); keyword `overrides` replace single fields of it:
         alpha: weight of the distillation loss (`feature_replay_alpha`), in [0, 1].
         samples_per_task: training rows of each task that the prototypes are computed from and kept in memory.
-        max_rows: the most rows kept over all tasks (None: no cap beyond `samples_per_task` per task).
+        max_rows: the most rows kept over all tasks (None: no cap beyond `samples_per_task` per task;
+            `replay_buffer_size` in `from_config`).
         target: ``"features"`` (exact stored features) or ``"prototypes"`` (distances to k-means centroids).
         k_per_class: k-means centroids per class.
         batch_size: stored rows distilled per training step (`replay_batch_size`).
-        seed: seed of k-means and of the row sampling.
-        feature_dtype: dtype the exact features are stored in (float32 by default).
+        seed: seed of k-means and of the row sampling (the run's `seed` in `from_config`).
+        feature_dtype: dtype the exact features are stored in: ``"float32"`` (default), ``"float16"`` or
+            ``"bfloat16"`` (`feature_replay_dtype`; a `torch.dtype` is accepted too). `plugin.feature_dtype`
+            is the `torch.dtype`.
     """
 
     name = "feature_replay"
+    options: ClassVar[tuple[OptionSource, ...]] = FEATURE_REPLAY_OPTIONS
 
-    def __init__(
-        self,
-        alpha: float = 0.1,
-        samples_per_task: int = 64,
-        max_rows: int | None = None,
-        target: str = "features",
-        k_per_class: int = 1,
-        batch_size: int = 8,
-        seed: int = 0,
-        feature_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        check_number("FeatureReplayPlugin", "alpha", alpha, 0, 1)
-        check_number("FeatureReplayPlugin", "samples_per_task", samples_per_task, 1, integer=True)
-        if max_rows is not None:
-            check_number("FeatureReplayPlugin", "max_rows", max_rows, 1, integer=True)
-        check_number("FeatureReplayPlugin", "k_per_class", k_per_class, 1, integer=True)
-        check_number("FeatureReplayPlugin", "batch_size", batch_size, 1, integer=True)
-        if target not in FEATURE_TARGETS:
-            fail("FeatureReplayPlugin", "target", target, f"choose one of {list(FEATURE_TARGETS)}")
-        if feature_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            fail("FeatureReplayPlugin", "feature_dtype", feature_dtype, "choose float32, float16 or bfloat16")
-        self.alpha = float(alpha)
-        self.samples_per_task = samples_per_task
-        self.max_rows = max_rows
-        self.target = target
-        self.k_per_class = k_per_class
-        self.batch_size = batch_size
-        self.seed = seed
-        self.feature_dtype = feature_dtype
-        self.generator = torch.Generator().manual_seed(seed)
+    alpha = ConfigValue()
+    samples_per_task = ConfigValue()
+    max_rows = ConfigValue()
+    target = ConfigValue()
+    k_per_class = ConfigValue()
+    batch_size = ConfigValue()
+    seed = ConfigValue()
+
+    def __init__(self, config: FeatureReplayConfig | None = None, **overrides: Any) -> None:
+        if isinstance(overrides.get("feature_dtype"), torch.dtype):  # torch.bfloat16 -> "bfloat16"
+            overrides["feature_dtype"] = str(overrides["feature_dtype"]).removeprefix("torch.")
+        self.config = configure(FeatureReplayConfig, config, overrides, "FeatureReplayPlugin")
+        self.generator = torch.Generator().manual_seed(self.seed)
         #: per task name: prompts (list of token lists), classes, prototypes, prototype_classes, centroids,
         #: centroid_class, targets
         self.memory: dict[str, dict[str, Any]] = {}
 
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.feature_dtype)
+
     @classmethod
-    def from_config(cls, args: ContinualConfig, **overrides: Any) -> FeatureReplayPlugin:
-        """From the `feature_replay_*` fields, `replay_buffer_size` (as `max_rows`), `replay_batch_size`, `seed`."""
-        kwargs = dict(
-            alpha=args.feature_replay_alpha,
-            samples_per_task=args.feature_replay_samples_per_task,
-            max_rows=args.replay_buffer_size,
-            target=args.feature_replay_target,
-            k_per_class=args.feature_replay_k_per_class,
-            batch_size=args.replay_batch_size,
-            seed=args.seed,
-            feature_dtype=getattr(torch, args.feature_replay_dtype),
+    def from_config(cls, config: Any, model: torch.nn.Module | None = None, **overrides: Any) -> FeatureReplayPlugin:
+        """From the `feature_replay_*` options, `replay_buffer_size` (as `max_rows`) and `replay_batch_size`
+        (shared with exact replay, validated under their own names) and the run's `seed`."""
+        owner = type(config).__name__
+        shared = build_config(REPLAY_SOURCE, config, owner=owner)
+        own = build_config(
+            FEATURE_REPLAY_SOURCE,
+            config,
+            owner=owner,
+            max_rows=shared.buffer_size,
+            batch_size=shared.batch_size,
+            **run_seed(config),
         )
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(own, **overrides)
 
     # ------------------------------------------------------------------ memory
-    def on_task_end(self, trainer: Any, task: Any, task_index: int) -> None:
-        tokenizer = trainer_tokenizer(trainer, "FeatureReplayPlugin")
-        rows = task_rows(task, tokenizer, self.samples_per_task, seed=self.seed, task_index=task_index)
+    def on_task_end(self, trainer: Any, context: TaskContext) -> None:
+        rows = context_rows(context, self.samples_per_task, seed=self.seed)
         classes = torch.tensor([r["label"] for r in rows], dtype=torch.long)
-        self.remember(trainer.model, task.name, prompt_tokens(rows), classes, tokenizer.pad_token_id or 0)
+        pad_id = context.tokenizer.pad_token_id or 0
+        self.remember(trainer.model, context.task.name, prompt_tokens(rows), classes, pad_id)
 
     def remember(
         self, model: torch.nn.Module, name: str, prompts: list[list[int]], classes: torch.Tensor, pad_id: int

@@ -24,7 +24,8 @@ Here, with a task's template ``"<task name> : {text} ?"`` and verbalizer ``["yes
   while ``generative_lm`` stays the plain LAMOL language-modelling loss (it is not a classification loss).
 
 Prototype-conditioned variant (``conditioning="prototype"``): at the end of each task the answer-position
-features of `prototype_samples` real rows (a seeded sample stratified by label, `_common.task_rows`) are
+features of `prototype_samples` real rows (a seeded sample stratified by label of the
+task's tokenized rows, `_common.context_rows`) are
 computed (see `feature.py`); for each class, the `prototypes_per_class` real rows nearest to the class mean
 (the class prototype, L2 distance) with distinct prefixes are kept, but only the first `prefix_words` tokens of
 their text. Generation for that task then starts
@@ -43,30 +44,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from ..plugins import ContinualPlugin, LossTerm
+from ..plugins import ContinualPlugin, LossTerm, TaskContext
 from ..tasks import Task, encode_example
+from ..tasks.losses import IGNORE_INDEX, answer_cross_entropy
+from ..utils.options import OptionSource, build_config
 from ._common import (
-    IGNORE_INDEX,
+    ConfigValue,
     answer_loss,
-    check_number,
     collate,
-    fail,
+    configure,
+    context_rows,
     model_device,
-    task_rows,
+    run_seed,
     trainer_tokenizer,
 )
 from .buffer import ReplayMemory
+from .config import (
+    CONDITIONINGS,
+    GENERATIVE_REPLAY_OPTIONS,
+    GENERATIVE_REPLAY_SOURCE,
+    REPLAY_SOURCE,
+    GenerativeReplayConfig,
+)
 from .feature import class_prototypes, extract_features, prompt_tokens
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import ContinualConfig
-
-CONDITIONINGS = ("task", "prototype")
+__all__ = ["CONDITIONINGS", "GenerativeReplayPlugin", "TaskSpec", "lm_loss", "parse_generated"]
 
 
 @dataclass
@@ -117,17 +123,16 @@ def parse_generated(text: str, spec: TaskSpec, unk_token: str | None = "<unk>") 
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over every non-padding token (the LAMOL generation loss)."""
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    """Mean next-token cross-entropy over every non-padding token (the LAMOL generation loss): the answer-token
+    loss with every non-padding token labelled."""
+    return answer_cross_entropy(logits, input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX))
 
 
 class GenerativeReplayPlugin(ContinualPlugin):
     """LAMOL-style generative replay (plain task-prefixed or prototype-conditioned generation).
 
     Args:
+        config: a `GenerativeReplayConfig` (None: its defaults); keyword `overrides` replace single fields of it:
         ratio: pseudo-examples generated per example of the new task (`generative_replay_ratio`).
         alpha: weight of the pseudo-example answer loss (`replay_alpha`).
         lm_lambda: weight of the generation (LM) loss on real and pseudo rows; 0 turns it off.
@@ -137,92 +142,60 @@ class GenerativeReplayPlugin(ContinualPlugin):
         top_k: top-k sampling (0: sample the full distribution); temperature: sampling temperature.
         max_rounds: sampling rounds per old task before giving up on its share.
         prototype_samples, prototypes_per_class, prefix_words: prototype variant, see the module docstring.
-        seed: seed of generation and sampling.
+        seed: seed of generation and sampling (the run's `seed` in `from_config`).
     """
 
     name = "generative_replay"
     term_names = ("generative_lm", "generative_replay")
+    options: ClassVar[tuple[OptionSource, ...]] = GENERATIVE_REPLAY_OPTIONS
 
-    def __init__(
-        self,
-        ratio: float = 0.2,
-        alpha: float = 0.2,
-        lm_lambda: float = 0.25,
-        batch_size: int = 8,
-        conditioning: str = "task",
-        max_new_tokens: int = 32,
-        top_k: int = 0,
-        temperature: float = 1.0,
-        max_rounds: int = 3,
-        prototype_samples: int = 64,
-        prototypes_per_class: int = 2,
-        prefix_words: int = 1,
-        seed: int = 0,
-    ) -> None:
-        cls = "GenerativeReplayPlugin"
-        check_number(cls, "ratio", ratio, 0)
-        check_number(cls, "alpha", alpha, 0, 1)
-        check_number(cls, "lm_lambda", lm_lambda, 0)
-        check_number(cls, "batch_size", batch_size, 1, integer=True)
-        check_number(cls, "max_new_tokens", max_new_tokens, 1, integer=True)
-        check_number(cls, "top_k", top_k, 0, integer=True)
-        check_number(cls, "max_rounds", max_rounds, 1, integer=True)
-        check_number(cls, "prototype_samples", prototype_samples, 1, integer=True)
-        check_number(cls, "prototypes_per_class", prototypes_per_class, 1, integer=True)
-        check_number(cls, "prefix_words", prefix_words, 0, integer=True)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            fail(cls, "temperature", temperature, "must be a number > 0")
-        if conditioning not in CONDITIONINGS:
-            fail(cls, "conditioning", conditioning, f"choose one of {list(CONDITIONINGS)}")
-        self.ratio, self.alpha, self.lm_lambda = float(ratio), float(alpha), float(lm_lambda)
-        self.batch_size, self.conditioning = batch_size, conditioning
-        self.max_new_tokens, self.top_k, self.temperature, self.max_rounds = (
-            max_new_tokens,
-            top_k,
-            temperature,
-            max_rounds,
-        )
-        self.prototype_samples, self.prototypes_per_class, self.prefix_words = (
-            prototype_samples,
-            prototypes_per_class,
-            prefix_words,
-        )
-        self.seed = seed
+    ratio = ConfigValue()
+    alpha = ConfigValue()
+    lm_lambda = ConfigValue()
+    batch_size = ConfigValue()
+    conditioning = ConfigValue()
+    max_new_tokens = ConfigValue()
+    top_k = ConfigValue()
+    temperature = ConfigValue()
+    max_rounds = ConfigValue()
+    prototype_samples = ConfigValue()
+    prototypes_per_class = ConfigValue()
+    prefix_words = ConfigValue()
+    seed = ConfigValue()
+
+    def __init__(self, config: GenerativeReplayConfig | None = None, **overrides: Any) -> None:
+        self.config = configure(GenerativeReplayConfig, config, overrides, "GenerativeReplayPlugin")
         self.specs: list[TaskSpec] = []
         #: prototype variant, per task name: {"prefixes": [[ids]], "prefix_classes": [int], "prototypes": tensor}
         self.prototypes: dict[str, dict[str, Any]] = {}
-        self.pseudo = ReplayMemory(1, policy="balanced", seed=seed)
+        self.pseudo = ReplayMemory(1, policy="balanced", seed=self.seed)
         self.stats: dict[str, dict[str, int]] = {}  # per old task: generated / accepted at the last generation
 
     @classmethod
-    def from_config(cls, args: ContinualConfig, **overrides: Any) -> GenerativeReplayPlugin:
-        kwargs = dict(
-            ratio=args.generative_replay_ratio,
-            alpha=args.replay_alpha,
-            lm_lambda=args.generative_replay_lm_lambda,
-            batch_size=args.replay_batch_size,
-            conditioning=args.generative_replay_conditioning,
-            max_new_tokens=args.generative_replay_max_new_tokens,
-            top_k=args.generative_replay_top_k,
-            temperature=args.generative_replay_temperature,
-            max_rounds=args.generative_replay_max_rounds,
-            prototype_samples=args.generative_replay_prototype_samples,
-            prototypes_per_class=args.generative_replay_prototypes_per_class,
-            prefix_words=args.generative_replay_prefix_words,
-            seed=args.seed,
+    def from_config(cls, config: Any, model: torch.nn.Module | None = None, **overrides: Any) -> GenerativeReplayPlugin:
+        """From the `generative_replay_*` options, `replay_alpha` and `replay_batch_size` (shared with exact
+        replay, validated under their own names) and the run's `seed`."""
+        owner = type(config).__name__
+        shared = build_config(REPLAY_SOURCE, config, owner=owner)
+        own = build_config(
+            GENERATIVE_REPLAY_SOURCE,
+            config,
+            owner=owner,
+            alpha=shared.alpha,
+            batch_size=shared.batch_size,
+            **run_seed(config),
         )
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(own, **overrides)
 
     # ------------------------------------------------------------------ task boundaries
-    def on_task_end(self, trainer: Any, task: Any, task_index: int) -> None:
+    def on_task_end(self, trainer: Any, context: TaskContext) -> None:
+        task = context.task
         if task.name not in [s.name for s in self.specs]:
             self.specs.append(TaskSpec(task.name, task.template, list(task.verbalizer)))
         if self.conditioning == "prototype":
-            tokenizer = trainer_tokenizer(trainer, "GenerativeReplayPlugin")
-            rows = task_rows(task, tokenizer, self.prototype_samples, seed=self.seed, task_index=task_index)
+            rows = context_rows(context, self.prototype_samples, seed=self.seed)
             classes = torch.tensor([r["label"] for r in rows], dtype=torch.long)
-            self.prototypes[task.name] = self.select_prototypes(trainer.model, task, rows, classes, tokenizer)
+            self.prototypes[task.name] = self.select_prototypes(trainer.model, task, rows, classes, context.tokenizer)
 
     def select_prototypes(
         self, model: torch.nn.Module, task: Any, rows: list[dict], classes: torch.Tensor, tokenizer: Any
@@ -250,13 +223,14 @@ class GenerativeReplayPlugin(ContinualPlugin):
             prefix_classes += [c] * len(kept)
         return {"prefixes": prefixes, "prefix_classes": prefix_classes, "prototypes": protos}
 
-    def on_task_begin(self, trainer: Any, task: Any, task_index: int) -> None:
+    def on_task_begin(self, trainer: Any, context: TaskContext) -> None:
+        task, task_index = context.task, context.index
         old = [s for s in self.specs if s.name != task.name]
-        n_total = round(self.ratio * len(task.train_dataset))
+        n_total = round(self.ratio * len(context.train_dataset))
         if task_index == 0 or not old or n_total == 0:
             self.pseudo = ReplayMemory(1, policy="balanced", seed=self.seed)
             return
-        tokenizer = trainer_tokenizer(trainer, "GenerativeReplayPlugin")
+        tokenizer = context.tokenizer
         self.pseudo = ReplayMemory(max(n_total, len(old)), policy="balanced", seed=self.seed + task_index)
         self.stats = {}
         for j, spec in enumerate(old):

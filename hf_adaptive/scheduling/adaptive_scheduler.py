@@ -28,119 +28,18 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from ..utils.validation import fail
+from .config import AdaptiveSchedulerConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from .freezing import Freezer
 
 EVENTS = ("warmup", "improved", "worsened", "plateau", "skipped")
-
-
-def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{cls}.{name}={value!r} is not allowed: {allowed}")
-
-
-def _check_number(
-    cls: str,
-    name: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    integer: bool = False,
-) -> None:
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        _fail(cls, name, value, f"must be {kind}")
-    if not math.isfinite(value):
-        _fail(cls, name, value, "must be finite")
-    if low is not None and (value <= low if low_open else value < low):
-        _fail(cls, name, value, f"must be {'>' if low_open else '>='} {low}")
-    if high is not None and (value >= high if high_open else value > high):
-        _fail(cls, name, value, f"must be {'<' if high_open else '<='} {high}")
-
-
-def _check_bounds(cls: str, name: str, value: Any, low: float, high: float) -> None:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        _fail(cls, name, value, "must be a pair (min, max)")
-    lo, hi = value
-    for v in (lo, hi):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low or v > high:
-            _fail(cls, name, value, f"both ends must be numbers in [{low}, {high}]")
-    if lo > hi:
-        _fail(cls, name, value, "min must be <= max")
-
-
-@dataclass
-class AdaptiveSchedulerConfig:
-    """Gains of the adaptive laws. Defaults follow the design note: mild u=1.02 / d=0.8, small dither off."""
-
-    lr_up: float = field(default=1.02, metadata={"help": "LR multiplier u > 1 on improvement (before damping)."})
-    lr_down: float = field(
-        default=0.8, metadata={"help": "LR multiplier d in (0, 1) after `patience` non-improvements."}
-    )
-    lr_bounds: tuple[float, float] = field(default=(1e-7, 1.0), metadata={"help": "Hard (min, max) of the LR."})
-    variance_damping: float = field(
-        default=10.0, metadata={"help": "lambda: an improvement multiplies the LR by 1 + (u-1)/(1 + lambda v)."}
-    )
-    window: int = field(default=10, metadata={"help": "Recent losses whose normalized variance is v."})
-    ema_beta: float = field(default=0.9, metadata={"help": "EMA factor of the loss used to judge trends."})
-    threshold: float = field(default=1e-3, metadata={"help": "Relative change of the loss EMA that counts."})
-    noise_margin: float = field(
-        default=1.0, metadata={"help": "An improvement must also exceed this many noise std's of the loss EMA."}
-    )
-    patience: int = field(default=5, metadata={"help": "Observations without improvement before the LR is cut."})
-    cooldown: int = field(default=5, metadata={"help": "Observations after a cut (or NaN) without LR changes."})
-    warmup: int = field(default=3, metadata={"help": "First observations that only fill the statistics."})
-    nan_backoff: float = field(default=0.5, metadata={"help": "LR multiplier after a non-finite loss/gradient."})
-    adapt_momentum: bool = field(default=True, metadata={"help": "Adapt SGD momentum / Adam beta1."})
-    momentum_step: float = field(default=0.01, metadata={"help": "Additive change of the momentum per decision."})
-    momentum_bounds: tuple[float, float] = field(default=(0.5, 0.95), metadata={"help": "(min, max) momentum."})
-    consistency: int = field(default=3, metadata={"help": "Improvements in a row that raise the momentum."})
-    noise_threshold: float = field(
-        default=0.05, metadata={"help": "Normalized loss variance v above which the run counts as noisy."}
-    )
-    dither: bool = field(default=False, metadata={"help": "Add exploration noise to the parameters after a step."})
-    sigma: float = field(default=1e-3, metadata={"help": "Initial relative dither strength."})
-    sigma_bounds: tuple[float, float] = field(default=(1e-5, 1e-2), metadata={"help": "(min, max) of sigma."})
-    sigma_up: float = field(default=1.5, metadata={"help": "Sigma multiplier on a plateau."})
-    sigma_down: float = field(default=0.5, metadata={"help": "Sigma multiplier when unstable."})
-    plateau_patience: int = field(default=5, metadata={"help": "Plateau observations in a row that raise sigma."})
-    seed: int = field(default=0, metadata={"help": "Seed of the dither noise generator."})
-
-    def __post_init__(self) -> None:
-        c = type(self).__name__
-        self.lr_bounds = tuple(self.lr_bounds)
-        self.momentum_bounds = tuple(self.momentum_bounds)
-        self.sigma_bounds = tuple(self.sigma_bounds)
-        _check_number(c, "lr_up", self.lr_up, 1.0)
-        _check_number(c, "lr_down", self.lr_down, 0.0, 1.0, low_open=True)
-        _check_bounds(c, "lr_bounds", self.lr_bounds, 0.0, math.inf)
-        if self.lr_bounds[0] <= 0:
-            _fail(c, "lr_bounds", self.lr_bounds, "the minimum LR must be > 0")
-        _check_number(c, "variance_damping", self.variance_damping, 0.0)
-        _check_number(c, "window", self.window, 2, integer=True)
-        _check_number(c, "ema_beta", self.ema_beta, 0.0, 1.0, high_open=True)
-        _check_number(c, "threshold", self.threshold, 0.0)
-        _check_number(c, "noise_margin", self.noise_margin, 0.0)
-        _check_number(c, "patience", self.patience, 0, integer=True)
-        _check_number(c, "cooldown", self.cooldown, 0, integer=True)
-        _check_number(c, "warmup", self.warmup, 0, integer=True)
-        _check_number(c, "nan_backoff", self.nan_backoff, 0.0, 1.0, low_open=True)
-        _check_number(c, "momentum_step", self.momentum_step, 0.0, 1.0)
-        _check_bounds(c, "momentum_bounds", self.momentum_bounds, 0.0, 0.9999)
-        _check_number(c, "consistency", self.consistency, 1, integer=True)
-        _check_number(c, "noise_threshold", self.noise_threshold, 0.0)
-        _check_number(c, "sigma", self.sigma, 0.0)
-        _check_bounds(c, "sigma_bounds", self.sigma_bounds, 0.0, 1.0)
-        _check_number(c, "sigma_up", self.sigma_up, 1.0)
-        _check_number(c, "sigma_down", self.sigma_down, 0.0, 1.0, low_open=True)
-        _check_number(c, "plateau_patience", self.plateau_patience, 1, integer=True)
-        _check_number(c, "seed", self.seed, integer=True)
 
 
 @dataclass
@@ -192,10 +91,7 @@ class AdaptiveScheduler:
         freezer: Freezer | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(
-                f"AdaptiveScheduler.optimizer={type(optimizer).__name__!r} is not allowed: "
-                "must be a torch.optim.Optimizer"
-            )
+            fail("AdaptiveScheduler", "optimizer", type(optimizer).__name__, "must be a torch.optim.Optimizer")
         self.optimizer = optimizer
         self.config = config or AdaptiveSchedulerConfig()
         self.freezer = freezer
@@ -454,3 +350,6 @@ class AdaptiveScheduler:
         if self.freezer is not None and "freezer" in state:
             self.freezer.load_state_dict(state["freezer"])
         self.apply_gains()
+
+
+__all__ = ["EVENTS", "AdaptiveScheduler", "AdaptiveSchedulerConfig", "SchedulerSnapshot"]

@@ -8,56 +8,21 @@ units are thawed for one step (a probe); a unit whose probe gradient norm is bac
 the others are frozen again before the optimizer step, so a probe never moves a frozen unit.
 
 A cap (`max_frozen_fraction`, by element count) keeps at least part of the model trainable, so the loss always has a
-gradient. `release()` thaws everything: `SelectiveFreezingCallback` calls it at the end of training so the next
-`Trainer` (which builds its optimizer from the parameters with `requires_grad`) sees every parameter again.
+gradient. `release()` thaws everything: `SelectiveFreezingCallback` (in `callback.py`) calls it at the end of training
+so the next `Trainer` (which builds its optimizer from the parameters with `requires_grad`) sees every parameter
+again.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..plugins import ContinualPlugin
-from .adaptive_scheduler import _check_number, _fail
-
-GRANULARITIES = ("parameter", "module")
-THRESHOLD_MODES = ("absolute", "relative")
-
-
-@dataclass
-class FreezingConfig:
-    """When a unit freezes and how often frozen units are probed."""
-
-    threshold: float = field(default=1e-3, metadata={"help": "Gradient-norm EMA below which a unit freezes."})
-    threshold_mode: str = field(
-        default="absolute",
-        metadata={
-            "help": "'absolute' (EMA < threshold) or 'relative' (EMA < threshold * mean EMA of the active units)."
-        },
-    )
-    granularity: str = field(default="parameter", metadata={"help": "'parameter' or 'module' (a module's own params)."})
-    ema_beta: float = field(default=0.9, metadata={"help": "EMA factor of the gradient norms."})
-    warmup_steps: int = field(default=10, metadata={"help": "Steps before anything may freeze."})
-    probe_every: int = field(default=20, metadata={"help": "Steps between probes of the frozen units; 0 never probes."})
-    max_frozen_fraction: float = field(
-        default=0.9, metadata={"help": "Most of the parameters (by count) frozen at once."}
-    )
-
-    def __post_init__(self) -> None:
-        c = type(self).__name__
-        _check_number(c, "threshold", self.threshold, 0.0)
-        if self.threshold_mode not in THRESHOLD_MODES:
-            _fail(c, "threshold_mode", self.threshold_mode, f"choose one of {list(THRESHOLD_MODES)}")
-        if self.granularity not in GRANULARITIES:
-            _fail(c, "granularity", self.granularity, f"choose one of {list(GRANULARITIES)}")
-        _check_number(c, "ema_beta", self.ema_beta, 0.0, 1.0, high_open=True)
-        _check_number(c, "warmup_steps", self.warmup_steps, 0, integer=True)
-        _check_number(c, "probe_every", self.probe_every, 0, integer=True)
-        _check_number(c, "max_frozen_fraction", self.max_frozen_fraction, 0.0, 1.0, high_open=True)
+from .config import GRANULARITIES, THRESHOLD_MODES, FreezingConfig
 
 
 @dataclass
@@ -173,64 +138,4 @@ class Freezer:
             unit.probing = bool(saved["probing"])
 
 
-class SelectiveFreezingCallback(ContinualPlugin):
-    """Runs a `Freezer` inside a `Trainer`: updates before each optimizer step, logs `frozen_fraction`."""
-
-    name = "selective_freezing"
-
-    @classmethod
-    def from_config(cls, args: Any, **overrides: Any) -> SelectiveFreezingCallback:
-        """The callback described by the `freeze_*` fields of a `ContinualConfig` (keyword overrides win)."""
-        values = dict(
-            threshold=args.freeze_threshold,
-            threshold_mode=args.freeze_threshold_mode,
-            granularity=args.freeze_granularity,
-            probe_every=args.freeze_probe_every,
-            ema_beta=args.freeze_ema_beta,
-            warmup_steps=args.freeze_warmup_steps,
-            max_frozen_fraction=args.freeze_max_frozen_fraction,
-        )
-        values.update(overrides)
-        return cls(FreezingConfig(**values))
-
-    def __init__(self, config: FreezingConfig | None = None) -> None:
-        self.config = config or FreezingConfig()
-        self.freezer: Freezer | None = None
-        self._pending: dict[str, Any] | None = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            raise ValueError("SelectiveFreezingCallback.model=None is not allowed: the Trainer must pass its model")
-        if self.freezer is None or not self.freezer.manages(model):
-            self.freezer = Freezer(model, self.config)
-        if self._pending is not None:
-            self.freezer.load_state_dict(self._pending)
-            self._pending = None
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.freezer is not None:
-            self.freezer.update()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.freezer is None or logs is None or "loss" not in logs:
-            return
-        logs["frozen_fraction"] = self.freezer.frozen_fraction()
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1]["frozen_fraction"] = logs["frozen_fraction"]
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.freezer is not None:
-            self.freezer.release()
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.freezer is None:
-            return dict(self._pending or {})
-        return self.freezer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Applied now if running, and again in `on_train_begin` (a resumed Trainer rebuilds its optimizer first)."""
-        if not state:
-            return
-        self._pending = state
-        if self.freezer is not None:
-            self.freezer.load_state_dict(state)
+__all__ = ["GRANULARITIES", "THRESHOLD_MODES", "Freezer", "FreezingConfig"]

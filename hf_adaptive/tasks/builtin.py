@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
+from ..utils.validation import fail
 from .task import Task
 
 COLORS = ["red", "blue", "green", "black", "white", "pink", "gray", "gold"]
@@ -62,12 +63,12 @@ def _examples(rule: Rule, n: int, rng: random.Random) -> list[dict]:
 def make_task(name: str, n_train: int = 256, n_eval: int = 128, seed: int = 0) -> Task:
     """One built-in task by name, with seeded train and eval splits."""
     if not isinstance(name, str) or name not in RULES:
-        raise ValueError(f"make_task.name={name!r} is not allowed: one of the built-in tasks {sorted(RULES)}")
+        fail("make_task", "name", name, f"one of the built-in tasks {sorted(RULES)}")
     for field_name, value in (("n_train", n_train), ("n_eval", n_eval)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"make_task.{field_name}={value!r} is not allowed: an integer >= 2 (both labels appear)")
+            fail("make_task", field_name, value, "an integer >= 2 (both labels appear)")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"make_task.seed={seed!r} is not allowed: an integer")
+        fail("make_task", "seed", seed, "an integer")
     description, rule = RULES[name]
     rng = random.Random(f"{seed}-{name}")
     from datasets import Dataset
@@ -92,9 +93,7 @@ def builtin_suite(
     if names is None:
         names = DEFAULT_SUITE
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:
-        raise ValueError(
-            f"builtin_suite.names={names!r} is not allowed: None or a non-empty list of task names from {sorted(RULES)}"
-        )
+        fail("builtin_suite", "names", names, f"None or a non-empty list of task names from {sorted(RULES)}")
     return [make_task(n, n_train=n_train, n_eval=n_eval, seed=seed) for n in names]
 
 

@@ -22,31 +22,20 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ..utils.validation import OptionError, check_bool, check_number
+from .losses import IGNORE_INDEX, answer_cross_entropy
 from .task import Task
 
-IGNORE_INDEX = -100
 _SPLITS = {"train": "train_dataset", "eval": "eval_dataset"}
 
 logger = logging.getLogger(__name__)
 
 
-def _fail(owner: str, name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{owner}.{name}={value!r} is not allowed: {allowed}")
-
-
-def _check_int(owner: str, name: str, value: Any, low: int, none_ok: bool = False) -> None:
-    if value is None and none_ok:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _fail(owner, name, value, f"an integer >= {low}" + (" or None" if none_ok else ""))
-
-
 def _split_data(task: Task, split: str, owner: str) -> Any:
     """The task's `split` ("train" or "eval") as a non-empty Dataset, or an error naming the task and split."""
     if split not in _SPLITS:
-        raise _fail(owner, "split", split, f"one of {sorted(_SPLITS)} (task {task.name!r})")
+        raise OptionError(owner, "split", split, f"one of {sorted(_SPLITS)} (task {task.name!r})")
     data = getattr(task, _SPLITS[split])
     if data is None:
         raise ValueError(
@@ -68,7 +57,7 @@ def label_token_ids(task: Task, tokenizer: Any) -> list[list[int]]:
     seen: dict[tuple[int, ...], str] = {}
     for word, word_ids in zip(task.verbalizer, ids):
         if not word_ids:
-            raise _fail(
+            raise OptionError(
                 "Task",
                 "verbalizer",
                 task.verbalizer,
@@ -76,7 +65,7 @@ def label_token_ids(task: Task, tokenizer: Any) -> list[list[int]]:
             )
         other = seen.setdefault(tuple(word_ids), word)
         if other != word:
-            raise _fail(
+            raise OptionError(
                 "Task",
                 "verbalizer",
                 task.verbalizer,
@@ -88,10 +77,11 @@ def label_token_ids(task: Task, tokenizer: Any) -> list[list[int]]:
 
 def _check_max_length(owner: str, max_length: Any, answers: list[list[int]]) -> None:
     """`max_length` must leave room for the longest answer and at least one prompt token before it."""
-    _check_int(owner, "max_length", max_length, 1, none_ok=True)
+    check_number(owner, "max_length", max_length, 1, integer=True, optional=True)
     longest = max(len(a) for a in answers)
     if max_length is not None and max_length <= longest:
-        raise _fail(owner, "max_length", max_length, f"None or > {longest} (the longest label word's token count)")
+        allowed = f"None or > {longest} (the longest label word's token count)"
+        raise OptionError(owner, "max_length", max_length, allowed)
 
 
 def _join(
@@ -136,7 +126,7 @@ def encode_example(
     if add_eos is not None:
         append_eos = add_eos
     if not isinstance(example, dict) or "text" not in example or "label" not in example:
-        raise _fail(
+        raise OptionError(
             "encode_example", "example", example, f"a dict with 'text' (str) and 'label' (int) (task {task.name!r})"
         )
     prompt_ids = tokenizer(task.prompt(example["text"]), add_special_tokens=False)["input_ids"]
@@ -180,8 +170,7 @@ def tokenize_task(task: Task, tokenizer, split: str = "train", max_length: int |
     Tokenizes in batches, in memory (no cache files) and without progress bars.
     """
     data = _split_data(task, split, "tokenize_task")
-    if not isinstance(append_eos, bool):
-        raise _fail("tokenize_task", "append_eos", append_eos, "True or False")
+    check_bool("tokenize_task", "append_eos", append_eos)
     answers = label_token_ids(task, tokenizer)
     _check_max_length("tokenize_task", max_length, answers)
     bos = tokenizer.bos_token_id
@@ -245,22 +234,19 @@ class CausalLMCollator:
 
 def answer_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of the labelled tokens of each row (rows: the batch dimension)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return -answer_cross_entropy(logits, labels, reduction="per_row_sum")
 
 
 def _texts(task: Task, examples: Any) -> list[str]:
     if hasattr(examples, "column_names"):
         if "text" not in examples.column_names:
-            raise _fail("rank_classify", "examples", examples, f"rows with a 'text' field (task {task.name!r})")
+            raise OptionError("rank_classify", "examples", examples, f"rows with a 'text' field (task {task.name!r})")
         return list(examples["text"])
     texts = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict) or "text" not in ex:
-            raise _fail("rank_classify", f"examples[{i}]", ex, f"a dict with a 'text' field (task {task.name!r})")
+            raise OptionError("rank_classify", f"examples[{i}]", ex, f"a dict with a 'text' field (task {task.name!r})")
         texts.append(ex["text"])
     return texts
 
@@ -275,7 +261,7 @@ def rank_classify(
     scores are not all finite (a diverged model) is predicted as -1, never as an argmax over NaN that would count
     as a guess.
     """
-    _check_int("rank_classify", "batch_size", batch_size, 1)
+    check_number("rank_classify", "batch_size", batch_size, 1, integer=True)
     answers = label_token_ids(task, tokenizer)
     _check_max_length("rank_classify", max_length, answers)
     texts = _texts(task, examples)
@@ -315,7 +301,7 @@ def task_accuracy(
     and an argmax over NaN would look like chance.
     """
     data = _split_data(task, split, "task_accuracy")
-    _check_int("task_accuracy", "limit", limit, 1, none_ok=True)
+    check_number("task_accuracy", "limit", limit, 1, integer=True, optional=True)
     if limit is not None and limit < len(data):
         data = data.select(range(limit))
     preds, _ = rank_classify(model, tokenizer, task, data, batch_size=batch_size)
@@ -336,8 +322,4 @@ def task_accuracy(
 
 def cross_entropy_per_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of each row over its labelled tokens (shifted as in causal LMs)."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = (targets != IGNORE_INDEX).float()
-    ce = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
-    return (ce * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+    return answer_cross_entropy(logits, labels, reduction="per_row")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.validation import fail
 from .formatting import quiet_datasets
 from .task import Task
 
@@ -113,7 +114,7 @@ def load_glue_task(
         raise ValueError(f"load_glue_task: name={name!r} is not allowed; choose one of {sorted(GLUE_TASKS)}")
     for field_name, value in (("max_train", max_train), ("max_eval", max_eval)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"load_glue_task.{field_name}={value!r} is not allowed: None or an integer >= 1")
+            fail("load_glue_task", field_name, value, "None or an integer >= 1")
     spec = GLUE_TASKS[name]
     if data_dir is not None:
         loaded = [_local_split(Path(data_dir), name, s) for s in ("train", "validation")]

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..utils.validation import OptionError
+
 _TEXT_FIELD = "text"
 _LABEL_FIELD = "label"
 _SPLITS = ("train_dataset", "eval_dataset")
@@ -23,9 +25,9 @@ _DATA_ALLOWED = (
 )
 
 
-def _fail(field_name: str, value: Any, allowed: str, task: str | None = None) -> ValueError:
-    where = f" (task {task!r})" if task is not None else ""
-    return ValueError(f"Task.{field_name}={value!r} is not allowed: {allowed}{where}")
+def _fail(field_name: str, value: Any, allowed: str, task: str | None = None) -> OptionError:
+    """`Task.<field>=<value> is not allowed: <allowed> (task '<name>')`, to raise."""
+    return OptionError("Task", field_name, value, allowed + (f" (task {task!r})" if task is not None else ""))
 
 
 class _Shown(str):

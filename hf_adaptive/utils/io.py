@@ -21,9 +21,21 @@ META_FILE = "state.json"
 _TENSOR_REF = "__tensor__"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: what `open()` would give a new file (0o666 less the umask): mkstemp's private 0o600 is not what a user expects of
+#: results and checkpoints, and the rename keeps the temporary file's mode
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _tmp_path(path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _FILE_MODE)
     return Path(tmp)
 
 

@@ -7,9 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_adaptive.config import ContinualConfig
-from hf_adaptive.consolidation import EWCPlugin, compute_fisher, trainable_parameters
-from hf_adaptive.plugins import LossTerm
+from hf_adaptive.consolidation import EWCConfig, EWCPlugin, NeuromodulationConfig, compute_fisher, trainable_parameters
+from hf_adaptive.plugins import LossTerm, TaskContext
 from hf_adaptive.tasks import tokenize_task
 from hf_adaptive.utils.io import load_state, save_state
 
@@ -34,8 +33,8 @@ def _hand_penalty(model, entries, lam):
     return 0.5 * lam * total
 
 
-def _stand_in_trainer(model, tokenizer):
-    return SimpleNamespace(model=model, processing_class=tokenizer)
+def _stand_in_trainer(model):
+    return SimpleNamespace(model=model)  # no tokenizer: the plugin reads the rows of the task context
 
 
 def test_penalty_and_gradient_equal_hand_computation(tiny_model):
@@ -81,7 +80,7 @@ def test_penalty_covers_only_parameters_trainable_now(tiny_model):
     plugin.consolidate("t", fisher, anchor)
     frozen = "model.embed_tokens.weight"
     tiny_model.get_parameter(frozen).requires_grad_(False)
-    plugin.on_task_begin(None, None, 1)  # the trainable set changes at task boundaries
+    plugin.on_task_begin(None, None)  # the trainable set changes at task boundaries
     value = plugin.penalty(tiny_model)
     expected = _hand_penalty(tiny_model, [({n: f for n, f in fisher.items() if n != frozen}, anchor)], 2.0)
     assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
@@ -124,8 +123,9 @@ def test_separate_mode_keeps_every_task_and_gain_scales(tiny_model):
 def test_on_task_end_measures_the_fisher_of_the_task(tiny_model, tokenizer, small_tasks):
     task = small_tasks[0]
     plugin = EWCPlugin(ewc_lambda=3.0, fisher_samples=6, fisher_chunk_size=4, seed=5, progress_bar=False)
-    plugin.on_task_begin(None, task, 0)
-    plugin.on_task_end(_stand_in_trainer(tiny_model, tokenizer), task, 0)
+    context = TaskContext.build(task, 0, tokenizer)
+    plugin.on_task_begin(None, context)
+    plugin.on_task_end(_stand_in_trainer(tiny_model), context)
     rows = tokenize_task(task, tokenizer).shuffle(seed=5).select(range(6))
     expected = compute_fisher(tiny_model, rows, method="loop", progress_bar=False).fisher
     (entry,) = plugin.entries
@@ -170,17 +170,22 @@ def test_state_dict_round_trip_restores_fisher_and_anchors(tiny_model, tmp_path,
         EWCPlugin(mode="online" if mode == "separate" else "separate").load_state_dict(load_state(tmp_path / "ewc"))
 
 
-def test_from_config_maps_the_fields(tmp_path):
-    args = ContinualConfig(
-        output_dir=str(tmp_path),
+def test_from_config_maps_the_options():
+    """Every option (under its historic `ContinualConfig` name) reaches the plugin; seed and progress bar follow the
+    TrainingArguments `seed` and `disable_tqdm`."""
+    args = SimpleNamespace(
         ewc_lambda=250.0,
         ewc_mode="online",
         ewc_gamma=0.9,
         fisher_samples=25,
         fisher_type="true",
         fisher_chunk_size=4,
+        fisher_method="loop",
+        fisher_normalization="mean",
         gamma_gated_ewc=True,
         gamma_gain_lambda=2.0,
+        neuromod_ema_beta=0.5,
+        neuromod_grad_warmup_steps=3,
         ewc_fixed_lambda_bypass_gamma=False,
         seed=7,
         disable_tqdm=True,
@@ -193,24 +198,49 @@ def test_from_config_maps_the_fields(tmp_path):
         plugin.fisher_samples,
         plugin.fisher_type,
         plugin.fisher_chunk_size,
+        plugin.fisher_method,
+        plugin.fisher_normalization,
         plugin.seed,
         plugin.progress_bar,
     )
-    assert fields == (250.0, "online", 0.9, 25, "true", 4, 7, False)
+    assert fields == (250.0, "online", 0.9, 25, "true", 4, "loop", "mean", 7, False)
     assert plugin.uses_gamma_gain and plugin.modulator.config.gamma_gain_lambda == 2.0
+    assert (plugin.modulator.config.ema_beta, plugin.modulator.config.grad_warmup_steps) == (0.5, 3)
     args.ewc_fixed_lambda_bypass_gamma = True
     assert not EWCPlugin.from_config(args).uses_gamma_gain
+
+
+def test_enabled_by_name_with_no_option_it_penalizes(tiny_model):
+    """Defaults live once, in EWCConfig: built from a config with no EWC option, EWC is on (λ = 1), not a no-op."""
+    plugin = EWCPlugin.from_config(SimpleNamespace())
+    assert plugin.config == EWCConfig() and plugin.ewc_lambda == 1.0 and plugin.enabled
+    assert plugin.neuromodulation == NeuromodulationConfig() and plugin.modulator is None
+    params = trainable_parameters(tiny_model)
+    plugin.consolidate("t", _random_like(params, 1, positive=True), {n: p.detach() + 0.1 for n, p in params.items()})
+    (term,) = plugin.loss_terms(None, tiny_model, {}, None)
+    assert float(term.value.detach()) > 0
+
+
+def test_constructor_takes_a_config_and_keyword_overrides():
+    config = EWCConfig(ewc_lambda=3.0, mode="online")
+    plugin = EWCPlugin(config, fisher_samples=9)
+    assert (plugin.ewc_lambda, plugin.mode, plugin.fisher_samples) == (3.0, "online", 9)
+    assert config.fisher_samples == 50  # the given config is not modified
+    with pytest.raises(TypeError, match="not_an_option"):
+        EWCPlugin(not_an_option=1)
+    gated = EWCPlugin(gamma_gated=True, neuromodulation=NeuromodulationConfig(gamma_gain_lambda=0.5))
+    assert gated.modulator.config.gamma_gain_lambda == 0.5
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"ewc_lambda": -1.0}, "EWCPlugin.ewc_lambda=-1.0"),
-        ({"mode": "offline"}, "EWCPlugin.mode='offline'"),
-        ({"gamma": 1.5}, "EWCPlugin.gamma=1.5"),
-        ({"fisher_samples": 0}, "EWCPlugin.fisher_samples=0"),
-        ({"fisher_type": "x"}, "EWCPlugin.fisher_type"),
-        ({"fisher_method": "x"}, "EWCPlugin.fisher_method"),
+        ({"ewc_lambda": -1.0}, "EWCConfig.ewc_lambda=-1.0"),
+        ({"mode": "offline"}, "EWCConfig.mode='offline'"),
+        ({"gamma": 1.5}, "EWCConfig.gamma=1.5"),
+        ({"fisher_samples": 0}, "EWCConfig.fisher_samples=0"),
+        ({"fisher_type": "x"}, "EWCConfig.fisher_type"),
+        ({"fisher_method": "x"}, "EWCConfig.fisher_method"),
     ],
 )
 def test_bad_options_name_the_field(kwargs, match):
@@ -231,5 +261,5 @@ def test_fisher_normalization_scales_each_task_to_unit_max_or_mean():
         stored = plugin.entries[0]["fisher"]
         torch.testing.assert_close(stored["a"], 0.5 * fisher["a"] / expected)
         torch.testing.assert_close(stored["b"], 0.5 * fisher["b"] / expected)
-    with pytest.raises(ValueError, match="fisher_normalization"):
+    with pytest.raises(ValueError, match="EWCConfig.fisher_normalization='l2'"):
         EWCPlugin(fisher_normalization="l2")

@@ -35,7 +35,7 @@ class WeightSnapshots(ContinualPlugin):
     def __init__(self) -> None:
         self.weights: list[dict[str, torch.Tensor]] = []
 
-    def on_task_end(self, trainer, task, task_index) -> None:
+    def on_task_end(self, trainer, context) -> None:
         params = trainable_parameters(trainer.model)
         self.weights.append({n: p.detach().double().clone() for n, p in params.items()})
 
@@ -119,3 +119,16 @@ def test_ewc_in_a_task_sequence(tokenizer, two_tasks, tmp_path, test_seed):
     for old, new in zip(plugin.entries, restored.entries, strict=True):
         for key in ("fisher", "anchor"):
             assert all(torch.equal(new[key][n], old[key][n].cpu()) for n in old[key])
+
+
+def test_ewc_enabled_by_name_penalizes_with_its_defaults(tmp_path):
+    """`plugins: [ewc]` with no EWC option is EWC with λ = 1 (it was a silent no-op with the old ewc_lambda=0)."""
+    from hf_adaptive.registry import build_plugins
+
+    args = ContinualConfig(output_dir=str(tmp_path), report_to=[], seed=3, disable_tqdm=True)
+    (plugin,) = build_plugins(["ewc"], args)
+    assert isinstance(plugin, EWCPlugin) and plugin.enabled and plugin.ewc_lambda == args.ewc_lambda == 1.0
+    assert (plugin.seed, plugin.progress_bar) == (3, False)
+    args.ewc_lambda = -1.0  # set after validation: building the plugin names the option
+    with pytest.raises(ValueError, match=r"ContinualConfig\.ewc_lambda=-1\.0 is not allowed"):
+        EWCPlugin.from_config(args)

@@ -142,6 +142,29 @@ def test_answer_nll_is_summed_over_answer_tokens():
     torch.testing.assert_close(answer_nll(logits, labels), expected)
 
 
+def test_answer_nll_is_the_shared_answer_loss_bit_for_bit():
+    """answer_nll now calls `answer_cross_entropy(..., "per_row_sum")`: values and gradients equal the formula it
+    had before (float32 log_softmax + gather, masked sum), exactly."""
+
+    def before(logits, labels):
+        logits = logits[:, :-1].float()
+        targets = labels[:, 1:]
+        mask = targets != -100
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return -(logp * mask).sum(-1)
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (3 * torch.randn(5, 9, 31, generator=generator)).to(dtype).requires_grad_()
+        labels = torch.randint(0, 31, (5, 9), generator=generator)
+        labels[:, :4] = -100
+        old, new = before(logits, labels), answer_nll(logits, labels)
+        assert torch.equal(old, new)
+        (old_grad,) = torch.autograd.grad(old.sum(), logits)
+        (new_grad,) = torch.autograd.grad(new.sum(), logits)
+        assert torch.equal(old_grad, new_grad)
+
+
 def test_modes_and_attention_are_restored(tiny_model, tokenizer, small_tasks):
     rows = _varied_rows(tokenizer, small_tasks[0], n=3)
     tiny_model.train()

@@ -10,6 +10,7 @@ import torch
 
 from hf_adaptive.consolidation import EWCPlugin, GammaGain, NeuromodulationConfig, answer_token_signals, compute_fisher
 from hf_adaptive.consolidation.neuromodulation import gradient_norm
+from hf_adaptive.plugins import TaskContext
 from hf_adaptive.tasks import tokenize_task
 
 
@@ -109,14 +110,15 @@ def test_gradient_norm():
 def test_gamma_gated_ewc_scales_the_new_fisher(tiny_model, tokenizer, small_tasks, tiny_batch, bypass):
     task = small_tasks[0]
     plugin = EWCPlugin(ewc_lambda=1.0, fisher_samples=4, gamma_gated=True, bypass_gamma=bypass, progress_bar=False)
-    plugin.on_task_begin(None, task, 0)
+    context = TaskContext.build(task, 0, tokenizer)
+    plugin.on_task_begin(None, context)
     tiny_model.train()
     outputs = tiny_model(**tiny_batch)
     outputs.loss.backward()
     assert plugin.loss_terms(None, tiny_model, tiny_batch, outputs) == []  # no Fisher yet, but signals observed
     plugin.on_pre_optimizer_step(None, None, None, model=tiny_model)
     tiny_model.zero_grad()
-    plugin.on_task_end(SimpleNamespace(model=tiny_model, processing_class=tokenizer), task, 0)
+    plugin.on_task_end(SimpleNamespace(model=tiny_model), context)
 
     rows = tokenize_task(task, tokenizer).shuffle(seed=0).select(range(4))
     fisher = compute_fisher(tiny_model, rows, progress_bar=False).fisher

@@ -6,14 +6,24 @@ import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_adaptive.control.feedback import FeedbackCallback, FeedbackConfig, OnlineGateAdapter, validation_loss
 from hf_adaptive.control.gate_controller import GateController, GateControllerConfig
 from hf_adaptive.models import build_tiny_gemma
-from hf_adaptive.models.gated import gate_model
+from hf_adaptive.models.gates import gate_model
 from hf_adaptive.tasks import CausalLMCollator, tokenize_task
 from hf_adaptive.tasks.formatting import cross_entropy_per_row
+
+
+class _LogRecorder(TrainerCallback):
+    """What a reporting integration sees: the `logs` of every `on_log`."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
 
 
 @pytest.fixture
@@ -58,7 +68,10 @@ def test_periodic_feedback_in_a_trainer(tmp_path, tiny_model, tokenizer, rows):
         2, 4, GateControllerConfig(algorithm="a2c", rollout_steps=1, keep_bias=0.0, efficiency_factor=0.2, seed=0)
     )
     cb = FeedbackCallback(
-        ctrl, rows, CausalLMCollator(tokenizer), FeedbackConfig(eval_every=2, eval_size=16, eval_batch_size=8)
+        FeedbackConfig(eval_every=2, eval_size=16, eval_batch_size=8),
+        controller=ctrl,
+        eval_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
     )
     trainer = Trainer(
         model=tiny_model,
@@ -67,6 +80,9 @@ def test_periodic_feedback_in_a_trainer(tmp_path, tiny_model, tokenizer, rows):
         data_collator=CausalLMCollator(tokenizer),
         callbacks=[cb],
     )
+    cb.bind(trainer)  # a plain Trainer: the callback logs its rounds through trainer.log
+    seen = _LogRecorder()
+    trainer.add_callback(seen)
     trainer.train()
     assert [e["step"] for e in ctrl.log] == [0, 2, 4, 6]
     assert ctrl.log[0]["reward"] is None and all(e["reward"] is not None for e in ctrl.log[1:])
@@ -78,12 +94,14 @@ def test_periodic_feedback_in_a_trainer(tmp_path, tiny_model, tokenizer, rows):
     assert ctrl.updates >= 2 and len(ctrl.archive) >= 1
     records = [r for r in trainer.state.log_history if "gate_reward" in r]
     assert [r["step"] for r in records] == [2, 4, 6] and len(records[0]["gate_values"]) == 8
+    # through Trainer.log: every callback's on_log (W&B, TensorBoard, ...) receives the rounds
+    assert [r["gate_reward"] for r in seen.logs if "gate_reward" in r] == [r["gate_reward"] for r in records]
 
 
 def test_continuous_mode_uses_running_training_loss(tmp_path, tiny_model, tokenizer, rows):
     gate_model(tiny_model)
     ctrl = GateController(2, 4, GateControllerConfig(algorithm="reinforce", rollout_steps=2, seed=1))
-    cb = FeedbackCallback(ctrl, config=FeedbackConfig(mode="continuous", eval_every=2))
+    cb = FeedbackCallback(FeedbackConfig(mode="continuous", eval_every=2), controller=ctrl)
     trainer = Trainer(
         model=tiny_model,
         args=_args(tmp_path, max_steps=7),
@@ -91,17 +109,19 @@ def test_continuous_mode_uses_running_training_loss(tmp_path, tiny_model, tokeni
         data_collator=CausalLMCollator(tokenizer),
         callbacks=[cb],
     )
+    cb.bind(trainer)
     trainer.train()
     train_losses = {r["step"]: r["loss"] for r in trainer.state.log_history if "loss" in r}
     assert [e["step"] for e in ctrl.log] == [1, 3, 5, 7]
     for e in ctrl.log:
         assert e["loss"] == pytest.approx(train_losses[e["step"]])
+    assert [r["step"] for r in trainer.state.log_history if "gate_reward" in r] == [3, 5, 7]
 
 
 def test_callback_validates_on_train_begin(tmp_path, tiny_model, tokenizer, rows):
     collate = CausalLMCollator(tokenizer)
     gate_model(tiny_model, mode="hard_concrete")
-    cb = FeedbackCallback(GateController(2, 4), rows, collate)
+    cb = FeedbackCallback(controller=GateController(2, 4), eval_dataset=rows, data_collator=collate)
     with pytest.raises(ValueError, match="fixed gates"):
         Trainer(
             model=tiny_model, args=_args(tmp_path), train_dataset=rows, data_collator=collate, callbacks=[cb]
@@ -109,8 +129,8 @@ def test_callback_validates_on_train_begin(tmp_path, tiny_model, tokenizer, rows
     model, _ = build_tiny_gemma(tokenizer)
     gate_model(model)
     for cb, match in [
-        (FeedbackCallback(GateController(3, 4), rows, collate), "shape"),
-        (FeedbackCallback(GateController(2, 4)), "eval_dataset"),
+        (FeedbackCallback(controller=GateController(3, 4), eval_dataset=rows, data_collator=collate), "shape"),
+        (FeedbackCallback(controller=GateController(2, 4)), "eval_dataset"),
     ]:
         with pytest.raises(ValueError, match=match):
             Trainer(
@@ -118,6 +138,8 @@ def test_callback_validates_on_train_begin(tmp_path, tiny_model, tokenizer, rows
             ).train()
     with pytest.raises(ValueError, match="FeedbackConfig.mode"):
         FeedbackConfig(mode="sometimes")
+    with pytest.raises(TypeError, match="controller="):
+        FeedbackCallback(GateController(2, 4))  # the former positional signature
 
 
 def test_continual_trainer_sequence_saves_and_restores_controller(tmp_path, tokenizer, small_tasks):
@@ -128,7 +150,7 @@ def test_continual_trainer_sequence_saves_and_restores_controller(tmp_path, toke
     model, _ = build_tiny_gemma(tokenizer, seed=0)
     gate_model(model)
     ctrl = GateController(2, 4, GateControllerConfig(rollout_steps=1, seed=2))
-    cb = FeedbackCallback(ctrl, config=FeedbackConfig(eval_every=2, eval_size=16, statistics=("entropy",)))
+    cb = FeedbackCallback(FeedbackConfig(eval_every=2, eval_size=16, statistics=("entropy",)), controller=ctrl)
     args = ContinualConfig(
         output_dir=str(tmp_path),
         max_steps=4,
@@ -186,3 +208,67 @@ def test_online_adapter_learns_without_lm_backward(tokenizer):
     for k, v in model.state_dict().items():
         if k in before:
             assert torch.equal(v, before[k])
+
+
+def test_validation_loss_matches_the_former_cross_entropy(tiny_model, tokenizer, rows):
+    """`validation_loss` now sums `answer_cross_entropy`: the same number as the former formula, to ~1e-6."""
+    collate = CausalLMCollator(tokenizer)
+    batches = [collate([rows[i] for i in range(s, s + 4)]) for s in (0, 4)]
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for batch in batches:
+            logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            valid = targets != -100
+            ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none"
+            )
+            total += float((ce * valid).sum())
+            count += float(valid.sum())
+    assert validation_loss(tiny_model, batches) == pytest.approx(total / count, rel=1e-6)
+
+
+def test_task_begin_uses_the_context_eval_split(tokenizer, small_tasks):
+    from dataclasses import replace
+
+    from hf_adaptive.plugins import TaskContext
+
+    class Stub:
+        pass
+
+    cb = FeedbackCallback(FeedbackConfig(eval_batch_size=8), controller=GateController(2, 4))
+    context = TaskContext.build(small_tasks[0], 0, tokenizer)
+    stub = Stub()
+    cb.on_task_begin(stub, context)
+    assert cb.trainer is stub and cb.data_collator is context.collator
+    assert cb.eval_dataset is context.eval_dataset  # the trainer's tokenized rows, not a second tokenization
+    assert cb.eval_batches()[0]["input_ids"].shape[0] == 8
+    no_eval = replace(context, task=replace(small_tasks[1], eval_dataset=None), eval_dataset=None)
+    with pytest.raises(ValueError, match="no eval split"):
+        cb.on_task_begin(stub, no_eval)
+    continuous = FeedbackCallback(FeedbackConfig(mode="continuous"), controller=GateController(2, 4))
+    continuous.on_task_begin(stub, no_eval)  # the running training loss needs no eval split
+    assert continuous.eval_dataset is None
+
+
+def test_unbound_callback_warns_once_and_keeps_the_controller_log(tmp_path, tiny_model, tokenizer, rows):
+    gate_model(tiny_model)
+    ctrl = GateController(2, 4, GateControllerConfig(rollout_steps=1, seed=0))
+    cb = FeedbackCallback(
+        FeedbackConfig(eval_every=2, eval_size=8, statistics=()),
+        controller=ctrl,
+        eval_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+    )
+    trainer = Trainer(
+        model=tiny_model,
+        args=_args(tmp_path, max_steps=4),
+        train_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+        callbacks=[cb],
+    )
+    with pytest.warns(UserWarning, match="bind") as caught:
+        trainer.train()
+    assert sum("bind" in str(w.message) for w in caught) == 1
+    assert [e["step"] for e in ctrl.log] == [0, 2, 4]
+    assert not [r for r in trainer.state.log_history if "gate_reward" in r]

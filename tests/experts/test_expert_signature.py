@@ -50,7 +50,9 @@ def test_weights_scale_the_parts(tiny_model, tokenizer, small_tasks):
 
 
 def test_layers_are_validated_and_modules_expand(tiny_model, tokenizer):
-    with pytest.raises(ValueError, match="SignatureConfig.layers entry 'model.layers.9.mlp'"):
+    with pytest.raises(
+        ValueError, match=r"SignatureConfig.layers=\['model.layers.9.mlp'\] is not allowed: entry 'model.la"
+    ):
         TaskSignature(tiny_model, tokenizer, SignatureConfig(layers=["model.layers.9.mlp"]))
     signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(layers=["model.layers.0.mlp"]))
     assert signer.layer_names == [
@@ -332,3 +334,37 @@ def test_missing_sentence_transformers_is_a_clear_error(tiny_model, tokenizer, m
     signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(text_encoder="not-loaded-before/encoder"))
     with pytest.raises(ImportError, match="SignatureConfig.text_encoder='not-loaded-before/encoder' needs sentence"):
         signer.text_embedding("is it red")
+
+
+def test_tokenized_rows_give_the_same_signature(tiny_model, tokenizer, small_tasks):
+    """A plugin passes the split the trainer already tokenized (`TaskContext`): nothing is tokenized again, and
+    the gradient and context parts are those of the rows encoded from the raw task."""
+    from hf_adaptive.plugins import TaskContext
+
+    task = small_tasks[0]
+    signer = TaskSignature(tiny_model, tokenizer, SignatureConfig(**CFG))
+    context = TaskContext.build(task, 0, tokenizer)
+    for split, dataset in (("train", context.train_dataset), ("eval", context.eval_dataset)):
+        raw = signer.compute(task, split=split)
+        tokenized = signer.compute(task, split=split, dataset=dataset)
+        for part in ("gradient", "context"):
+            torch.testing.assert_close(tokenized.parts[part], raw.parts[part], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(tokenized.vector, raw.vector, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_loss_is_the_shared_answer_cross_entropy(tiny_model, tokenizer, small_tasks):
+    """The sketch's summed loss (`answer_cross_entropy`) equals the former local F.cross_entropy to ~1e-6."""
+    from hf_adaptive.tasks import CausalLMCollator
+    from hf_adaptive.tasks.losses import answer_cross_entropy
+
+    task = small_tasks[1]
+    rows = [encode_example(task, r, tokenizer) for r in TaskSignature(tiny_model, tokenizer)._examples(task, "eval")]
+    batch = CausalLMCollator(tokenizer)(rows)
+    with torch.no_grad():
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    old = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+    )
+    torch.testing.assert_close(
+        answer_cross_entropy(logits, batch["labels"], reduction="sum"), old, atol=1e-6, rtol=1e-6
+    )

@@ -9,7 +9,7 @@ import torch
 @pytest.fixture
 def family_model():
     """`family_model(name)`: a tiny eager-attention causal LM of `name` (llama, gemma2, gemma3) with the tiny Gemma's
-    head layout (2 layers, 4 heads, 2 kv heads, head_dim 8), seeded, in eval mode."""
+    head layout at half width (the `micro` preset: 2 layers, 4 heads, 2 kv heads, head_dim 8), seeded, in eval mode."""
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
@@ -18,6 +18,8 @@ def family_model():
         LlamaConfig,
         LlamaForCausalLM,
     )
+
+    from hf_adaptive.models.tiny import tiny_layout
 
     families = {
         "llama": (LlamaForCausalLM, LlamaConfig),
@@ -28,16 +30,7 @@ def family_model():
     def build(name: str) -> torch.nn.Module:
         cls, cfg = families[name]
         torch.manual_seed(0)
-        config = cfg(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=64,
-        )
+        config = cfg(vocab_size=64, **tiny_layout("micro"))
         config._attn_implementation = "eager"  # Gemma 2 has no sdpa path in transformers 5
         return cls(config).eval()
 

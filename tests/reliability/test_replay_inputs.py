@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hf_adaptive.plugins import TaskContext
 from hf_adaptive.replay import GenerativeReplayPlugin, ReplayPlugin
 from hf_adaptive.replay._common import collate, task_rows
 from hf_adaptive.replay.buffer import ReplayMemory
@@ -53,6 +54,11 @@ def stand_in(tiny_model, tokenizer):
     return SimpleNamespace(model=tiny_model, processing_class=tokenizer)
 
 
+def context(task: Task, index: int, tokenizer) -> TaskContext:
+    """What the trainer hands a plugin at a task boundary: the task, its index and its tokenized rows."""
+    return TaskContext.build(task, index, tokenizer)
+
+
 def stored_rows(plugin: ReplayPlugin) -> list[tuple[int, ...]]:
     return sorted(tuple(item["input_ids"].tolist()) for _, item in plugin.memory.items())
 
@@ -78,7 +84,7 @@ def test_first_rows_of_one_label_still_give_both_labels(stand_in, tokenizer):
     task = sorted_task(30, 10)
     for policy in ("balanced", "reservoir"):
         plugin = ReplayPlugin(buffer_size=100, policy=policy, examples_per_task=8, seed=0)
-        plugin.on_task_end(stand_in, task, 0)
+        plugin.on_task_end(stand_in, context(task, 0, tokenizer))
         labels = stored_labels(plugin.memory, task, tokenizer)
         assert sorted(labels) == [0] * 6 + [1] * 2, policy
 
@@ -88,9 +94,9 @@ def test_balanced_share_is_a_stratified_sample_and_stays_one_when_it_shrinks(sta
     first, second = sorted_task(24, 8), sorted_task(8, 8, name="other")
     for seed in range(12):
         plugin = ReplayPlugin(buffer_size=16, policy="balanced", seed=seed)
-        plugin.on_task_end(stand_in, first, 0)
+        plugin.on_task_end(stand_in, context(first, 0, tokenizer))
         assert sorted(stored_labels(plugin.memory, first, tokenizer)) == [0] * 12 + [1] * 4, seed
-        plugin.on_task_end(stand_in, second, 1)
+        plugin.on_task_end(stand_in, context(second, 1, tokenizer))
         assert sorted(stored_labels(plugin.memory, first, tokenizer)) == [0] * 6 + [1] * 2, seed
         assert sorted(stored_labels(plugin.memory, second, tokenizer)) == [0] * 4 + [1] * 4, seed
 
@@ -100,7 +106,7 @@ def test_same_seed_same_rows_other_seed_or_task_index_other_rows(stand_in, token
 
     def kept(seed: int, index: int = 0) -> list[tuple[int, ...]]:
         plugin = ReplayPlugin(buffer_size=100, examples_per_task=8, seed=seed)
-        plugin.on_task_end(stand_in, task, index)
+        plugin.on_task_end(stand_in, context(task, index, tokenizer))
         return stored_rows(plugin)
 
     assert kept(0) == kept(0)
@@ -110,7 +116,7 @@ def test_same_seed_same_rows_other_seed_or_task_index_other_rows(stand_in, token
     used = ReplayPlugin(buffer_size=100, examples_per_task=8, seed=0)
     used.memory.sample(5)
     used.memory.add("warm_up", [{"input_ids": [1, 2], "labels": [-100, 2]}])
-    used.on_task_end(stand_in, task, 0)
+    used.on_task_end(stand_in, context(task, 0, tokenizer))
     assert sorted(tuple(i["input_ids"].tolist()) for t, i in used.memory.items() if t == task.name) == kept(0)
 
 
@@ -180,7 +186,7 @@ def test_replay_loss_is_label_smoothed_like_the_task_loss(tiny_model, tokenizer,
     sharpen(tiny_model)
     (task,) = builtin_suite(["first_color"], n_train=12, n_eval=4, seed=0)
     plugin = ReplayPlugin(alpha=0.5, buffer_size=12, batch_size=5, seed=0)
-    plugin.on_task_end(trainer, task, 0)
+    plugin.on_task_end(trainer, context(task, 0, tokenizer))
     tiny_model.train()
     (term,) = plugin.loss_terms(trainer, tiny_model, {}, None)
     rows = plugin.last_rows

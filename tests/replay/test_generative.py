@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_adaptive.config import ContinualConfig
 from hf_adaptive.replay import GenerativeReplayPlugin, TaskSpec, parse_generated
 from hf_adaptive.replay._common import task_row_indices
 from hf_adaptive.replay.feature import extract_features, prompt_tokens
 from hf_adaptive.replay.generative import lm_loss
 from hf_adaptive.tasks import CausalLMCollator, encode_example, tokenize_task
 from hf_adaptive.utils.io import load_state, save_state
+from hf_adaptive.utils.validation import OptionError
 
 SPEC = TaskSpec("first_color", "first_color : {text} ?", ["yes", "no"])
 
@@ -98,14 +98,16 @@ def _check_row(row, tokenizer, spec):
     return parsed
 
 
-def test_generates_filtered_pseudo_examples_before_a_new_task(generator_model, tokenizer, two_tasks, test_seed):
+def test_generates_filtered_pseudo_examples_before_a_new_task(
+    generator_model, tokenizer, two_tasks, test_seed, contexts, context_of
+):
     model, first = generator_model
     trainer = SimpleNamespace(model=copy.deepcopy(model), processing_class=tokenizer)
     plugin = GenerativeReplayPlugin(ratio=0.5, alpha=0.2, batch_size=4, seed=test_seed)
-    plugin.on_task_begin(trainer, first, 0)
+    plugin.on_task_begin(trainer, context_of(first, 0))
     assert len(plugin.pseudo) == 0  # nothing to replay before the first task
-    plugin.on_task_end(trainer, first, 0)
-    plugin.on_task_begin(trainer, two_tasks[1], 1)
+    plugin.on_task_end(trainer, context_of(first, 0))
+    plugin.on_task_begin(trainer, contexts[1])
     wanted = round(0.5 * len(two_tasks[1].train_dataset))
     stats = plugin.stats["first_color"]
     assert stats["wanted"] == wanted and stats["accepted"] == len(plugin.pseudo) > 0
@@ -130,13 +132,13 @@ def test_generation_rejects_what_the_filter_rejects(tokenizer, two_tasks):
         _check_row(row, tokenizer, SPEC)
 
 
-def test_loss_terms_replay_and_lm(generator_model, tokenizer, two_tasks):
+def test_loss_terms_replay_and_lm(generator_model, tokenizer, two_tasks, contexts, context_of):
     model, first = generator_model
     model = copy.deepcopy(model).train()
     trainer = SimpleNamespace(model=model, processing_class=tokenizer)
     plugin = GenerativeReplayPlugin(ratio=0.5, alpha=0.3, lm_lambda=0.25, batch_size=4, seed=0)
-    plugin.on_task_end(trainer, first, 0)
-    plugin.on_task_begin(trainer, two_tasks[1], 1)
+    plugin.on_task_end(trainer, context_of(first, 0))
+    plugin.on_task_begin(trainer, contexts[1])
     batch = CausalLMCollator(tokenizer)([tokenize_task(two_tasks[1], tokenizer)[i] for i in range(4)])
     outputs = model(**batch)
     state = plugin.pseudo.generator.get_state()
@@ -161,13 +163,13 @@ def test_loss_terms_replay_and_lm(generator_model, tokenizer, two_tasks):
     assert plugin.loss_terms(trainer, model.eval(), batch, outputs) == []
 
 
-def test_prototype_conditioned_generation(generator_model, tokenizer, two_tasks):
+def test_prototype_conditioned_generation(generator_model, tokenizer, two_tasks, contexts, context_of):
     model, first = generator_model
     trainer = SimpleNamespace(model=copy.deepcopy(model), processing_class=tokenizer)
     plugin = GenerativeReplayPlugin(
         ratio=1.0, conditioning="prototype", prototype_samples=32, prototypes_per_class=2, prefix_words=1, seed=0
     )
-    plugin.on_task_end(trainer, first, 0)
+    plugin.on_task_end(trainer, context_of(first, 0))
     stored = plugin.prototypes["first_color"]
     # by hand: per class, the distinct first words of the rows nearest (L2 of answer-position features) the class mean
     idx = task_row_indices(first, 32, seed=0, task_index=0)  # the seeded, label-stratified rows it keeps
@@ -183,7 +185,7 @@ def test_prototype_conditioned_generation(generator_model, tokenizer, two_tasks)
         expected_prefixes += [[tokenizer.convert_tokens_to_ids(w)] for w in firsts]
         expected_classes += [c] * len(firsts)
     assert stored["prefixes"] == expected_prefixes and stored["prefix_classes"] == expected_classes
-    plugin.on_task_begin(trainer, two_tasks[1], 1)
+    plugin.on_task_begin(trainer, contexts[1])
     assert len(plugin.pseudo) > 0
     allowed = {tokenizer.convert_ids_to_tokens(p[0]) for p in stored["prefixes"]}
     for _, item in plugin.pseudo.items():
@@ -191,21 +193,14 @@ def test_prototype_conditioned_generation(generator_model, tokenizer, two_tasks)
         assert text.split()[0] in allowed
 
 
-def test_state_round_trip_and_from_config(generator_model, tokenizer, two_tasks, tmp_path):
+def test_state_round_trip_and_from_config(generator_model, tokenizer, two_tasks, tmp_path, contexts, context_of):
     model, first = generator_model
     trainer = SimpleNamespace(model=copy.deepcopy(model), processing_class=tokenizer)
-    args = ContinualConfig(
-        output_dir=str(tmp_path),
-        generative_replay_ratio=0.5,
-        replay_alpha=0.1,
-        replay_batch_size=3,
-        seed=2,
-        report_to=[],
-    )
+    args = SimpleNamespace(generative_replay_ratio=0.5, replay_alpha=0.1, replay_batch_size=3, seed=2)
     plugin = GenerativeReplayPlugin.from_config(args, conditioning="prototype")
     assert (plugin.ratio, plugin.alpha, plugin.batch_size, plugin.seed) == (0.5, 0.1, 3, 2)
-    plugin.on_task_end(trainer, first, 0)
-    plugin.on_task_begin(trainer, two_tasks[1], 1)
+    plugin.on_task_end(trainer, context_of(first, 0))
+    plugin.on_task_begin(trainer, contexts[1])
     save_state(tmp_path / "gen", plugin.state_dict())
     restored = GenerativeReplayPlugin.from_config(args, conditioning="prototype")
     restored.load_state_dict(load_state(tmp_path / "gen"))
@@ -218,9 +213,57 @@ def test_state_round_trip_and_from_config(generator_model, tokenizer, two_tasks,
 
 
 def test_bad_arguments_name_the_field():
-    with pytest.raises(ValueError, match=re.escape("GenerativeReplayPlugin.conditioning='label' is not allowed")):
+    with pytest.raises(OptionError, match=re.escape("GenerativeReplayConfig.conditioning='label' is not allowed")):
         GenerativeReplayPlugin(conditioning="label")
-    with pytest.raises(ValueError, match=re.escape("GenerativeReplayPlugin.ratio=-1 is not allowed")):
+    with pytest.raises(OptionError, match=re.escape("GenerativeReplayConfig.ratio=-1 is not allowed")):
         GenerativeReplayPlugin(ratio=-1)
-    with pytest.raises(ValueError, match=re.escape("GenerativeReplayPlugin.temperature=0 is not allowed")):
+    with pytest.raises(OptionError, match=re.escape("GenerativeReplayConfig.temperature=0 is not allowed")):
         GenerativeReplayPlugin(temperature=0)
+
+
+def test_from_config_reads_the_shared_replay_options():
+    """`replay_alpha` / `replay_batch_size` are shared with exact replay; errors name the option that was set."""
+    plugin = GenerativeReplayPlugin.from_config(
+        SimpleNamespace(
+            generative_replay_ratio=0.5,
+            generative_replay_lm_lambda=0.5,
+            generative_replay_conditioning="prototype",
+            generative_replay_max_new_tokens=5,
+            generative_replay_top_k=4,
+            generative_replay_temperature=0.7,
+            generative_replay_max_rounds=6,
+            generative_replay_prototype_samples=9,
+            generative_replay_prototypes_per_class=4,
+            generative_replay_prefix_words=3,
+            replay_alpha=0.75,
+            replay_batch_size=3,
+            seed=7,
+        )
+    )
+    got = {k: getattr(plugin, k) for k in ("ratio", "alpha", "lm_lambda", "batch_size", "conditioning", "seed")}
+    assert got == dict(ratio=0.5, alpha=0.75, lm_lambda=0.5, batch_size=3, conditioning="prototype", seed=7)
+    assert (plugin.max_new_tokens, plugin.top_k, plugin.temperature, plugin.max_rounds) == (5, 4, 0.7, 6)
+    assert (plugin.prototype_samples, plugin.prototypes_per_class, plugin.prefix_words) == (9, 4, 3)
+    with pytest.raises(OptionError, match=r"^SimpleNamespace.replay_alpha=2 is not allowed"):
+        GenerativeReplayPlugin.from_config(SimpleNamespace(replay_alpha=2))
+    with pytest.raises(OptionError, match=r"^SimpleNamespace.generative_replay_temperature=0 is not allowed"):
+        GenerativeReplayPlugin.from_config(SimpleNamespace(generative_replay_temperature=0))
+    # enabled by name with no options it generates and replays (generative_replay_ratio / replay_alpha were 0.0)
+    default = GenerativeReplayPlugin.from_config(SimpleNamespace())
+    assert (default.ratio, default.alpha) == (0.2, 0.2) and default.config == GenerativeReplayPlugin().config
+
+
+def test_lm_loss_matches_the_former_cross_entropy(tiny_model, tokenizer, two_tasks):
+    """`lm_loss` (now `answer_cross_entropy` over every non-padding token) = the former `F.cross_entropy` form."""
+    rows = [{k: r[k] for k in ("input_ids", "labels")} for r in tokenize_task(two_tasks[0], tokenizer).select(range(6))]
+    rows[0] = {"input_ids": rows[0]["input_ids"][:5], "labels": rows[0]["labels"][:5]}  # some padding
+    batch = CausalLMCollator(tokenizer)(rows)
+    with torch.no_grad():
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    former = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(
+        lm_loss(logits, batch["input_ids"], batch["attention_mask"]), former, atol=1e-6, rtol=1e-6
+    )

@@ -52,10 +52,9 @@ def rows(tokenizer, small_tasks):
 
 
 def test_adaptive_callback_controls_the_trainer_lr(tiny_model, tokenizer, rows, tmp_path):
-    cb = AdaptiveSchedulerCallback(AdaptiveSchedulerConfig(warmup=1, cooldown=0))
     used: list[float] = []
 
-    class Spy(AdaptiveSchedulerCallback.__mro__[1]):  # records the LR each optimizer step really uses
+    class Spy(AdaptiveSchedulerCallback.__mro__[-2]):  # records the LR each optimizer step really uses
         def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
             used.append(optimizer.param_groups[0]["lr"])
 
@@ -64,29 +63,55 @@ def test_adaptive_callback_controls_the_trainer_lr(tiny_model, tokenizer, rows, 
         args=_args(tmp_path, max_steps=8, learning_rate=5e-3),
         train_dataset=rows,
         data_collator=CausalLMCollator(tokenizer),
-        callbacks=[cb, Spy()],
+        callbacks=[Spy()],
     )
+    cb = AdaptiveSchedulerCallback(AdaptiveSchedulerConfig(warmup=1, cooldown=0), trainer=trainer)
+    trainer.add_callback(cb)
     trainer.train()
     assert used[0] == 5e-3
     assert used[1:] == pytest.approx([h["lr"] for h in cb.history[:-1]])
     sched = cb.scheduler
     assert sched is not None and len(cb.history) == 8
+    # decisions are logged through trainer.log: their own entries, at the step of the training log they answer
     logged = [h for h in trainer.state.log_history if "adaptive_lr" in h]
-    assert len(logged) == 8 and logged[-1]["adaptive_lr"] == sched.lr
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == len(train_logs) == 8 and logged[-1]["adaptive_lr"] == sched.lr
+    assert [h["step"] for h in logged] == [h["step"] for h in train_logs]
     assert sched.lr != 5e-3  # the laws acted
     assert all(g["lr"] == pytest.approx(sched.lr) for g in trainer.optimizer.param_groups)
-    # the lr the Trainer logged for step t+1 is the one the scheduler chose after step t
-    train_logs = [h for h in trainer.state.log_history if "learning_rate" in h]
-    for prev, cur in zip(train_logs, train_logs[1:], strict=False):
-        assert cur["learning_rate"] == pytest.approx(prev["adaptive_lr"])
+    # the lr the Trainer logged for step t+1 (its scheduler's get_last_lr) is the one chosen after step t
+    for decision, cur in zip(logged, train_logs[1:], strict=False):
+        assert cur["learning_rate"] == decision["adaptive_lr"]
+    assert [h["learning_rate"] for h in train_logs[1:]] == used[1:]
+    assert trainer.lr_scheduler.get_last_lr()[0] == sched.lr
     assert sched.optimizer.param_groups[0]["betas"][0] == sched.momentum
+
+
+def test_without_a_trainer_decisions_go_into_the_logs_of_later_callbacks(tiny_model, tokenizer, rows, tmp_path):
+    seen: list[dict] = []
+
+    class Reporter(AdaptiveSchedulerCallback.__mro__[-2]):  # a reporting integration placed after the plugin
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(dict(logs))
+
+    cb = AdaptiveSchedulerCallback(warmup=1, cooldown=0)
+    trainer = Trainer(
+        model=tiny_model,
+        args=_args(tmp_path, max_steps=3, learning_rate=5e-3),
+        train_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+        callbacks=[cb, Reporter()],
+    )
+    trainer.train()
+    assert [h["adaptive_lr"] for h in seen if "loss" in h] == [h["lr"] for h in cb.history]
+    assert not any("adaptive_lr" in h for h in trainer.state.log_history)  # log_history is not written to
 
 
 def test_nan_step_is_skipped_inside_the_trainer(tiny_model, tokenizer, rows, tmp_path):
     cb = AdaptiveSchedulerCallback(AdaptiveSchedulerConfig(nan_backoff=0.5, warmup=100))
     seen: dict[str, torch.Tensor] = {}
 
-    class Watch(AdaptiveSchedulerCallback.__mro__[1]):  # a plain ContinualPlugin/TrainerCallback spy
+    class Watch(AdaptiveSchedulerCallback.__mro__[-2]):  # a plain ContinualPlugin/TrainerCallback spy
         def on_step_begin(self, args, state, control, model=None, **kw):
             if state.global_step == NaNAtStep.nan_step:
                 seen["before"] = model.model.embed_tokens.weight.detach().clone()
@@ -127,16 +152,17 @@ def test_callback_validates_training_arguments(tiny_model, tokenizer, rows, tmp_
 
 
 def test_freezing_callback_in_trainer_logs_fraction_and_releases(tiny_model, tokenizer, rows, tmp_path):
-    cb = SelectiveFreezingCallback(
-        FreezingConfig(threshold=0.3, threshold_mode="relative", warmup_steps=2, probe_every=0, granularity="module")
-    )
     trainer = Trainer(
         model=tiny_model,
         args=_args(tmp_path, max_steps=6, learning_rate=5e-3),
         train_dataset=rows,
         data_collator=CausalLMCollator(tokenizer),
-        callbacks=[cb],
     )
+    cb = SelectiveFreezingCallback(
+        FreezingConfig(threshold=0.3, threshold_mode="relative", warmup_steps=2, probe_every=0, granularity="module"),
+        trainer=trainer,
+    )
+    trainer.add_callback(cb)
     trainer.train()
     fractions = [h["frozen_fraction"] for h in trainer.state.log_history if "frozen_fraction" in h]
     assert len(fractions) == 6 and fractions[0] == 0.0 and max(fractions) > 0.0
@@ -183,7 +209,7 @@ def test_through_continual_trainer_with_resume(tiny_model, tokenizer, rows, tmp_
     trainer2, sched2, freeze2 = make(model)
     restored: dict = {}
 
-    class Spy(AdaptiveSchedulerCallback.__mro__[1]):
+    class Spy(AdaptiveSchedulerCallback.__mro__[-2]):
         def on_step_begin(self, args, state, control, **kw):
             if not restored:
                 restored.update(lr=sched2.scheduler.lr, steps=sched2.scheduler.num_steps, frozen=freeze2.freezer.steps)

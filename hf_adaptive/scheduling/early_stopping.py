@@ -11,8 +11,11 @@ Validation split: `task.metadata["validation_dataset"]` when the task has one, e
 (the built-in tasks have no separate validation split; stopping on the evaluation split makes the final
 accuracy of the stopped task slightly optimistic — give tasks a validation split for clean numbers).
 
-Works inside `ContinualTrainer.train_sequence` (the task comes from `on_task_begin`) and with a plain
-`Trainer` (pass `task=`). Every process evaluates the same full split, so all of them stop together.
+Works inside `ContinualTrainer.train_sequence` (the task and its tokenized eval split come from the
+`TaskContext` of `on_task_begin`: the loss is scored on those rows, not on a second tokenization) and with a
+plain `Trainer` (pass `task=`; the callback then tokenizes the validation split once itself, as it does for a
+separate validation split the trainer never tokenizes). Every process evaluates the same full split, so all of
+them stop together.
 """
 
 from __future__ import annotations
@@ -21,24 +24,19 @@ import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..plugins import ContinualPlugin
-from .fisher import trainable_parameters
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..config import ContinualConfig
-    from ..tasks import Task
+from ..plugins import ContinualPlugin, TaskContext
+from ..tasks import Task
+from ..tasks.losses import IGNORE_INDEX, answer_cross_entropy
+from ..utils.params import trainable_parameters
+from .config import EARLY_STOPPING_METRICS, EARLY_STOPPING_OPTIONS, EarlyStoppingConfig
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("accuracy", "loss")
-
-
-def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"AdapterEarlyStoppingCallback.{field_name}={value!r} is not allowed: {allowed}")
+METRICS = EARLY_STOPPING_METRICS
 
 
 def validation_task(task: Task) -> Task:
@@ -47,17 +45,30 @@ def validation_task(task: Task) -> Task:
     return task if validation is None else dataclasses.replace(task, eval_dataset=validation)
 
 
+def _has_validation_split(task: Task) -> bool:
+    return (task.metadata or {}).get("validation_dataset") is not None
+
+
 @torch.no_grad()
 def validation_loss(
-    model: torch.nn.Module, tokenizer: Any, task: Task, batch_size: int = 64, limit: int | None = None
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: Any,
+    batch_size: int = 64,
+    limit: int | None = None,
+    collator: Any = None,
 ) -> float:
-    """Mean next-token NLL over all answer tokens of the task's eval split (the training loss, without dropout)."""
+    """Mean next-token NLL over all answer tokens (the training loss, without dropout).
+
+    `data`: rows of `tokenize_task` (e.g. a `TaskContext.eval_dataset`), or a `Task`, whose eval split is then
+    tokenized here (standalone use). `collator` defaults to `CausalLMCollator(tokenizer)`.
+    """
     from ..tasks import CausalLMCollator, tokenize_task
 
-    rows = tokenize_task(task, tokenizer, "eval")
+    rows = tokenize_task(data, tokenizer, "eval") if isinstance(data, Task) else data
     if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    collator = CausalLMCollator(tokenizer)
+        rows = rows.select(range(min(limit, len(rows)))) if hasattr(rows, "select") else rows[:limit]
+    collator = collator or CausalLMCollator(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -65,13 +76,10 @@ def validation_loss(
     try:
         for start in range(0, len(rows), batch_size):
             batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            targets = batch["labels"][:, 1:]
-            mask = targets != -100
-            nll = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
-            total += float(nll)
-            count += int(mask.sum())
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += float(answer_cross_entropy(logits, batch["labels"], reduction="sum"))
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
     return total / max(count, 1)
@@ -80,70 +88,43 @@ def validation_loss(
 class AdapterEarlyStoppingCallback(ContinualPlugin):
     """Stop a task's training when its validation metric stops improving; restore the best weights.
 
-    `metric`: "accuracy" (default) or "loss"; `patience` (3): epochs without an improvement > `min_delta`
-    (0.001) before stopping; `min_epochs` (1): epochs always run; `restore_best` (True); `task` /
-    `processing_class`: needed only with a plain `Trainer`; `eval_batch_size` / `eval_limit`: how the
-    validation split is scored (default: the config's `continual_eval_batch_size` / `continual_eval_limit`).
-    `reports` holds one dict per finished task (epochs run, planned, saved, best epoch, seconds saved).
+    `AdapterEarlyStoppingCallback(config=None, *, task=None, processing_class=None, **overrides)`; the options
+    (`EarlyStoppingConfig`, keyword overrides allowed): `metric`: "accuracy" (default) or "loss"; `patience` (3):
+    epochs without an improvement > `min_delta` (0.001) before stopping; `min_epochs` (1): epochs always run;
+    `restore_best` (True); `eval_batch_size` / `eval_limit`: how the validation split is scored (None: the
+    Trainer's `continual_eval_batch_size` / `continual_eval_limit`). `task` / `processing_class`: needed only with
+    a plain `Trainer`. `reports` holds one dict per finished task (epochs run, planned, saved, best epoch, seconds
+    saved).
     """
 
     name = "early_stopping"
+    options = EARLY_STOPPING_OPTIONS
 
     def __init__(
         self,
-        metric: str = "accuracy",
-        patience: int = 3,
-        min_epochs: int = 1,
-        min_delta: float = 0.001,
-        restore_best: bool = True,
+        config: EarlyStoppingConfig | None = None,
+        *,
         task: Task | None = None,
         processing_class: Any = None,
-        eval_batch_size: int | None = None,
-        eval_limit: int | None = None,
+        **overrides: Any,
     ) -> None:
-        if metric not in METRICS:
-            _fail("metric", metric, f"choose one of {list(METRICS)}")
-        for field_name, value, low in (("patience", patience, 1), ("min_epochs", min_epochs, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                _fail(field_name, value, f"must be an integer >= {low}")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
-            _fail("min_delta", min_delta, "must be a number >= 0")
-        for field_name, value in (("eval_batch_size", eval_batch_size), ("eval_limit", eval_limit)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                _fail(field_name, value, "must be None or an integer >= 1")
-        self.metric = metric
-        self.patience = patience
-        self.min_epochs = min_epochs
-        self.min_delta = float(min_delta)
-        self.restore_best = bool(restore_best)
+        self.config = dataclasses.replace(config or EarlyStoppingConfig(), **overrides)
         self.task = task
         self.processing_class = processing_class
-        self.eval_batch_size = eval_batch_size
-        self.eval_limit = eval_limit
         self.reports: list[dict[str, Any]] = []
+        self._rows: Any = None  # the tokenized validation split of `task`, once known
+        self._collator: Any = None
         self._resumed = False
         self._reset(task.name if task is not None else None)
 
-    @classmethod
-    def from_config(cls, args: ContinualConfig, **overrides: Any) -> AdapterEarlyStoppingCallback:
-        """The callback described by the `early_stopping_*` fields. A patience of None is refused (it used to
-        turn silently into 3): early stopping is off when the plugin is left out."""
-        if args.early_stopping_patience is None and "patience" not in overrides:
-            raise ValueError(
-                "ContinualConfig.early_stopping_patience=None is not allowed with the early_stopping plugin: an "
-                "integer >= 1 (to train every epoch, leave the plugin out)"
-            )
-        kwargs: dict[str, Any] = dict(
-            metric=args.early_stopping_metric,
-            patience=args.early_stopping_patience,
-            min_epochs=args.early_stopping_min_epochs,
-            min_delta=args.early_stopping_min_delta,
-            restore_best=args.early_stopping_restore_best,
-            eval_batch_size=args.continual_eval_batch_size,
-            eval_limit=args.continual_eval_limit,
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
+    # the options, read where they always were
+    metric = property(lambda self: self.config.metric)
+    patience = property(lambda self: self.config.patience)
+    min_epochs = property(lambda self: self.config.min_epochs)
+    min_delta = property(lambda self: float(self.config.min_delta))
+    restore_best = property(lambda self: self.config.restore_best)
+    eval_batch_size = property(lambda self: self.config.eval_batch_size)
+    eval_limit = property(lambda self: self.config.eval_limit)
 
     # ----------------------------------------------------------------------------------------------- state
     def _reset(self, task_name: str | None) -> None:
@@ -186,9 +167,12 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
         self._resumed = True
 
     # ------------------------------------------------------------------------------------------- callbacks
-    def on_task_begin(self, trainer: Any, task: Task, task_index: int) -> None:
-        self.task = task
-        self._reset(task.name)
+    def on_task_begin(self, trainer: Any, context: TaskContext) -> None:
+        self.task = context.task
+        # the trainer's tokenized eval split, unless the task has a separate validation split (tokenized on use)
+        self._rows = None if _has_validation_split(context.task) else context.eval_dataset
+        self._collator = context.collator
+        self._reset(context.task.name)
         self._resumed = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -202,6 +186,8 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
                 "AdapterEarlyStoppingCallback.processing_class=None is not allowed: give the Trainer a "
                 "processing_class (the tokenizer) or pass processing_class= to the callback"
             )
+        if self._rows is not None and self.task_name != self.task.name:
+            self._rows = None
         resuming = self._resumed and self.task_name == self.task.name and state.global_step > 0
         if not resuming:
             self._reset(self.task.name)
@@ -212,14 +198,18 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, args: Any = None) -> float:
         """The validation metric of the current task for `model`."""
-        from ..tasks import task_accuracy
+        from ..tasks import task_accuracy, tokenize_task
 
         batch_size = self.eval_batch_size or getattr(args, "continual_eval_batch_size", None) or 64
         limit = self.eval_limit if self.eval_limit is not None else getattr(args, "continual_eval_limit", None)
         task = validation_task(self.task)
         if self.metric == "accuracy":
             return task_accuracy(model, tokenizer, task, "eval", batch_size=batch_size, limit=limit)
-        return validation_loss(model, tokenizer, task, batch_size=batch_size, limit=limit)
+        if self._rows is None:  # a plain Trainer, or a validation split the trainer did not tokenize
+            self._rows = tokenize_task(task, tokenizer, "eval")
+        return validation_loss(
+            model, tokenizer, self._rows, batch_size=batch_size, limit=limit, collator=self._collator
+        )
 
     def _improved(self, value: float) -> bool:
         if self.best is None:
@@ -301,4 +291,4 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
         self.best_weights = {}  # the weights are back in the model; do not carry them into later checkpoints
 
 
-__all__ = ["METRICS", "AdapterEarlyStoppingCallback", "validation_loss", "validation_task"]
+__all__ = ["METRICS", "AdapterEarlyStoppingCallback", "EarlyStoppingConfig", "validation_loss", "validation_task"]

@@ -7,10 +7,15 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_adaptive.config import ContinualConfig
-from hf_adaptive.consolidation import AdapterEarlyStoppingCallback, trainable_parameters, validation_loss
+from hf_adaptive.plugins import TaskContext
+from hf_adaptive.scheduling.config import EARLY_STOPPING_OPTIONS, EarlyStoppingConfig
+from hf_adaptive.scheduling.early_stopping import AdapterEarlyStoppingCallback, validation_loss
 from hf_adaptive.tasks import CausalLMCollator, task_accuracy, tokenize_task
 from hf_adaptive.trainer import ContinualTrainer
 from hf_adaptive.utils.io import load_state, save_state
+from hf_adaptive.utils.options import build_config
+from hf_adaptive.utils.params import trainable_parameters
+from hf_adaptive.utils.validation import OptionError
 
 COMMON = dict(
     per_device_train_batch_size=16,
@@ -187,7 +192,8 @@ def test_from_config_and_validation(tmp_path):
         continual_eval_limit=16,
     )
     cb = AdapterEarlyStoppingCallback.from_config(args)
-    assert (cb.patience, cb.metric, cb.min_epochs, cb.min_delta, cb.eval_limit) == (5, "loss", 2, 0.01, 16)
+    assert (cb.patience, cb.metric, cb.min_epochs, cb.min_delta) == (5, "loss", 2, 0.01)
+    assert cb.eval_limit is None  # left to the Trainer's continual_eval_limit, read when scoring
     args.early_stopping_patience = None  # refused, not silently 3 (tests/reliability/test_config_inputs.py)
     with pytest.raises(ValueError, match="ContinualConfig.early_stopping_patience=None"):
         AdapterEarlyStoppingCallback.from_config(args)
@@ -196,6 +202,67 @@ def test_from_config_and_validation(tmp_path):
         ({"patience": 0}, "patience=0"),
         ({"min_epochs": -1}, "min_epochs=-1"),
         ({"min_delta": -0.1}, "min_delta=-0.1"),
+        ({"restore_best": "yes"}, "restore_best='yes'"),
+        ({"eval_limit": 0}, "eval_limit=0"),
     ):
-        with pytest.raises(ValueError, match=f"AdapterEarlyStoppingCallback.{match}"):
+        with pytest.raises(OptionError, match=f"EarlyStoppingConfig.{match}"):
             AdapterEarlyStoppingCallback(**kwargs)
+    with pytest.raises(TypeError, match="nope"):
+        AdapterEarlyStoppingCallback(nope=1)
+
+
+def test_early_stopping_config_defaults_errors_and_option_names():
+    from types import SimpleNamespace
+
+    cfg = EarlyStoppingConfig()
+    assert (cfg.metric, cfg.patience, cfg.min_epochs, cfg.min_delta, cfg.restore_best) == (
+        "accuracy",
+        3,
+        1,
+        0.001,
+        True,
+    )
+    assert (cfg.eval_batch_size, cfg.eval_limit) == (None, None)
+    (source,) = EARLY_STOPPING_OPTIONS
+    assert set(source.names().values()) == {
+        "early_stopping_metric",
+        "early_stopping_patience",
+        "early_stopping_min_epochs",
+        "early_stopping_min_delta",
+        "early_stopping_restore_best",
+    }
+    with pytest.raises(OptionError, match=r"^EarlyStoppingConfig\.patience=0 is not allowed"):
+        EarlyStoppingConfig(patience=0)
+    options = SimpleNamespace(early_stopping_patience=0, early_stopping_metric="loss")
+    with pytest.raises(OptionError, match=r"^ContinualConfig\.early_stopping_patience=0 is not allowed"):
+        build_config(source, options, owner="ContinualConfig")
+    options.early_stopping_patience = 4
+    assert build_config(source, options, owner="ContinualConfig") == EarlyStoppingConfig(metric="loss", patience=4)
+
+
+def test_validation_loss_matches_the_former_cross_entropy(tiny_model, tokenizer, small_tasks):
+    """`answer_cross_entropy` (log_softmax + gather) gives the numbers of the former `cross_entropy` code."""
+    task = small_tasks[1]
+    rows = tokenize_task(task, tokenizer, "eval")
+    batch = CausalLMCollator(tokenizer)([rows[i] for i in range(len(rows))])
+    with torch.no_grad():
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]
+    mask = targets != -100
+    expected = float(torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")) / int(mask.sum())
+    assert validation_loss(tiny_model, tokenizer, rows, batch_size=7) == pytest.approx(expected, rel=1e-6)
+    assert validation_loss(tiny_model, tokenizer, task) == pytest.approx(expected, rel=1e-6)  # a Task: tokenized
+
+
+def test_on_task_begin_scores_the_context_rows(tiny_model, tokenizer, small_tasks, monkeypatch):
+    """In a task sequence the loss is scored on the trainer's tokenized eval rows: no second tokenization."""
+    import hf_adaptive.tasks as tasks_module
+
+    task = small_tasks[0]
+    context = TaskContext.build(task, 0, tokenizer)
+    callback = AdapterEarlyStoppingCallback(metric="loss")
+    callback.on_task_begin(None, context)
+    monkeypatch.setattr(tasks_module, "tokenize_task", lambda *a, **k: pytest.fail("tokenized again"))
+    value = callback.evaluate(tiny_model, tokenizer)
+    monkeypatch.undo()
+    assert value == pytest.approx(validation_loss(tiny_model, tokenizer, context.eval_dataset), rel=1e-12)
