@@ -52,14 +52,11 @@ from ..plugins import ContinualPlugin, LossTerm, TaskContext
 from ..tasks import Task, encode_example
 from ..tasks.losses import IGNORE_INDEX, answer_cross_entropy
 from ..utils.options import OptionSource, build_config
+from . import _common
 from ._common import (
     ConfigValue,
     answer_loss,
     collate,
-    configure,
-    context_rows,
-    model_device,
-    run_seed,
     trainer_tokenizer,
 )
 from .buffer import ReplayMemory
@@ -164,7 +161,7 @@ class GenerativeReplayPlugin(ContinualPlugin):
     seed = ConfigValue()
 
     def __init__(self, config: GenerativeReplayConfig | None = None, **overrides: Any) -> None:
-        self.config = configure(GenerativeReplayConfig, config, overrides, "GenerativeReplayPlugin")
+        self.config = _common.configure(GenerativeReplayConfig, config, overrides, "GenerativeReplayPlugin")
         self.specs: list[TaskSpec] = []
         #: prototype variant, per task name: {"prefixes": [[ids]], "prefix_classes": [int], "prototypes": tensor}
         self.prototypes: dict[str, dict[str, Any]] = {}
@@ -183,7 +180,7 @@ class GenerativeReplayPlugin(ContinualPlugin):
             owner=owner,
             alpha=shared.alpha,
             batch_size=shared.batch_size,
-            **run_seed(config),
+            **_common.run_seed(config),
         )
         return cls(own, **overrides)
 
@@ -193,7 +190,7 @@ class GenerativeReplayPlugin(ContinualPlugin):
         if task.name not in [s.name for s in self.specs]:
             self.specs.append(TaskSpec(task.name, task.template, list(task.verbalizer)))
         if self.conditioning == "prototype":
-            rows = context_rows(context, self.prototype_samples, seed=self.seed)
+            rows = _common.context_rows(context, self.prototype_samples, seed=self.seed)
             classes = torch.tensor([r["label"] for r in rows], dtype=torch.long)
             self.prototypes[task.name] = self.select_prototypes(trainer.model, task, rows, classes, context.tokenizer)
 
@@ -265,7 +262,7 @@ class GenerativeReplayPlugin(ContinualPlugin):
         generated = 0
         was_training = model.training
         model.eval()
-        device = model_device(model)
+        device = _common.model_device(model)
         eos = tokenizer.eos_token_id
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -319,7 +316,7 @@ class GenerativeReplayPlugin(ContinualPlugin):
             batch = collate(
                 self.pseudo.sample(self.batch_size),
                 trainer_tokenizer(trainer, "GenerativeReplayPlugin"),
-                model_device(model),
+                _common.model_device(model),
             )
             if self.lm_lambda > 0:  # one forward serves both terms
                 out = model(**{k: v for k, v in batch.items() if k != "labels"})
