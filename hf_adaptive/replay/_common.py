@@ -43,6 +43,19 @@ def run_seed(options: Any) -> dict[str, Any]:
     return {"seed": options.seed} if hasattr(options, "seed") else {}
 
 
+def config_sharing_replay_options(options: Any, source: Any, **from_replay: str) -> Any:
+    """`source`'s config built from `options`, with the run's seed and the fields that exact replay's options set
+    for every replay plugin (`from_replay`: field -> `ReplayConfig` field, e.g. `batch_size="batch_size"`),
+    each validated under its own option name."""
+    from ..utils.options import build_config
+    from .config import REPLAY_SOURCE
+
+    owner = type(options).__name__
+    shared = build_config(REPLAY_SOURCE, options, owner=owner)
+    values = {field: getattr(shared, name) for field, name in from_replay.items()}
+    return build_config(source, options, owner=owner, **values, **run_seed(options))
+
+
 def trainer_tokenizer(trainer: Any, owner: str) -> Any:
     """The trainer's tokenizer (`processing_class`, or the older `tokenizer` attribute)."""
     tok = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)

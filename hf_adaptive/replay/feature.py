@@ -45,10 +45,17 @@ from typing import Any, ClassVar
 import torch
 
 from ..plugins import ContinualPlugin, LossTerm, TaskContext
-from ..utils.options import OptionSource, build_config
+from ..utils.options import OptionSource
 from ..utils.validation import fail
-from ._common import ConfigValue, answer_positions, configure, context_rows, model_device, run_seed
-from .config import FEATURE_REPLAY_OPTIONS, FEATURE_REPLAY_SOURCE, FEATURE_TARGETS, REPLAY_SOURCE, FeatureReplayConfig
+from ._common import (
+    ConfigValue,
+    answer_positions,
+    config_sharing_replay_options,
+    configure,
+    context_rows,
+    model_device,
+)
+from .config import FEATURE_REPLAY_OPTIONS, FEATURE_REPLAY_SOURCE, FEATURE_TARGETS, FeatureReplayConfig
 
 __all__ = [
     "FEATURE_TARGETS",
@@ -184,15 +191,8 @@ class FeatureReplayPlugin(ContinualPlugin):
     def from_config(cls, config: Any, model: torch.nn.Module | None = None, **overrides: Any) -> FeatureReplayPlugin:
         """From the `feature_replay_*` options, `replay_buffer_size` (as `max_rows`) and `replay_batch_size`
         (shared with exact replay, validated under their own names) and the run's `seed`."""
-        owner = type(config).__name__
-        shared = build_config(REPLAY_SOURCE, config, owner=owner)
-        own = build_config(
-            FEATURE_REPLAY_SOURCE,
-            config,
-            owner=owner,
-            max_rows=shared.buffer_size,
-            batch_size=shared.batch_size,
-            **run_seed(config),
+        own = config_sharing_replay_options(
+            config, FEATURE_REPLAY_SOURCE, max_rows="buffer_size", batch_size="batch_size"
         )
         return cls(own, **overrides)
 

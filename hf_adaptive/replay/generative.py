@@ -51,7 +51,7 @@ import torch
 from ..plugins import ContinualPlugin, LossTerm, TaskContext
 from ..tasks import Task, encode_example
 from ..tasks.losses import IGNORE_INDEX, answer_cross_entropy
-from ..utils.options import OptionSource, build_config
+from ..utils.options import OptionSource
 from . import _common
 from ._common import (
     ConfigValue,
@@ -64,7 +64,6 @@ from .config import (
     CONDITIONINGS,
     GENERATIVE_REPLAY_OPTIONS,
     GENERATIVE_REPLAY_SOURCE,
-    REPLAY_SOURCE,
     GenerativeReplayConfig,
 )
 from .feature import class_prototypes, extract_features, prompt_tokens
@@ -172,15 +171,8 @@ class GenerativeReplayPlugin(ContinualPlugin):
     def from_config(cls, config: Any, model: torch.nn.Module | None = None, **overrides: Any) -> GenerativeReplayPlugin:
         """From the `generative_replay_*` options, `replay_alpha` and `replay_batch_size` (shared with exact
         replay, validated under their own names) and the run's `seed`."""
-        owner = type(config).__name__
-        shared = build_config(REPLAY_SOURCE, config, owner=owner)
-        own = build_config(
-            GENERATIVE_REPLAY_SOURCE,
-            config,
-            owner=owner,
-            alpha=shared.alpha,
-            batch_size=shared.batch_size,
-            **_common.run_seed(config),
+        own = _common.config_sharing_replay_options(
+            config, GENERATIVE_REPLAY_SOURCE, alpha="alpha", batch_size="batch_size"
         )
         return cls(own, **overrides)
 
