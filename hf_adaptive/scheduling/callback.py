@@ -151,7 +151,13 @@ class AdaptiveSchedulerCallback(_LogsThroughTrainer, ContinualPlugin):
         its own steps keep them; `step`: step it now, so its `get_last_lr()` reports them."""
         if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
             return
-        if lr_scheduler.optimizer is not self.scheduler.optimizer:
+
+        def unwrapped(optimizer: Any) -> Any:
+            # the optimizer the callbacks get may be accelerate's AcceleratedOptimizer around the torch optimizer the
+            # schedule holds (transformers 5.0 with accelerate 1.4): compare the torch ones
+            return getattr(optimizer, "optimizer", optimizer)
+
+        if unwrapped(lr_scheduler.optimizer) is not unwrapped(self.scheduler.optimizer):
             return
         lr_scheduler.base_lrs = [float(g["lr"]) for g in self.scheduler.optimizer.param_groups]
         if step:
