@@ -131,6 +131,8 @@ def test_accelerate_launch_two_processes(tmp_path):
         "hf_adaptive.cli",
         "run",
         str(path),
+        "--ddp_backend",
+        "gloo",  # CPU processes: the README's command line
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -324,3 +326,11 @@ def test_expert_routing_needs_the_full_strategy(tmp_path):
             ["run", str(ROOT / "examples" / "expert_routing.yaml"), "--output_dir", str(tmp_path),
              "--adapter_strategy", "shared_lora", "--n_train", "8", "--n_eval", "4"]
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["sequence.yaml", "expert_routing.yaml"])
+def test_the_example_configs_parse_in_a_single_process(name):
+    from hf_adaptive.cli import parse_run_arguments
+
+    model_args, task_args, config = parse_run_arguments([str(ROOT / "examples" / name)])
+    assert model_args.model_name_or_path == "tiny-gemma" and task_args.tasks and config.output_dir
