@@ -154,7 +154,8 @@ def load_state(directory: str | os.PathLike, device: str | torch.device = "cpu")
     """Inverse of `save_state`.
 
     Raises `FileNotFoundError` when there is no `state.json`, and `StateLoadError` naming the file when the JSON
-    or the safetensors file is truncated or corrupt, or when the JSON refers to tensors that are not there.
+    or the safetensors file is truncated or corrupt, when the JSON refers to tensors that are not there, or when a
+    floating-point tensor holds NaN or inf.
     """
     directory = Path(directory)
     meta = directory / META_FILE
@@ -171,6 +172,10 @@ def load_state(directory: str | os.PathLike, device: str | torch.device = "cpu")
     missing = [r for r in refs if not isinstance(r, str) or r not in tensors]
     if missing:
         raise StateLoadError(f"{tensor_file} lacks {len(missing)} tensors that {meta} refers to: {missing[:5]!r}")
+    # every plugin's state, whatever its own checks: a NaN or inf tensor would only break the run later, far away
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise StateLoadError(f"{tensor_file} holds non-finite values (NaN or inf) in {len(bad)} tensors: {bad[:5]!r}")
     return _join(skeleton, tensors)
 
 

@@ -132,12 +132,19 @@ def test_ewc_good_state_loads():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"fisher_a": torch.full((3, 2), float("nan"))}, r"fisher\['a'\] holds 6 NaN/inf"),
+        # non-finite tensors: refused by `load_state` itself, for every plugin (the file and the tensor named)
+        (
+            {"fisher_a": torch.full((3, 2), float("nan"))},
+            r"tensors\.safetensors holds non-finite values \(NaN or inf\) in 1 tensors: \['entries\.0\.fisher\.a'\]",
+        ),
         ({"fisher_a": torch.ones(1)}, r"anchor\['a'\].shape=\(3, 2\) is not allowed: expected \(1,\)"),
         ({"anchor_b": torch.ones(2, 2)}, r"anchor\['b'\].shape=\(2, 2\) is not allowed: expected \(4,\)"),
         ({"fisher_a": -torch.ones(3, 2)}, r"fisher\['a'\] holds negative values"),
         ({"anchor_c": torch.ones(1)}, "fisher and anchor name different parameters"),
-        ({"anchor_a": torch.tensor([[float("inf")] * 2] * 3)}, r"anchor\['a'\] holds 6 NaN/inf"),
+        (
+            {"anchor_a": torch.tensor([[float("inf")] * 2] * 3)},
+            r"holds non-finite values \(NaN or inf\) in 1 tensors: \['entries\.0\.anchor\.a'\]",
+        ),
     ],
 )
 def test_ewc_bad_state_is_refused_and_the_old_one_kept(change, message, tmp_path):
@@ -183,12 +190,16 @@ def test_router_round_trip_still_loads(tmp_path):
     torch.testing.assert_close(back.profiles, router.profiles)
 
 
+#: what `load_state` says of a tensor file holding NaN or inf (it names the file and the tensors)
+NON_FINITE = r"non-finite values \(NaN or inf\) in 1 tensors: "
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("profiles", torch.tensor([[float("nan")] * 4, [0.0, 1.0, 0.0, 0.0]]), "profiles holds 4 NaN/inf"),
+        ("profiles", torch.tensor([[float("nan")] * 4, [0.0, 1.0, 0.0, 0.0]]), NON_FINITE + r"\['profiles'\]"),
         ("profiles", torch.ones(2, 3), r"profiles.shape=\(2, 3\) is not allowed: expected \(2, 4\)"),
-        ("outcome_queries", torch.full((1, 4), float("inf")), "outcome_queries holds 4 NaN/inf"),
+        ("outcome_queries", torch.full((1, 4), float("inf")), NON_FINITE + r"\['outcome_queries'\]"),
         ("observed_sum", torch.ones(5, dtype=torch.float64), r"observed_sum.shape=\(5,\)"),
     ],
 )
@@ -229,7 +240,7 @@ def test_gate_controller_bad_state_is_refused(tmp_path):
     tensors = load_file(str(tmp_path / "h" / TENSORS_FILE))
     _edit_tensor(tmp_path / "h", key, torch.full_like(tensors[key], float("nan")))
     fresh = GateController(2, 3)
-    with pytest.raises(StateLoadError, match=r"policy\..* holds \d+ NaN/inf"):
+    with pytest.raises(StateLoadError, match=r"non-finite values \(NaN or inf\) in 1 tensors: \['policy\..*'\]"):
         load_state_into(fresh, tmp_path / "h")
     # nothing was replaced: the fresh controller still acts on finite weights
     assert all(torch.isfinite(p).all() for p in fresh.policy.parameters())
@@ -306,3 +317,34 @@ def test_atomic_writes_get_the_mode_a_plain_open_would_give(tmp_path):
     atomic_write_text(tmp_path / "results.md", "x")
     (tmp_path / "plain.md").write_text("x")
     assert os.stat(tmp_path / "results.md").st_mode == os.stat(tmp_path / "plain.md").st_mode
+
+
+def test_any_plugin_state_with_a_non_finite_tensor_is_refused_naming_the_file(tmp_path):
+    """The generic check in `load_state` covers every plugin's state (replay memories, scheduler, freezing, ...),
+    beyond the plugins that check their own tensors."""
+    import torch
+
+    from hf_adaptive.utils.io import TENSORS_FILE, StateLoadError, load_state, save_state
+
+    save_state(tmp_path / "ok", {"features": torch.ones(2, 3), "ids": torch.tensor([1, 2]), "step": 3})
+    assert load_state(tmp_path / "ok")["step"] == 3
+    for bad in (float("nan"), float("inf")):
+        folder = tmp_path / f"bad_{bad}"
+        save_state(folder, {"features": torch.tensor([[1.0, bad]]), "ids": torch.tensor([1, 2])})
+        with pytest.raises(StateLoadError, match=rf"{TENSORS_FILE} holds non-finite values .*'features'"):
+            load_state(folder)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"fisher_a": torch.full((3, 2), float("nan"))}, r"fisher\['a'\] holds 6 NaN/inf"),
+        ({"anchor_a": torch.tensor([[float("inf")] * 2] * 3)}, r"anchor\['a'\] holds 6 NaN/inf"),
+    ],
+)
+def test_ewc_checks_its_own_tensors_when_given_state_directly(change, message):
+    """Without the file layer (`load_state_dict` on an in-memory state), EWC's own check refuses NaN/inf."""
+    plugin = EWCPlugin(progress_bar=False)
+    with pytest.raises(StateLoadError, match=message):
+        plugin.load_state_dict(_ewc_state(**change))
+    assert plugin.entries == []
