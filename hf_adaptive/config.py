@@ -12,13 +12,13 @@ all options: numbers are finite, bools are real bools, a lone string for a list 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
 from .optim import OPTIMIZER_OPTIONS
 from .registry import all_option_sources
-from .utils.options import build_config, options_dataclass
+from .utils.options import build_config, check_unique_options, options_dataclass
 from .utils.validation import check_bool, check_choice, check_number, check_str_list
 
 ADAPTER_STRATEGIES = ("full", "shared_lora", "lora_per_task")
@@ -118,3 +118,11 @@ class ContinualConfig(TrainingArguments, PluginOptions):
                 value = getattr(built, name)
                 if isinstance(getattr(self, option), str) and isinstance(value, (list, tuple)):
                     setattr(self, option, list(value))
+
+
+# a plugin option named like a TrainingArguments field or one of the run's own options would silently replace it in
+# the composed dataclass: refuse that when the package is imported
+check_unique_options(
+    OPTION_SOURCES,
+    reserved=[*(f.name for f in fields(TrainingArguments)), *ContinualConfig.__annotations__],
+)

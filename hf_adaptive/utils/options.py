@@ -6,6 +6,7 @@ option `router_scorer`), with the same type, default and help. Nothing is writte
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import MISSING, dataclass
@@ -42,7 +43,7 @@ def _option_type(tp: Any) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return list[args[0]]
-    if args and origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if args and origin in (typing.Union, types.UnionType):
         converted = tuple(_option_type(a) for a in args)
         return typing.Union[converted]  # noqa: UP007 - a runtime union of computed members
     return tp
