@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 
 from .optim import OPTIMIZER_OPTIONS
 from .registry import all_option_sources
+from .tasks.prompting import PROMPT_OPTIONS
 from .utils.options import build_config, check_unique_options, options_dataclass
 from .utils.validation import check_bool, check_choice, check_number, check_str_list
 
@@ -26,9 +27,9 @@ CONTINUAL_METRICS = ("avg_acc", "bwt", "fwt", "forgetting")
 LOSS_WEIGHTINGS = ("none", "uncertainty", "softmax")
 
 #: the optimizer's options and every plugin's (one mixin generated from the option sources)
-OPTION_SOURCES = [*OPTIMIZER_OPTIONS, *all_option_sources()]
+OPTION_SOURCES = [*OPTIMIZER_OPTIONS, *PROMPT_OPTIONS, *all_option_sources()]
 PluginOptions = options_dataclass(
-    "PluginOptions", OPTION_SOURCES, doc="The optimizer's and every registered plugin's options."
+    "PluginOptions", OPTION_SOURCES, doc="The optimizer's, the prompts' and every registered plugin's options."
 )
 OWNER = "ContinualConfig"
 
@@ -60,8 +61,27 @@ class ContinualConfig(TrainingArguments, PluginOptions):
         default=True,
         metadata={"help": "Also evaluate tasks not trained yet, and before the first task (needed for FWT)."},
     )
+    evaluate_baseline: bool = field(
+        default=True,
+        metadata={
+            "help": "Score every task before training the first one (the baseline FWT is measured against); "
+            "only with evaluate_unseen_tasks."
+        },
+    )
     continual_eval_batch_size: int = field(
-        default=64, metadata={"help": "Examples per batch when scoring tasks by rank classification."}
+        default=64,
+        metadata={
+            "help": "At most this many examples per forward pass when scoring tasks (rank classification; each "
+            "example is one packed row of its prompt and all its label words); continual_eval_token_budget "
+            "bounds the pass too."
+        },
+    )
+    continual_eval_token_budget: int = field(
+        default=8192,
+        metadata={
+            "help": "Tokens per forward pass when scoring tasks (prompts + packed label tokens of all rows; and an "
+            "eighth of it in kept logit rows): bounds evaluation memory whatever the number of labels."
+        },
     )
     continual_eval_limit: int | None = field(
         default=None, metadata={"help": "Score at most this many evaluation examples per task (None: all)."}
@@ -77,6 +97,17 @@ class ContinualConfig(TrainingArguments, PluginOptions):
             "help": "Append the tokenizer's end-of-sequence token to every training target (prompt + label). "
             "True (the default) also teaches the model to stop after the label; it adds one target token per "
             "row, so the label's own tokens carry a smaller share of the task loss."
+        },
+    )
+    answer_only_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "In task sequences, compute the LM head's logits only at the answer positions of a training "
+            "batch (rows left-padded, `logits_to_keep`): the same loss and gradients, without the vocabulary "
+            "projection of every prompt token. Off (full logits, right padding) when False, when you pass your own "
+            "data_collator or a compute_loss_func, when the model's forward has no `logits_to_keep`, or when a "
+            "plugin reads the logits of the whole input (`needs_full_logits`, e.g. generative replay with "
+            "generative_replay_lm_lambda > 0); never in a plain `train()` on your own data."
         },
     )
     nonfinite_patience: int = field(
@@ -103,9 +134,11 @@ class ContinualConfig(TrainingArguments, PluginOptions):
         check_number(OWNER, "lora_alpha", self.lora_alpha, 0, low_open=True)
         check_number(OWNER, "lora_dropout", self.lora_dropout, 0, 1, high_open=True)
         self.lora_target_modules = check_str_list(OWNER, "lora_target_modules", self.lora_target_modules)
-        for name in ("evaluate_unseen_tasks", "save_results_plot", "append_eos_token"):
+        for name in ("evaluate_unseen_tasks", "evaluate_baseline", "save_results_plot", "append_eos_token"):
             check_bool(OWNER, name, getattr(self, name))
+        check_bool(OWNER, "answer_only_logits", self.answer_only_logits)
         check_number(OWNER, "continual_eval_batch_size", self.continual_eval_batch_size, 1, integer=True)
+        check_number(OWNER, "continual_eval_token_budget", self.continual_eval_token_budget, 1, integer=True)
         check_number(OWNER, "continual_eval_limit", self.continual_eval_limit, 1, integer=True, optional=True)
         check_number(OWNER, "nonfinite_patience", self.nonfinite_patience, 1, integer=True)
         self.continual_metrics = check_str_list(

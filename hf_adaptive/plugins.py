@@ -3,7 +3,10 @@
 A plugin is a `TrainerCallback` that may also
   * be built from options (`options`: the config dataclasses it reads; `from_config` builds it from them), and
     know the trainer it serves (`bind`, called by `ContinualTrainer`), to log through `trainer.log`;
-  * contribute loss terms (`loss_terms`), which `ContinualTrainer.compute_loss` weights, adds and logs;
+  * contribute loss terms (`loss_terms`), which `ContinualTrainer.compute_loss` weights, adds and logs; a plugin
+    that reads the logits of the whole input there sets `needs_full_logits` (otherwise, with `answer_only_logits`,
+    `outputs.logits` holds only the last `k` positions of the batch, those that predict answer tokens, and
+    `inputs["labels"]` is cut to the same `k` columns);
   * react to task boundaries of a task sequence (`on_task_begin` / `on_task_end`), receiving the `TaskContext`
     the trainer built once: the task, its tokenized splits, the tokenizer and the collator (no plugin tokenizes
     a task again);
@@ -61,12 +64,19 @@ class TaskContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, task: Task, index: int, tokenizer: Any, append_eos: bool = True, collator: Any = None):
-        """Tokenize `task` (train, and eval when it has one) the way the trainer trains on it."""
+    def build(
+        cls, task: Task, index: int, tokenizer: Any, append_eos: bool = True, collator: Any = None, **prompt: Any
+    ):
+        """Tokenize `task` (train, and eval when it has one) the way the trainer trains on it.
+
+        `prompt`: `tokenize_task`'s `max_length` / `prompt_format` (a run's are `prompt_options(args)`).
+        """
         from .tasks import CausalLMCollator, tokenize_task
 
-        train = tokenize_task(task, tokenizer, "train", append_eos=append_eos)
-        evaluation = tokenize_task(task, tokenizer, "eval", append_eos=append_eos) if task.eval_dataset else None
+        train = tokenize_task(task, tokenizer, "train", append_eos=append_eos, **prompt)
+        evaluation = (
+            tokenize_task(task, tokenizer, "eval", append_eos=append_eos, **prompt) if task.eval_dataset else None
+        )
         return cls(task, index, train, evaluation, tokenizer, collator or CausalLMCollator(tokenizer))
 
 
@@ -90,6 +100,9 @@ class ContinualPlugin(TrainerCallback):
     needs_model: ClassVar[bool] = False
     #: the trainer this plugin serves, set by `bind` (plugins report through `trainer.log`)
     trainer: Any = None
+    #: True when `loss_terms` reads `outputs.logits` beyond the answer positions (e.g. an LM loss over the whole
+    #: input): the trainer then computes the logits of every position (`answer_only_logits` is off while it is True)
+    needs_full_logits: bool = False
 
     def bind(self, trainer: Any) -> None:
         """Called by `ContinualTrainer.__init__` for every plugin; a plain `Trainer` user calls it once."""

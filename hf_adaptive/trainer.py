@@ -30,7 +30,10 @@ from .config import ContinualConfig
 from .metrics import ContinualResult
 from .plugins import NONFINITE_SKIP_ATTR, PLUGIN_STATE_DIR, ContinualPlugin, LossTerm, TaskContext, TaskSetup, is_plugin
 from .tasks import CausalLMCollator, Task, TaskStream, task_accuracy, tokenize_task
+from .tasks.losses import IGNORE_INDEX
+from .tasks.prompting import prompt_options, scoring_options
 from .utils.io import atomic_write_json, load_state, load_state_into, save_state
+from .utils.validation import check_bool
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,9 @@ TRAINER_STATE_NAME = "trainer_state.json"
 LOSS_WEIGHTING_STATE = "loss_weighting"
 #: the trainer's own per-checkpoint bookkeeping (loss sum and skipped steps before the checkpoint), for resuming
 TRAINER_BOOKKEEPING_NAME = "continual_trainer_state.json"
+
+#: per model class: does its forward take `logits_to_keep` (`ContinualTrainer._accepts_logits_to_keep`)
+_ACCEPTS_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 # `Trainer.create_optimizer` takes the model to optimise only from transformers 5.3 on
 _PARENT_CREATE_OPTIMIZER_TAKES_MODEL = "model" in inspect.signature(Trainer.create_optimizer).parameters
@@ -227,8 +233,12 @@ class ContinualTrainer(Trainer):
         Terms are per-batch means. When the task loss is normalised over the whole accumulated batch
         (`num_items_in_batch`), each micro-batch adds term / accumulation_steps so that an optimizer step sees
         the mean term; otherwise the Trainer divides the whole loss by the accumulation steps itself.
+
+        In a task sequence with `answer_only_logits`, the model computes logits at the answer positions only
+        (`_answer_only_inputs`); the plugins then see those logits and the labels cut to the same columns.
         """
         plugins = self.plugins
+        inputs = self._answer_only_inputs(model, inputs) or inputs
         if not model.training or (not plugins and self.loss_weighting is None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -256,6 +266,56 @@ class ContinualTrainer(Trainer):
                 weights[term.name] = term.weight
         self._record_terms(per_batch_task_loss, terms, weights)
         return (total, outputs) if return_outputs else total
+
+    def _accepts_logits_to_keep(self, model: torch.nn.Module) -> bool:
+        """Whether the model under any wrapper (DDP, peft) takes `logits_to_keep` (read once per model class)."""
+        base = self.accelerator.unwrap_model(model)
+        if is_peft_model(base):  # peft's forward passes unknown keywords on to the base model
+            base = base.get_base_model()
+        cls = type(base)
+        if cls not in _ACCEPTS_LOGITS_TO_KEEP:
+            _ACCEPTS_LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+        return _ACCEPTS_LOGITS_TO_KEEP[cls]
+
+    def _answer_only_wanted(self, model: torch.nn.Module) -> bool:
+        """`answer_only_logits` applies: option on, the trainer's own collator, no compute_loss_func, a model that
+        takes `logits_to_keep` and no plugin that reads the logits of the whole input."""
+        return (
+            _continual_option(self.args, "answer_only_logits")
+            and not self._user_collator
+            and self.compute_loss_func is None
+            and not any(p.needs_full_logits for p in self.plugins)
+            and self._accepts_logits_to_keep(model)
+        )
+
+    def _answer_only_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """The training batch cut for answer-only logits, or None (then the full-logit path, exactly `Trainer`'s).
+
+        Only for batches of a task sequence: `_task_context` left-pads them, so every row's answer ends in the
+        last column and the answers fill the last columns. With `first` the first column holding any label and
+        k = T - first + 1, the logits at the last k positions (`logits_to_keep=k`) predict every labelled token and
+        `labels[:, -k:]` are their targets: the model's own loss (shift inside, `num_items_in_batch` counted from
+        the full labels) is the full path's loss, and so are the gradients, without the LM head over the prompts.
+        (Transformers 5.0 takes only an int `logits_to_keep`: hence the left padding.)
+        """
+        collator = self.data_collator
+        labels = inputs.get("labels")
+        if (
+            not model.training
+            or not isinstance(collator, CausalLMCollator)
+            or collator.padding_side != "left"
+            or not torch.is_tensor(labels)
+            or labels.dim() != 2
+            or not self._answer_only_wanted(model)
+        ):
+            return None
+        labelled = (labels != IGNORE_INDEX).any(dim=0)
+        if not bool(labelled.any()):
+            return None
+        k = labels.shape[1] - int(labelled.int().argmax()) + 1
+        if k >= labels.shape[1]:
+            return None  # an answer at column 0 or 1: nothing to skip
+        return {**inputs, "labels": labels[:, -k:], "logits_to_keep": k}
 
     def _record_terms(self, task_loss: torch.Tensor, terms: Sequence[LossTerm], weights: dict[str, Any]) -> None:
         values = {"task": task_loss, **{t.name: t.value for t in terms}}
@@ -527,7 +587,11 @@ class ContinualTrainer(Trainer):
                     activate_adapter(model, adapter_for_task(strategy, task.name))
                 else:
                     activate_adapter(model, current)
-                accuracies.append(task_accuracy(model, self.processing_class, task, "eval", batch_size, limit))
+                accuracies.append(
+                    task_accuracy(
+                        model, self.processing_class, task, "eval", batch_size, limit, **scoring_options(self.args)
+                    )
+                )
                 bar.update(1)
         finally:
             bar.close()
@@ -547,12 +611,17 @@ class ContinualTrainer(Trainer):
         return self.processing_class
 
     def _task_context(self, task: Task, index: int) -> TaskContext:
-        """The task tokenized once, with the tokenizer and collator: what the trainer and every plugin use."""
+        """The task tokenized once, with the tokenizer and a collator for the plugins' own batches: what every plugin
+        uses. The trainer's own collator left-pads its training batches when `answer_only_logits` applies."""
         tokenizer = self._require_tokenizer()
+        collator = self.data_collator
         if not self._user_collator:
-            self.data_collator = CausalLMCollator(tokenizer)
+            # left padding lines up the answers in the last columns, for `answer_only_logits` (`compute_loss`)
+            side = "left" if self._answer_only_wanted(self.model) else "right"
+            self.data_collator = CausalLMCollator(tokenizer, padding_side=side)
+            collator = CausalLMCollator(tokenizer)  # plugins' own forwards pass no position_ids: right padding
         evaluation = self._tokenize(task, "eval") if task.eval_dataset is not None else None
-        return TaskContext(task, index, self._tokenize(task, "train"), evaluation, tokenizer, self.data_collator)
+        return TaskContext(task, index, self._tokenize(task, "train"), evaluation, tokenizer, collator)
 
     def _task_setup(self, context: TaskContext) -> TaskSetup | None:
         """The one plugin request (if any) for the model / adapter that trains this task."""
@@ -586,7 +655,11 @@ class ContinualTrainer(Trainer):
 
     def _tokenize(self, task: Task, split: str) -> Any:
         return tokenize_task(
-            task, self._require_tokenizer(), split, append_eos=_continual_option(self.args, "append_eos_token")
+            task,
+            self._require_tokenizer(),
+            split,
+            append_eos=_continual_option(self.args, "append_eos_token"),
+            **prompt_options(self.args),
         )
 
     def _save_snapshot(self, base: Path, index: int, state: dict[str, Any]) -> None:
@@ -733,7 +806,7 @@ class ContinualTrainer(Trainer):
         self,
         tasks: Sequence[Task],
         resume_from_checkpoint: bool | str | None = None,
-        evaluate_baseline: bool = True,
+        evaluate_baseline: bool | None = None,
     ) -> ContinualResult:
         """Learn `tasks` one after another and return the accuracy matrix and its metrics.
 
@@ -751,7 +824,8 @@ class ContinualTrainer(Trainer):
 
         Training steps with a non-finite loss or gradient are skipped (weights, optimizer and LR schedule
         untouched), counted in `extra["nonfinite_steps_skipped"]`, and `nonfinite_patience` of them in a row raise
-        `NonFiniteTrainingError`. Every task needs an eval split (`Task.eval_dataset`).
+        `NonFiniteTrainingError`. Every task needs an eval split (`Task.eval_dataset`). `evaluate_baseline`
+        (None: the `evaluate_baseline` option) scores every task before the first one (with `evaluate_unseen_tasks`).
         """
         if self._user_optimizer:
             raise ValueError(
@@ -774,6 +848,9 @@ class ContinualTrainer(Trainer):
         state = self._resume_point(base, resume_from_checkpoint, stream)
         tokenizer = self._require_tokenizer()  # noqa: F841 - fail before any training when missing
         evaluate_unseen = _continual_option(self.args, "evaluate_unseen_tasks")
+        if evaluate_baseline is None:
+            evaluate_baseline = _continual_option(self.args, "evaluate_baseline")
+        check_bool("ContinualTrainer.train_sequence", "evaluate_baseline", evaluate_baseline)
 
         if state is None:
             # the baseline scores every task before training: only meaningful when unseen tasks are evaluated

@@ -83,18 +83,30 @@ def test_unknown_plugin_is_a_clear_error(tmp_path):
 
 
 def test_demo_quick_in_a_fresh_process(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "hf_adaptive.cli", "demo", "--quick", "--output-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-        cwd=tmp_path,
-    )
+    """The main job side by side: naive and the best method each in a resumable subfolder, one comparison plot, a
+    table and a summary of both; `--resume` of the finished run trains nothing and gives the same figures."""
+    from hf_adaptive.cli import DEMO_BEST, method_folder
+
+    command = [sys.executable, "-m", "hf_adaptive.cli", "demo", "--quick", "--output-dir", str(tmp_path)]
+    out = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "avg_acc=" in out.stdout and "| after \\ on |" in out.stdout
-    result = json.loads((tmp_path / "results.json").read_text())
-    assert len(result["matrix"]) == 5 and (tmp_path / "accuracy_matrix.png").exists()
+    assert "| method | avg_acc | bwt |" in out.stdout and f"| {DEMO_BEST} | " in out.stdout
+    for method in ("naive", DEMO_BEST):
+        result = json.loads((tmp_path / method_folder(method) / "results.json").read_text())
+        assert len(result["matrix"]) == 5 and (tmp_path / method_folder(method) / "accuracy_matrix.png").exists()
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["best"] == DEMO_BEST and set(comparison["methods"]) == {"naive", DEMO_BEST}
+    assert all(set(m["metrics"]) >= {"avg_acc", "bwt"} for m in comparison["methods"].values())
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "=== task" not in resumed.stdout  # both runs were finished: nothing is trained again
+    again = json.loads((tmp_path / "comparison.json").read_text())
+    assert {m: v["metrics"] for m, v in again["methods"].items()} == {
+        m: v["metrics"] for m, v in comparison["methods"].items()
+    }
 
 
 def _free_port() -> str:

@@ -98,3 +98,16 @@ def test_evaluate_module_loads_from_local_path():
     assert out["bwt"] == pytest.approx(slow_bwt(r)) and out["fwt"] == pytest.approx(slow_fwt(r, b))
     assert out["avg_acc"] == pytest.approx(sum(r[-1]) / 4) and out["forgetting"] == pytest.approx(slow_forgetting(r))
     assert metric.compute(predictions=r, references=[[]] * 4)["fwt"] is None
+
+
+def test_metrics_are_finite_when_unseen_tasks_are_not_evaluated():
+    """Issue 13: with evaluate_unseen_tasks=False the upper triangle is NaN; no metric may read it."""
+    from hf_adaptive.metrics import ContinualResult
+
+    nan = float("nan")
+    matrix = [[0.9, nan, nan], [0.5, 0.8, nan], [0.4, 0.7, 0.9]]
+    metrics = ContinualResult(["a", "b", "c"], matrix, None, [1.0] * 3, {}).metrics()
+    assert metrics["forgetting"] == pytest.approx(((0.9 - 0.4) + (0.8 - 0.7)) / 2)
+    assert metrics["bwt"] == pytest.approx(((0.4 - 0.9) + (0.7 - 0.8)) / 2)
+    assert metrics["avg_acc"] == pytest.approx((0.4 + 0.7 + 0.9) / 3)
+    assert metrics["fwt"] is None

@@ -166,9 +166,17 @@ class ExpertRoutingPlugin(ContinualPlugin):
 
     def _accuracy(self, trainer: Any, task: Task, expert: str) -> float:
         from ..tasks import task_accuracy
+        from ..tasks.prompting import scoring_options
 
         self.library.model.set_adapter(expert)
-        return task_accuracy(self.library.model, trainer.processing_class, task, "eval", limit=self.eval_limit)
+        return task_accuracy(
+            self.library.model,
+            trainer.processing_class,
+            task,
+            "eval",
+            limit=self.eval_limit,
+            **scoring_options(getattr(trainer, "args", None)),
+        )
 
     @staticmethod
     def _from_main_process(trainer: Any, tensor: torch.Tensor) -> torch.Tensor:

@@ -87,8 +87,17 @@ def _cached_source(folder: Path) -> dict[str, object] | None:
         return None
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Dequantize `gguf_path` into a safetensors model + tokenizer folder `out_dir` (written whole, then renamed)."""
+def _main_process() -> bool:
+    """Not a secondary process of a distributed launch (no trainer exists yet while a model is being loaded)."""
+    return all(int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "LOCAL_RANK"))
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress_bar: bool = True) -> Path:
+    """Dequantize `gguf_path` into a safetensors model + tokenizer folder `out_dir` (written whole, then renamed).
+
+    About a minute for SmolLM2-135M on 2 cores, once: `progress_bar` shows the stages with an ETA (main process
+    only; transformers adds its own bar over the tensors while dequantizing)."""
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -100,23 +109,44 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         raise ImportError("reading a GGUF file needs the `gguf` package: pip install gguf") from err
     logger.info("converting %s to safetensors in %s (once; later loads read the cache)", gguf_path, out_dir)
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_config(loaded.config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if unexpected or set(missing) - tied:
-        raise ValueError(
-            f"{gguf_path}: converted weights do not match the config (missing {missing}, extra {unexpected})"
-        )
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / SOURCE_RECORD).write_text(json.dumps(_fingerprint(gguf_path), indent=2), encoding="utf-8")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    stages = ("tokenizer", "dequantize weights", "copy into a fresh model", "save safetensors")
+    bar = tqdm(
+        total=len(stages),
+        desc=f"converting {name}",
+        unit="stage",
+        leave=False,
+        disable=not (progress_bar and _main_process()),
+    )
+    try:
+        bar.set_postfix_str(stages[0])
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        bar.update(1)
+        bar.set_postfix_str(stages[1])
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        bar.update(1)
+        bar.set_postfix_str(stages[2])
+        model = AutoModelForCausalLM.from_config(loaded.config)
+        if hasattr(model.config, "quantization_config"):  # plain float32 weights now: see _unmark_quantized
+            del model.config.quantization_config
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        if unexpected or set(missing) - tied:
+            raise ValueError(
+                f"{gguf_path}: converted weights do not match the config (missing {missing}, extra {unexpected})"
+            )
+        bar.update(1)
+        bar.set_postfix_str(stages[3])
+        tmp = out_dir.parent / f".{out_dir.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_RECORD).write_text(json.dumps(_fingerprint(gguf_path), indent=2), encoding="utf-8")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out_dir)
+        bar.update(1)
+    finally:
+        bar.close()
     return out_dir
 
 
@@ -127,8 +157,26 @@ def converted_gguf_folder(gguf_path: str | os.PathLike, cache_dir: str | os.Path
     folder = root / gguf_path.stem
     source = _fingerprint(gguf_path)
     if _cached_source(folder) == source:
+        _unmark_quantized(folder)
         return folder
     return convert_gguf(gguf_path, folder)
+
+
+def _unmark_quantized(folder: Path) -> None:
+    """Drop a GGUF `quantization_config` from a converted folder's `config.json` (written by earlier conversions).
+
+    The converted weights are plain float32 (dequantized once), but with that entry transformers loads the model
+    with a GGUF quantizer, takes it for a quantized model, and `Trainer` refuses to fine-tune it."""
+    from ..utils.io import atomic_write_text
+
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if str((config.get("quantization_config") or {}).get("quant_method")) == "gguf":
+        del config["quantization_config"]
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def resolve_gguf_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path | None:

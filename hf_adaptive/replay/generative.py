@@ -51,6 +51,7 @@ import torch
 from ..plugins import ContinualPlugin, LossTerm, TaskContext
 from ..tasks import Task, encode_example
 from ..tasks.losses import IGNORE_INDEX, answer_cross_entropy
+from ..tasks.prompting import prompt_options
 from ..utils.options import OptionSource
 from . import _common
 from ._common import (
@@ -162,6 +163,8 @@ class GenerativeReplayPlugin(ContinualPlugin):
     def __init__(self, config: GenerativeReplayConfig | None = None, **overrides: Any) -> None:
         self.config = _common.configure(GenerativeReplayConfig, config, overrides, "GenerativeReplayPlugin")
         self.specs: list[TaskSpec] = []
+        #: how pseudo-examples become rows: the run's prompt format, length limit and eos (set in `on_task_begin`)
+        self.row_options: dict[str, Any] = {}
         #: prototype variant, per task name: {"prefixes": [[ids]], "prefix_classes": [int], "prototypes": tensor}
         self.prototypes: dict[str, dict[str, Any]] = {}
         self.pseudo = ReplayMemory(1, policy="balanced", seed=self.seed)
@@ -175,6 +178,11 @@ class GenerativeReplayPlugin(ContinualPlugin):
             config, GENERATIVE_REPLAY_SOURCE, alpha="alpha", batch_size="batch_size"
         )
         return cls(own, **overrides)
+
+    @property
+    def needs_full_logits(self) -> bool:
+        """The LM loss (`lm_lambda` > 0) reads the task batch's logits at every position, not only the answer's."""
+        return self.lm_lambda > 0
 
     # ------------------------------------------------------------------ task boundaries
     def on_task_end(self, trainer: Any, context: TaskContext) -> None:
@@ -220,15 +228,21 @@ class GenerativeReplayPlugin(ContinualPlugin):
             self.pseudo = ReplayMemory(1, policy="balanced", seed=self.seed)
             return
         tokenizer = context.tokenizer
+        args = getattr(trainer, "args", None)
+        self.row_options = {**prompt_options(args), "append_eos": getattr(args, "append_eos_token", True)}
         self.pseudo = ReplayMemory(max(n_total, len(old)), policy="balanced", seed=self.seed + task_index)
         self.stats = {}
-        for j, spec in enumerate(old):
-            share = self.pseudo.capacity // len(old) + (1 if j < self.pseudo.capacity % len(old) else 0)
-            rows, generated = self.generate(
-                trainer.model, tokenizer, spec, share, seed=self.seed + 1000 * task_index + j
-            )
-            self.pseudo.add(spec.name, rows)
-            self.stats[spec.name] = {"wanted": share, "generated": generated, "accepted": len(rows)}
+        bar = _generation_bar(trainer, self.pseudo.capacity, task.name)
+        try:
+            for j, spec in enumerate(old):
+                share = self.pseudo.capacity // len(old) + (1 if j < self.pseudo.capacity % len(old) else 0)
+                rows, generated = self.generate(
+                    trainer.model, tokenizer, spec, share, seed=self.seed + 1000 * task_index + j, bar=bar
+                )
+                self.pseudo.add(spec.name, rows)
+                self.stats[spec.name] = {"wanted": share, "generated": generated, "accepted": len(rows)}
+        finally:
+            bar.close()
 
     # ------------------------------------------------------------------ generation
     def _prompts(self, tokenizer: Any, spec: TaskSpec, n: int) -> list[list[int]]:
@@ -247,9 +261,11 @@ class GenerativeReplayPlugin(ContinualPlugin):
 
     @torch.no_grad()
     def generate(
-        self, model: torch.nn.Module, tokenizer: Any, spec: TaskSpec, n: int, seed: int = 0
+        self, model: torch.nn.Module, tokenizer: Any, spec: TaskSpec, n: int, seed: int = 0, bar: Any = None
     ) -> tuple[list[dict[str, Any]], int]:
-        """Up to `n` filtered pseudo-examples of `spec` as training rows, and how many sequences were sampled."""
+        """Up to `n` filtered pseudo-examples of `spec` as training rows, and how many sequences were sampled.
+
+        `bar` (a tqdm bar, optional) advances by one per accepted row: sampling on a real model takes minutes."""
         accepted: list[dict[str, Any]] = []
         generated = 0
         was_training = model.training
@@ -285,8 +301,11 @@ class GenerativeReplayPlugin(ContinualPlugin):
                                 tokenizer.decode(full, skip_special_tokens=True), spec, tokenizer.unk_token
                             )
                             if parsed is not None and len(accepted) < n:
-                                row = encode_example(spec.as_task(), {"text": parsed[0], "label": parsed[1]}, tokenizer)
+                                example = {"text": parsed[0], "label": parsed[1]}
+                                row = encode_example(spec.as_task(), example, tokenizer, **self.row_options)
                                 accepted.append(row)
+                                if bar is not None:
+                                    bar.update(1)
         finally:
             model.train(was_training)
         return accepted, generated
@@ -355,3 +374,19 @@ class GenerativeReplayPlugin(ContinualPlugin):
         self.stats = state.get("stats", {})
         self.pseudo = ReplayMemory(int(state["pseudo_capacity"]), policy="balanced", seed=self.seed)
         self.pseudo.load_state_dict(state["pseudo"])
+
+
+def _generation_bar(trainer: Any, total: int, task_name: str) -> Any:
+    """A progress bar (with ETA) over the pseudo-rows to sample before `task_name`; off with the trainer's
+    `disable_tqdm` and on every process but the main one."""
+    from tqdm.auto import tqdm
+
+    args = getattr(trainer, "args", None)
+    main = getattr(trainer, "is_world_process_zero", lambda: True)()
+    return tqdm(
+        total=total,
+        desc=f"generative replay: sampling before {task_name}",
+        unit="row",
+        leave=False,
+        disable=bool(getattr(args, "disable_tqdm", False)) or not main,
+    )

@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
-from ..utils.validation import OptionError, check_bool, check_number
+from ..utils.validation import OptionError, check_bool, check_choice, check_number
 from .losses import IGNORE_INDEX, answer_cross_entropy
+from .prompting import LABEL_SCORINGS, PromptEncoder
+from .scoring import score_label_continuations
 from .task import Task
 
 _SPLITS = {"train": "train_dataset", "eval": "eval_dataset"}
@@ -47,67 +49,20 @@ def _split_data(task: Task, split: str, owner: str) -> Any:
     return data
 
 
-def label_token_ids(task: Task, tokenizer: Any) -> list[list[int]]:
-    """Token ids of every label word as it is encoded after the prompt (`" " + word`), one list per label.
+def label_token_ids(task: Task, tokenizer: Any, prompt_format: str = "bos") -> list[list[int]]:
+    """Token ids of every label word as it is encoded after the prompt, one list per label.
 
-    Raises when a word tokenizes to nothing or two words tokenize to the same ids (e.g. two emoji that both become
-    `<unk>`): rank classification could not tell them apart and would report a fixed, meaningless accuracy.
+    `" " + word` after a plain or BOS prompt, `word` after a chat prompt. Raises when a word tokenizes to nothing or
+    two words tokenize to the same ids (e.g. two emoji that both become `<unk>`): rank classification could not
+    tell them apart and would report a fixed, meaningless accuracy.
     """
-    ids = [list(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) for word in task.verbalizer]
-    seen: dict[tuple[int, ...], str] = {}
-    for word, word_ids in zip(task.verbalizer, ids):
-        if not word_ids:
-            raise OptionError(
-                "Task",
-                "verbalizer",
-                task.verbalizer,
-                f"label words with tokens; {word!r} has none (task {task.name!r})",
-            )
-        other = seen.setdefault(tuple(word_ids), word)
-        if other != word:
-            raise OptionError(
-                "Task",
-                "verbalizer",
-                task.verbalizer,
-                f"label words this tokenizer tells apart; {other!r} and {word!r} both tokenize to ids {word_ids} "
-                f"(task {task.name!r})",
-            )
-    return ids
+    return PromptEncoder(task, tokenizer, None, prompt_format, "label_token_ids").answers
 
 
-def _check_max_length(owner: str, max_length: Any, answers: list[list[int]]) -> None:
-    """`max_length` must leave room for the longest answer and at least one prompt token before it."""
-    check_number(owner, "max_length", max_length, 1, integer=True, optional=True)
-    longest = max(len(a) for a in answers)
-    if max_length is not None and max_length <= longest:
-        allowed = f"None or > {longest} (the longest label word's token count)"
-        raise OptionError(owner, "max_length", max_length, allowed)
-
-
-def _join(
-    prompt_ids: list[int], answer_ids: list[int], bos: int | None, max_length: int | None
-) -> tuple[list[int], int]:
-    """`[bos] + prompt + answer`, the prompt cut from the left to fit `max_length`; also the prompt's length."""
-    if bos is not None:
-        prompt_ids = [bos] + list(prompt_ids)
-    if max_length is not None and len(prompt_ids) + len(answer_ids) > max_length:
-        prompt_ids = prompt_ids[len(prompt_ids) + len(answer_ids) - max_length :]  # keep the answer
-    return list(prompt_ids) + list(answer_ids), len(prompt_ids)
-
-
-def _training_row(
-    prompt_ids: list[int], answer_ids: list[int], bos: int | None, eos: int | None, max_length: int | None
-) -> dict:
-    ids, n_prompt = _join(prompt_ids, answer_ids, bos, max_length)
-    if eos is not None:
-        ids = ids + [eos]  # `max_length` bounds prompt + answer, so training and scoring see the same prompt
+def _training_row(prompt_ids: list[int], answer_ids: list[int], eos: int | None) -> dict:
+    ids = list(prompt_ids) + list(answer_ids) + ([eos] if eos is not None else [])
+    n_prompt = len(prompt_ids)
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
-
-
-def _encode_pair(tokenizer, prompt: str, answer: str, max_length: int | None) -> tuple[list[int], int]:
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    return _join(prompt_ids, answer_ids, tokenizer.bos_token_id, max_length)
 
 
 def encode_example(
@@ -117,6 +72,7 @@ def encode_example(
     max_length: int | None = 256,
     append_eos: bool = True,
     *,
+    prompt_format: str = "bos",
     add_eos: bool | None = None,
 ) -> dict:
     """One training row: `input_ids`, `attention_mask`, `labels` (answer tokens, and the eos when appended).
@@ -129,10 +85,10 @@ def encode_example(
         raise OptionError(
             "encode_example", "example", example, f"a dict with 'text' (str) and 'label' (int) (task {task.name!r})"
         )
-    prompt_ids = tokenizer(task.prompt(example["text"]), add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(" " + task.answer(example["label"]), add_special_tokens=False)["input_ids"]
+    encoder = PromptEncoder(task, tokenizer, max_length, prompt_format, "encode_example")
     eos = tokenizer.eos_token_id if append_eos else None
-    return _training_row(prompt_ids, answer_ids, tokenizer.bos_token_id, eos, max_length)
+    answer = encoder.answers[task.label_index(example["label"])]
+    return _training_row(encoder.prompts([example["text"]])[0], answer, eos)
 
 
 @contextmanager
@@ -163,24 +119,32 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
-def tokenize_task(task: Task, tokenizer, split: str = "train", max_length: int | None = 256, append_eos: bool = True):
+def tokenize_task(
+    task: Task,
+    tokenizer,
+    split: str = "train",
+    max_length: int | None = 256,
+    append_eos: bool = True,
+    *,
+    prompt_format: str = "bos",
+):
     """The task's split as a `datasets.Dataset` of training rows (task name kept in `task_name`).
 
+    `max_length`: tokens of prompt + longest label word (the input text is cut to fit, `PromptEncoder`).
     `append_eos` (default True): end every row with the tokenizer's eos token, trained on like the answer.
+    `prompt_format`: "bos", "plain" or "chat" (`hf_adaptive.tasks.prompting`).
     Tokenizes in batches, in memory (no cache files) and without progress bars.
     """
     data = _split_data(task, split, "tokenize_task")
     check_bool("tokenize_task", "append_eos", append_eos)
-    answers = label_token_ids(task, tokenizer)
-    _check_max_length("tokenize_task", max_length, answers)
-    bos = tokenizer.bos_token_id
+    encoder = PromptEncoder(task, tokenizer, max_length, prompt_format, "tokenize_task")
+    answers = encoder.answers
     eos = tokenizer.eos_token_id if append_eos else None
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "task_name": []}
-        prompts = tokenizer([task.prompt(t) for t in batch["text"]], add_special_tokens=False)["input_ids"]
-        for prompt_ids, label in zip(prompts, batch["label"]):
-            row = _training_row(prompt_ids, answers[task.label_index(label)], bos, eos, max_length)
+        for prompt_ids, label in zip(encoder.prompts(batch["text"]), batch["label"]):
+            row = _training_row(prompt_ids, answers[task.label_index(label)], eos)
             for key, value in row.items():
                 out[key].append(value)
             out["task_name"].append(task.name)
@@ -194,10 +158,11 @@ def tokenize_task(task: Task, tokenizer, split: str = "train", max_length: int |
         split,
         max_length,
         append_eos,
+        prompt_format,
         type(tokenizer).__name__,
         getattr(tokenizer, "name_or_path", None),
         answers,
-        bos,
+        tokenizer.bos_token_id,
         eos,
     )
     with quiet_datasets():
@@ -212,24 +177,41 @@ def tokenize_task(task: Task, tokenizer, split: str = "train", max_length: int |
 
 
 class CausalLMCollator:
-    """Pads `input_ids`/`attention_mask`/`labels` (labels with -100); drops non-tensor columns."""
+    """Pads `input_ids`/`attention_mask`/`labels` (labels with -100); drops non-tensor columns.
 
-    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None) -> None:
+    `padding_side`: "right" (default) or "left". Left padding lines up the ends of the rows, so the answer tokens
+    of every row sit in the last columns and a model can compute logits there only (`logits_to_keep`, the
+    trainer's `answer_only_logits`). Left-padded batches also carry `position_ids` (0 from each row's first real
+    token), so a left-padded row sees the positions it would see unpadded.
+    """
+
+    PADDING_SIDES = ("right", "left")
+
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None, padding_side: str = "right") -> None:
+        check_choice("CausalLMCollator", "padding_side", padding_side, self.PADDING_SIDES)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_side = padding_side
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         length = max(len(r["input_ids"]) for r in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        left = self.padding_side == "left"
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for r in rows:
             pad = length - len(r["input_ids"])
-            batch["input_ids"].append(list(r["input_ids"]) + [self.pad_id] * pad)
-            batch["attention_mask"].append(list(r.get("attention_mask", [1] * len(r["input_ids"]))) + [0] * pad)
-            labels = r.get("labels", r["input_ids"])
-            batch["labels"].append(list(labels) + [IGNORE_INDEX] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+            columns = (
+                (r["input_ids"], self.pad_id),
+                (r.get("attention_mask", [1] * len(r["input_ids"])), 0),
+                (r.get("labels", r["input_ids"]), IGNORE_INDEX),
+            )
+            for key, (values, fill) in zip(batch, columns):
+                batch[key].append([fill] * pad + list(values) if left else list(values) + [fill] * pad)
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if left:
+            out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        return out
 
 
 def answer_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -253,49 +235,62 @@ def _texts(task: Task, examples: Any) -> list[str]:
 
 @torch.no_grad()
 def rank_classify(
-    model, tokenizer, task: Task, examples: Sequence[dict] | Any, batch_size: int = 64, max_length: int | None = 256
+    model,
+    tokenizer,
+    task: Task,
+    examples: Sequence[dict] | Any,
+    batch_size: int = 64,
+    max_length: int | None = 256,
+    *,
+    prompt_format: str = "bos",
+    label_scoring: str = "sum",
+    token_budget: int = 8192,
 ) -> tuple[list[int], list[list[float]]]:
-    """Predicted label and per-label log-likelihoods for each example (rank classification).
+    """Predicted label and per-label scores for each example (rank classification).
 
-    Every (example, label) pair is one row; rows are batched `batch_size` examples at a time. An example whose
-    scores are not all finite (a diverged model) is predicted as -1, never as an argmax over NaN that would count
-    as a guess.
+    Each example's prompt runs once with all its label words packed after it (`score_label_continuations`):
+    `token_budget` bounds the tokens of one forward pass, `batch_size` the examples in it. `label_scoring`: "sum"
+    (log-likelihood of the label's tokens), "mean" (per token) or "pmi" (sum minus the label's log-likelihood after
+    the instruction with an empty input). An example whose scores are not all finite (a diverged model) is
+    predicted as -1, never as an argmax over NaN that would count as a guess.
     """
     check_number("rank_classify", "batch_size", batch_size, 1, integer=True)
-    answers = label_token_ids(task, tokenizer)
-    _check_max_length("rank_classify", max_length, answers)
+    check_number("rank_classify", "token_budget", token_budget, 1, integer=True)
+    check_choice("rank_classify", "label_scoring", label_scoring, LABEL_SCORINGS)
+    encoder = PromptEncoder(task, tokenizer, max_length, prompt_format, "rank_classify")
     texts = _texts(task, examples)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    collator = CausalLMCollator(tokenizer)
-    n_labels = len(answers)
-    preds: list[int] = []
-    scores: list[list[float]] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scoring = "mean" if label_scoring == "mean" else "sum"
     try:
-        for start in range(0, len(texts), batch_size):
-            prompts = [task.prompt(t) for t in texts[start : start + batch_size]]
-            rows = []
-            for prompt_ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]:
-                for answer_ids in answers:
-                    ids, n_prompt = _join(prompt_ids, answer_ids, tokenizer.bos_token_id, max_length)
-                    rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]})
-            batch = {k: v.to(device) for k, v in collator(rows).items()}
-            ll = answer_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).view(-1, n_labels)
-            finite = torch.isfinite(ll).all(-1)
-            scores.extend(ll.cpu().tolist())
-            preds.extend(
-                torch.where(finite, ll.argmax(-1), torch.full_like(finite, -1, dtype=torch.long)).cpu().tolist()
-            )
+        prompts = encoder.prompts(texts)
+        longest = max((len(p) for p in prompts), default=0)
+        budget = max(token_budget, longest + sum(len(a) for a in encoder.answers))  # one example always fits
+        ll = score_label_continuations(model, prompts, encoder.answers, pad, budget, scoring, batch_size)
+        if label_scoring == "pmi":
+            ll = ll - score_label_continuations(model, [encoder.null_prompt()], encoder.answers, pad, budget, "sum")
     finally:
         model.train(was_training)
-    return preds, scores
+    finite = torch.isfinite(ll).all(-1)
+    preds = torch.where(finite, ll.argmax(-1), torch.full_like(finite, -1, dtype=torch.long)).tolist()
+    return preds, ll.tolist()
 
 
 def task_accuracy(
-    model, tokenizer, task: Task, split: str = "eval", batch_size: int = 64, limit: int | None = None
+    model,
+    tokenizer,
+    task: Task,
+    split: str = "eval",
+    batch_size: int = 64,
+    limit: int | None = None,
+    *,
+    max_length: int | None = 256,
+    prompt_format: str = "bos",
+    label_scoring: str = "sum",
+    token_budget: int = 8192,
 ) -> float:
-    """Rank-classification accuracy of `model` on the task's split ("eval" or "train").
+    """Rank-classification accuracy of `model` on the task's split ("eval" or "train"); options as `rank_classify`.
 
     NaN (with a warning naming the task) when the model's scores are not finite: a diverged model has no accuracy,
     and an argmax over NaN would look like chance.
@@ -304,7 +299,17 @@ def task_accuracy(
     check_number("task_accuracy", "limit", limit, 1, integer=True, optional=True)
     if limit is not None and limit < len(data):
         data = data.select(range(limit))
-    preds, _ = rank_classify(model, tokenizer, task, data, batch_size=batch_size)
+    preds, _ = rank_classify(
+        model,
+        tokenizer,
+        task,
+        data,
+        batch_size=batch_size,
+        max_length=max_length,
+        prompt_format=prompt_format,
+        label_scoring=label_scoring,
+        token_budget=token_budget,
+    )
     bad = sum(p < 0 for p in preds)
     if bad:
         logger.warning(

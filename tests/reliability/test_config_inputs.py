@@ -539,9 +539,11 @@ def test_early_stopping_scores_with_the_continual_eval_options(monkeypatch):
 
     (task,) = builtin_suite(["first_color"], n_train=4, n_eval=4, seed=0)
     seen: list[tuple[Any, Any]] = []
+    scorings: list[dict[str, Any]] = []
 
-    def task_accuracy(model, tokenizer, task, split, batch_size=None, limit=None):
+    def task_accuracy(model, tokenizer, task, split, batch_size=None, limit=None, **scoring):
         seen.append((batch_size, limit))
+        scorings.append(scoring)
         return 0.5
 
     monkeypatch.setattr(hf_adaptive.tasks, "task_accuracy", task_accuracy)
@@ -552,6 +554,8 @@ def test_early_stopping_scores_with_the_continual_eval_options(monkeypatch):
         plugin.task = task
         plugin.evaluate(None, None, config)
         assert seen[-1] == expected
+        # and with the run's prompt options (the same prompts as the trainer's evaluation)
+        assert scorings[-1] == {"max_length": 256, "prompt_format": "bos", "label_scoring": "sum", "token_budget": 8192}
 
 
 def test_the_router_is_sized_by_the_signatures():

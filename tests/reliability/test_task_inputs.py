@@ -161,15 +161,28 @@ def test_label_words_with_identical_token_ids_are_an_error(tokenizer, tiny_model
         task_accuracy(tiny_model, tokenizer, task)
 
 
+def _reference_prompt(task, tokenizer, text, max_length):
+    """[bos] + the prompt of the longest start of `text` (in whole tokens) that leaves room for every label word.
+
+    Slow and obvious: try every cut of the text, longest first. The instruction and the label are never cut.
+    """
+    longest = max(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in task.verbalizer)
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for keep in range(len(text_ids), -1, -1):
+        cut = text if keep == len(text_ids) else tokenizer.decode(text_ids[:keep])
+        prompt = [tokenizer.bos_token_id] + tokenizer(task.prompt(cut), add_special_tokens=False)["input_ids"]
+        if max_length is None or len(prompt) + longest <= max_length:
+            return prompt
+    raise AssertionError("the instruction alone does not fit")
+
+
 def _reference_rows(task, tokenizer, split, max_length, append_eos):
-    """One row at a time from full-string tokenizer calls: [bos] + prompt, cut from the left, + answer (+ eos)."""
+    """One row at a time from full-string tokenizer calls: [bos] + prompt (input text cut to fit) + answer (+ eos)."""
     rows = []
     data = task.train_dataset if split == "train" else task.eval_dataset
     for ex in data:
-        prompt = [tokenizer.bos_token_id] + tokenizer(task.prompt(ex["text"]), add_special_tokens=False)["input_ids"]
+        prompt = _reference_prompt(task, tokenizer, ex["text"], max_length)
         answer = tokenizer(" " + task.verbalizer[ex["label"]], add_special_tokens=False)["input_ids"]
-        while max_length is not None and len(prompt) + len(answer) > max_length:
-            prompt = prompt[1:]
         ids = prompt + answer + ([tokenizer.eos_token_id] if append_eos else [])
         rows.append(
             {
@@ -284,7 +297,7 @@ def test_non_finite_scores_give_nan_accuracy_and_a_warning(tiny_model, tokenizer
 
 
 def test_rank_classify_truncation_matches_reference(tiny_model, tokenizer, small_tasks):
-    """With a short max_length, the batched scorer cuts the prompt like the obvious per-row reference."""
+    """With a short max_length, the batched scorer cuts the input text like the obvious per-row reference."""
     task = small_tasks[2]
     with torch.no_grad():
         tiny_model.model.embed_tokens.weight.mul_(4)
@@ -293,12 +306,8 @@ def test_rank_classify_truncation_matches_reference(tiny_model, tokenizer, small
     tiny_model.eval()
     for ex, row_scores in zip(examples, scores):
         for label, score in enumerate(row_scores):
-            prompt = [tokenizer.bos_token_id] + tokenizer(task.prompt(ex["text"]), add_special_tokens=False)[
-                "input_ids"
-            ]
+            prompt = _reference_prompt(task, tokenizer, ex["text"], 5)
             answer = tokenizer(" " + task.verbalizer[label], add_special_tokens=False)["input_ids"]
-            while len(prompt) + len(answer) > 5:
-                prompt = prompt[1:]
             with torch.no_grad():
                 logits = tiny_model(input_ids=torch.tensor([prompt + answer])).logits[0].double()
             logp = torch.log_softmax(logits, -1)
