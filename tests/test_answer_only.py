@@ -63,17 +63,23 @@ def _model(kind: str, tokenizer):
 
 
 class _Spy:
-    """Records, for every training forward of `model`, its `logits_to_keep` and the widths of input and logits
-    (evaluation forwards are the scorer's business)."""
+    """Records, for every training forward of `model`, the positions the LM head projected and the input width
+    (evaluation forwards are the scorer's business). Hooks sit on the embedding and the LM head, which every
+    forward calls as modules (peft < 0.17 calls the model's `forward` directly, past a hook on the model itself)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.calls: list[tuple[int, int, int]] = []
-        model.register_forward_hook(self._hook, with_kwargs=True)
+        self._width = 0
+        model.get_input_embeddings().register_forward_hook(self._embedded)
+        model.get_output_embeddings().register_forward_hook(self._projected)
 
-    def _hook(self, module, args, kwargs, output):
+    def _embedded(self, module, args, output):
+        self._width = args[0].shape[1]
+
+    def _projected(self, module, args, output):
         if module.training:
-            width = kwargs["input_ids"].shape[1]
-            self.calls.append((kwargs.get("logits_to_keep", 0), width, output.logits.shape[1]))
+            positions = args[0].shape[1]
+            self.calls.append((positions if positions < self._width else 0, self._width, positions))
 
     @property
     def answer_only(self) -> list[bool]:
