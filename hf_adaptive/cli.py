@@ -199,20 +199,10 @@ DEMO_METHODS: dict[str, tuple[list[str], dict[str, Any]]] = {
     ),
 }
 #: `--real`: the same methods on a LoRA shared by the tasks, with budgets sized for SmolLM2 on 2 cores
+_REAL_DEMO_BUDGETS = {"fisher_samples": 32, "replay_buffer_size": 384, "replay_batch_size": 8}
 REAL_DEMO_METHODS: dict[str, tuple[list[str], dict[str, Any]]] = {
-    "naive": ([], {}),
-    DEMO_BEST: (
-        ["ewc", "replay"],
-        dict(
-            ewc_lambda=1.0,
-            fisher_samples=32,
-            fisher_normalization="max",
-            replay_alpha=1.0,
-            replay_buffer_size=384,
-            replay_policy="balanced",
-            replay_batch_size=8,
-        ),
-    ),
+    method: (plugins, {**options, **{k: v for k, v in _REAL_DEMO_BUDGETS.items() if k in options}})
+    for method, (plugins, options) in DEMO_METHODS.items()
 }
 REAL_DEMO_MODEL = "smollm2-135m"
 #: three built-in rules on the same inputs and label words: a shared adapter forgets the earlier rules

@@ -50,6 +50,13 @@ PLUGINS: dict[str, PluginSpec] = {
     "expert_routing": PluginSpec(
         "hf_adaptive.experts.plugin:ExpertRoutingPlugin", "hf_adaptive.experts.config:EXPERT_ROUTING_OPTIONS"
     ),
+    "distillation": PluginSpec(
+        "hf_adaptive.distillation.plugin:DistillationPlugin", "hf_adaptive.distillation.config:DISTILLATION_OPTIONS"
+    ),
+    "gradual_pruning": PluginSpec(
+        "hf_adaptive.compression.gradual_pruning:GradualPruningPlugin",
+        "hf_adaptive.compression.config:GRADUAL_PRUNING_OPTIONS",
+    ),
 }
 
 #: `ContinualConfig.loss_weighting` modes -> the differentiable controller that implements them

@@ -300,7 +300,7 @@ class AdaptiveScheduler:
         ok = self.guard_gradients(loss_value)
         if ok:
             if self.freezer is not None:
-                self.freezer.update()
+                self.freezer.update(self.optimizer)
             self.optimizer.step()
             self.apply_dither()
         return self.observe(loss_value, reward, skipped=not ok)

@@ -236,14 +236,17 @@ class SelectiveFreezingCallback(_LogsThroughTrainer, ContinualPlugin):
             self.freezer.load_state_dict(self._pending)
             self._pending = None
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.freezer is not None:
-            self.freezer.update()
+            self.freezer.update(optimizer)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.freezer is None or logs is None or "loss" not in logs:
             return
-        self._report(logs, {"frozen_fraction": self.freezer.frozen_fraction()})
+        extra = {"frozen_fraction": self.freezer.frozen_fraction()}
+        if self.freezer.config.granularity == "layer":
+            extra["frozen_layers"] = self.freezer.frozen_layers()
+        self._report(logs, extra)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.freezer is not None:

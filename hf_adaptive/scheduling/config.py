@@ -15,7 +15,7 @@ from typing import Any
 from ..utils.options import OptionSource
 from ..utils.validation import check_bool, check_choice, check_number, check_str, fail
 
-GRANULARITIES = ("parameter", "module")
+GRANULARITIES = ("parameter", "module", "layer")
 THRESHOLD_MODES = ("absolute", "relative")
 EARLY_STOPPING_METRICS = ("accuracy", "loss")
 
@@ -127,13 +127,24 @@ class FreezingConfig:
     )
     granularity: str = field(
         default="parameter",
-        metadata={"help": "'parameter' or 'module' (a module's own params).", "choices": list(GRANULARITIES)},
+        metadata={
+            "help": "'parameter', 'module' (a module's own params) or 'layer' (one unit per decoder layer; only a "
+            "prefix of layers freezes, and the backward pass stops above it).",
+            "choices": list(GRANULARITIES),
+        },
     )
     ema_beta: float = field(default=0.9, metadata={"help": "EMA factor of the gradient norms, [0, 1)."})
     warmup_steps: int = field(default=10, metadata={"help": "Steps before anything may freeze."})
     probe_every: int = field(default=20, metadata={"help": "Steps between probes of the frozen units; 0 never probes."})
     max_frozen_fraction: float = field(
         default=0.9, metadata={"help": "Most of the parameters (by count) frozen at once, in [0, 1)."}
+    )
+    drop_optimizer_state: bool = field(
+        default=True,
+        metadata={
+            "help": "Free the optimizer state (e.g. Adam moments) of a unit when it freezes; a thawed unit starts "
+            "afresh."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -145,6 +156,7 @@ class FreezingConfig:
         check_number(c, "warmup_steps", self.warmup_steps, 0, integer=True)
         check_number(c, "probe_every", self.probe_every, 0, integer=True)
         check_number(c, "max_frozen_fraction", self.max_frozen_fraction, 0.0, 1.0, high_open=True)
+        check_bool(c, "drop_optimizer_state", self.drop_optimizer_state)
 
 
 @dataclass

@@ -4,8 +4,9 @@ Training rows are `prompt + " " + answer`, followed by the tokenizer's eos token
 default, as in `ContinualConfig.append_eos_token`); the loss covers only the answer tokens (and the eos), prompt
 tokens get label -100. Without the eos the answer carries the whole loss of a row; with it, part of the loss teaches
 the model to stop, which is what generative replay relies on to end its pseudo-examples.
-Classification scores every verbalized label by the summed log-likelihood of its tokens after the prompt and
-predicts the best one, all labels of a batch of examples in one forward pass.
+Classification ranks the verbalized labels by their log-likelihood after the prompt (`label_scoring`: summed,
+mean per token, or PMI against a content-free prompt) and predicts the best one; `tasks.scoring` scores all labels
+of an example in one packed pass over its prompt.
 
 The prompt and each label word are tokenized separately (the answer as `" " + word`), so every label word has
 one fixed id sequence per tokenizer: `label_token_ids` computes it once and rejects label words that the tokenizer

@@ -98,6 +98,7 @@ LIST_FIELDS = {
     "continual_metrics": "bwt",
     "signature_parts": "text",
     "gate_statistics": "entropy",
+    "prune_target_modules": "q_proj",
 }
 
 
@@ -109,9 +110,23 @@ PAIR_FIELDS = {
 }
 
 
+#: list options of integers: a lone integer is a one-element list, a string is refused
+INT_LIST_FIELDS = {"distill_feature_layers": 1}
+
+
 def test_list_fields_are_all_listed():
-    assert set(LIST_FIELDS) | set(PAIR_FIELDS) == {n for n in OWN if list in _members(n)}
+    assert set(LIST_FIELDS) | set(PAIR_FIELDS) | set(INT_LIST_FIELDS) == {n for n in OWN if list in _members(n)}
     assert not set(LIST_FIELDS) & set(PAIR_FIELDS)
+
+
+@pytest.mark.parametrize(("name", "value"), sorted(INT_LIST_FIELDS.items()))
+def test_a_lone_int_is_a_one_element_list_and_a_string_is_refused(name, value):
+    from hf_adaptive.registry import build_plugins
+
+    (plugin,) = build_plugins(["distillation"], _config(**{name: value}))
+    assert plugin.config.feature_layers == (value,)
+    with pytest.raises(ValueError, match=rf"ContinualConfig\.{name}='1' is not allowed"):
+        _config(**{name: "1"})
 
 
 @pytest.mark.parametrize("name", sorted(PAIR_FIELDS))
@@ -224,6 +239,8 @@ CONFIG_AT: dict[str, dict[str, str | None]] = {
         "SignatureConfig": "signature_config",
         "ExpertRoutingConfig": "config",
     },
+    "gradual_pruning": {"GradualPruningConfig": "config"},
+    "distillation": {"DistillationConfig": "config"},
 }
 
 #: options other than the one under test that a source needs to act (plugin -> config class -> options):
@@ -250,6 +267,27 @@ SHARED_NOT_USED: dict[tuple[str, str, str], str] = {
 
 #: a non-default valid value of every plugin option (expected back as given, unless in `EXPECTED`)
 VALUES: dict[str, Any] = {
+    # distillation
+    "distill_lambda": 0.5,
+    "distill_divergence": "reverse_kl",
+    "distill_beta": 0.2,
+    "distill_temperature": 2.0,
+    "distill_positions": "sequence",
+    "distill_teacher": "base",
+    "distill_feature_layers": [0, 1],
+    "distill_feature_lambda": 0.5,
+    # gradual_pruning
+    "prune_initial_sparsity": 0.2,
+    "prune_final_sparsity": 0.7,
+    "prune_begin_step": 3,
+    "prune_num_updates": 4,
+    "prune_frequency": 5,
+    "prune_scope": "global",
+    "prune_target_modules": ["up_proj", "down_proj"],
+    "prune_structured": "mlp_channels",
+    "prune_allow_regrowth": True,
+    "prune_schedule_per_task": True,
+    "prune_permanent_at_end": False,
     # ewc
     "ewc_lambda": 2.5,
     "ewc_mode": "online",
@@ -326,6 +364,7 @@ VALUES: dict[str, Any] = {
     "freeze_warmup_steps": 3,
     "freeze_probe_every": 3,
     "freeze_max_frozen_fraction": 0.5,
+    "freeze_drop_optimizer_state": False,
     # head_l0 / gate_feedback (gate_mode: per plugin, `PLUGIN_VALUES`)
     "gate_l0_weight": 0.5,
     "gate_feedback_every": 3,
@@ -408,6 +447,8 @@ EXPECTED: dict[str, Any] = {
     "adaptive_sigma_bounds": tuple(PAIR_FIELDS["adaptive_sigma_bounds"]),
     "gate_statistics": ("entropy",),
     "signature_parts": ("text", "context"),
+    "prune_target_modules": ("up_proj", "down_proj"),
+    "distill_feature_layers": (0, 1),
 }
 
 #: where the plugin acts on an option beyond its config, checked as well: (plugin, option) -> (path, expected)
@@ -571,6 +612,7 @@ def test_the_router_is_sized_by_the_signatures():
 
 #: constructor parameters of the plugins that are not config objects built from the plugin's options, and why
 NOT_OPTIONS: dict[str, dict[str, str]] = {
+    "distillation": {"teacher": "an object: an explicit teacher model (a string is the distill_teacher option)"},
     "early_stopping": {
         "task": "an object (a Task); only needed with a plain Trainer, train_sequence passes each task",
         "processing_class": "an object (the tokenizer); the trainer passes its own",

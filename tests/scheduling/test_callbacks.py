@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_adaptive.config import ContinualConfig
 from hf_adaptive.scheduling import (
@@ -168,6 +168,45 @@ def test_freezing_callback_in_trainer_logs_fraction_and_releases(tiny_model, tok
     assert len(fractions) == 6 and fractions[0] == 0.0 and max(fractions) > 0.0
     assert cb.freezer.steps == 6
     assert all(p.requires_grad for p in tiny_model.parameters())  # released at train end
+
+
+def test_layer_freezing_in_trainer_on_lora_frees_adam_state_and_logs_the_prefix(tiny_model, tokenizer, rows, tmp_path):
+    """LoRA on a 4-layer tiny Gemma; every layer is equally quiet under an absolute threshold above all norms, so the
+    prefix grows to the cap (half the parameters: 2 layers); Adam keeps no moments for the frozen adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_adaptive.models import build_tiny_gemma
+
+    model, _ = build_tiny_gemma(tokenizer, seed=0, num_hidden_layers=4)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=5, learning_rate=5e-3),
+        train_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+    )
+    cb = SelectiveFreezingCallback(
+        FreezingConfig(granularity="layer", threshold=1e9, warmup_steps=2, probe_every=0, max_frozen_fraction=0.5),
+        trainer=trainer,
+    )
+    trainer.add_callback(cb)
+    states: list = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            if state.global_step == 4:
+                inner = getattr(optimizer, "optimizer", optimizer)
+                states.append({id(p) for p in inner.state})
+
+    trainer.add_callback(Spy())
+    trainer.train()
+    logged = [h["frozen_layers"] for h in trainer.state.log_history if "frozen_layers" in h]
+    assert logged[:2] == [0, 0] and logged[2:] == [2, 2, 2]
+    assert cb.freezer.freeze_history() == {"base_model.model.model.layers.0": 3, "base_model.model.model.layers.1": 3}
+    lora_frozen = cb.freezer.units[0].params + cb.freezer.units[1].params  # 2 layers x (q, v) x (A, B)
+    assert len(lora_frozen) == 8 and not {id(p) for p in lora_frozen} & states[0]
+    assert any(id(p) in states[0] for p in cb.freezer.units[2].params)
+    assert all(p.requires_grad for p in cb.freezer.units[0].params)  # released at train end
 
 
 def test_through_continual_trainer_with_resume(tiny_model, tokenizer, rows, tmp_path):

@@ -138,7 +138,7 @@ def test_parameters_frozen_from_the_start_are_not_managed():
     ("field", "value"),
     [
         ("threshold", -1.0),
-        ("granularity", "layer"),
+        ("granularity", "block"),
         ("threshold_mode", "median"),
         ("probe_every", -1),
         ("max_frozen_fraction", 1.0),

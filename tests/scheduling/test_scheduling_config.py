@@ -82,7 +82,7 @@ def test_a_bad_value_names_the_config_field(cls, field, value):
         (ADAPTIVE_SCHEDULER_OPTIONS, "adaptive_lr_down", 1.5),
         (ADAPTIVE_SCHEDULER_OPTIONS, "adaptive_window", 1),
         (ADAPTIVE_SCHEDULER_OPTIONS, "adaptive_reward_key", ""),
-        (FREEZING_OPTIONS, "freeze_granularity", "layer"),
+        (FREEZING_OPTIONS, "freeze_granularity", "block"),
         (FREEZING_OPTIONS, "freeze_max_frozen_fraction", 1.0),
     ],
 )

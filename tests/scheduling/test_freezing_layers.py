@@ -1,0 +1,186 @@
+"""Layer-prefix freezing: only a prefix of decoder layers freezes, autograd never enters it, Adam state is freed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_adaptive.scheduling import Freezer, FreezingConfig
+from hf_adaptive.scheduling.freezing import find_decoder_layers
+from hf_adaptive.utils.io import load_state, save_state
+
+
+def _llama(tied: bool = True, layers: int = 4) -> LlamaForCausalLM:
+    """A tiny GQA Llama (4 query heads over 2 KV heads)."""
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 40, (3, 7), generator=gen)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class Stack(nn.Module):
+    """Embedding -> residual layers x + g_i * lin_i(x) -> head; g_i = 0 gives layer i exactly zero gradient."""
+
+    def __init__(self, n: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
+        self.head = nn.Linear(8, 10)
+        self.gains = [1.0] * n
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for gain, layer in zip(self.gains, self.layers):
+            x = x + gain * layer(x)
+        return self.head(x)
+
+
+def _train(model, freezer, opt, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 10, (4, 5), generator=gen)
+        nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        freezer.update(opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_units_are_the_decoder_layers_and_untied_embeddings_join_layer_zero():
+    tied = Freezer(_llama(tied=True), FreezingConfig(granularity="layer"))
+    assert [u.name for u in tied.units] == [f"model.layers.{i}" for i in range(4)]
+    layer0 = sum(p.numel() for p in tied.model.model.layers[0].parameters())
+    assert tied.units[0].numel == layer0  # the tied matrix trains through the head: not part of layer 0
+    untied = Freezer(_llama(tied=False), FreezingConfig(granularity="layer"))
+    assert untied.units[0].numel == layer0 + untied.model.model.embed_tokens.weight.numel()
+    assert find_decoder_layers(untied.model)[0] == "model.layers"
+    with pytest.raises(ValueError, match="granularity='layer' needs a list of decoder layers"):
+        Freezer(nn.Sequential(nn.Linear(2, 2)), FreezingConfig(granularity="layer"))
+
+
+def test_only_a_prefix_freezes():
+    model = Stack()
+    model.gains = [1.0, 0.0, 0.0, 1.0]  # layers 1 and 2 are quiet, but layer 0 is not: nothing may freeze
+    cfg = FreezingConfig(granularity="layer", threshold=1e-6, warmup_steps=1, probe_every=0)
+    freezer = Freezer(model, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train(model, freezer, opt, 3)
+    assert freezer.frozen_names() == [] and freezer.frozen_layers() == 0
+    model.gains = [0.0, 0.0, 0.0, 1.0]  # now layer 0 (with the untied embeddings) goes quiet too
+    model.embed.requires_grad_(False)
+    freezer = Freezer(model, cfg)
+    _train(model, freezer, opt, 3)
+    assert freezer.frozen_names() == ["layers.0", "layers.1", "layers.2"] and freezer.frozen_layers() == 3
+    assert freezer.freeze_history() == {"layers.0": 2, "layers.1": 2, "layers.2": 2}
+    assert model.layers[3].weight.requires_grad and model.head.weight.requires_grad
+
+
+def _trainable_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_backward_stops_at_the_frozen_prefix_and_upper_gradients_are_unchanged(tied):
+    """Gradients above the prefix equal full backprop's; a tied embedding keeps only its head-side gradient
+    (full gradient minus the lookup's share, computed from d loss / d embeddings); the prefix builds no graph."""
+    batch = _batch()
+    full = _llama(tied)
+    captured = {}
+    full.model.embed_tokens.register_forward_hook(lambda m, a, out: captured.setdefault("emb", out))
+    loss = full(**batch).loss
+    (d_emb,) = torch.autograd.grad(loss, captured["emb"], retain_graph=True)
+    loss.backward()
+    reference = _trainable_grads(full)
+
+    model = _llama(tied)
+    freezer = Freezer(model, FreezingConfig(granularity="layer"))
+    freezer.freeze_prefix(2)
+    seen = {}
+    for i in range(3):
+        model.model.layers[i].register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].requires_grad))
+    model(**batch).loss.backward()
+    assert seen == {0: False, 1: False, 2: False}  # nothing below layer 2 is on the autograd graph
+    grads = _trainable_grads(model)
+    frozen = {n for n, p in model.named_parameters() if n.startswith(("model.layers.0.", "model.layers.1."))}
+    assert not frozen & grads.keys()
+    for name in reference.keys() - frozen - {"model.embed_tokens.weight"}:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
+    if tied:
+        lookup = torch.zeros_like(full.model.embed_tokens.weight).index_add_(
+            0, batch["input_ids"].flatten(), d_emb.flatten(0, 1)
+        )
+        expected = reference["model.embed_tokens.weight"] - lookup
+        torch.testing.assert_close(grads["model.embed_tokens.weight"], expected, rtol=1e-4, atol=1e-6)
+    else:
+        assert "model.embed_tokens.weight" not in grads  # untied: frozen with layer 0
+    freezer.release()
+    model.zero_grad(set_to_none=True)
+    seen.clear()
+    model(**batch).loss.backward()
+    assert seen[0] is True and torch.allclose(
+        model.model.embed_tokens.weight.grad, reference["model.embed_tokens.weight"]
+    )
+
+
+def test_freezing_frees_the_optimizer_state_unless_asked_to_keep_it():
+    for drop in (True, False):
+        model = Stack()
+        model.gains = [0.0, 0.0, 1.0, 1.0]
+        cfg = FreezingConfig(
+            granularity="layer", threshold=1e-6, warmup_steps=2, probe_every=0, drop_optimizer_state=drop
+        )
+        freezer = Freezer(model, cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        _train(model, freezer, opt, 2)  # warm-up: Adam has state for every parameter with a gradient
+        kept = {id(p) for p in opt.state}
+        assert id(model.layers[2].weight) in kept
+        model.embed.requires_grad_(False)
+        freezer = Freezer(model, cfg)
+        freezer.steps = 5
+        before = model.layers[0].weight.detach().clone()
+        _train(model, freezer, opt, 2)
+        assert freezer.frozen_layers() == 2
+        frozen = [*model.layers[0].parameters(), *model.layers[1].parameters()]
+        assert all((id(p) in {id(q) for q in opt.state}) != drop for p in frozen if id(p) in kept)
+        assert torch.equal(model.layers[0].weight, before)  # AdamW with weight decay leaves a frozen layer alone
+
+
+def test_layer_state_round_trip_restores_the_cut(tmp_path):
+    model = _llama()
+    cfg = FreezingConfig(granularity="layer")
+    freezer = Freezer(model, cfg)
+    freezer.freeze_prefix(3)
+    save_state(tmp_path / "freezer", freezer.state_dict())
+    fresh = _llama()
+    restored = Freezer(fresh, cfg)
+    restored.load_state_dict(load_state(tmp_path / "freezer"))
+    assert restored.frozen_layers() == 3 and restored.freeze_history() == freezer.freeze_history()
+    seen = []
+    fresh.model.layers[3].register_forward_pre_hook(lambda m, args: seen.append(args[0].requires_grad))
+    fresh(**_batch()).loss.backward()
+    assert seen == [False] and fresh.model.layers[3].self_attn.q_proj.weight.grad is not None
+    assert restored.manages(fresh) and not restored.manages(model)
+    with pytest.raises(ValueError, match=r"Freezer.freeze_prefix count=5"):
+        restored.freeze_prefix(5)
