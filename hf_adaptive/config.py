@@ -16,18 +16,19 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from .adapters import OSF_OPTIONS
 from .optim import OPTIMIZER_OPTIONS
 from .registry import all_option_sources
 from .tasks.prompting import PROMPT_OPTIONS
 from .utils.options import build_config, check_unique_options, options_dataclass
 from .utils.validation import check_bool, check_choice, check_number, check_str_list
 
-ADAPTER_STRATEGIES = ("full", "shared_lora", "lora_per_task")
+ADAPTER_STRATEGIES = ("full", "shared_lora", "lora_per_task", "osf")
 CONTINUAL_METRICS = ("avg_acc", "bwt", "fwt", "forgetting")
 LOSS_WEIGHTINGS = ("none", "uncertainty", "softmax")
 
 #: the optimizer's options and every plugin's (one mixin generated from the option sources)
-OPTION_SOURCES = [*OPTIMIZER_OPTIONS, *PROMPT_OPTIONS, *all_option_sources()]
+OPTION_SOURCES = [*OPTIMIZER_OPTIONS, *PROMPT_OPTIONS, *OSF_OPTIONS, *all_option_sources()]
 PluginOptions = options_dataclass(
     "PluginOptions", OPTION_SOURCES, doc="The optimizer's, the prompts' and every registered plugin's options."
 )
@@ -43,7 +44,10 @@ class ContinualConfig(TrainingArguments, PluginOptions):
         default="full",
         metadata={
             "help": "What trains for each task: 'full' (all trainable parameters of the model), 'shared_lora' "
-            "(one LoRA adapter shared by all tasks) or 'lora_per_task' (a new LoRA expert per task).",
+            "(one LoRA adapter shared by all tasks), 'lora_per_task' (a new LoRA expert per task) or 'osf' "
+            "(peft's orthogonal subspace fine-tuning of the lora_target_modules: the top singular directions of "
+            "each weight frozen, the rest trained orthogonal to them, decomposed again with more frozen after "
+            "every task; osf_* options).",
             "choices": list(ADAPTER_STRATEGIES),
         },
     )

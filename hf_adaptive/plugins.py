@@ -7,6 +7,8 @@ A plugin is a `TrainerCallback` that may also
     that reads the logits of the whole input there sets `needs_full_logits` (otherwise, with `answer_only_logits`,
     `outputs.logits` holds only the last `k` positions of the batch, those that predict answer tokens, and
     `inputs["labels"]` is cut to the same `k` columns);
+  * combine the gradients of the objectives (the task loss and the weighted terms) itself instead of the trainer
+    backpropagating their sum (`aggregates_gradients` / `combine_gradients`: at most one such plugin per trainer);
   * react to task boundaries of a task sequence (`on_task_begin` / `on_task_end`), receiving the `TaskContext`
     the trainer built once: the task, its tokenized splits, the tokenizer and the collator (no plugin tokenizes
     a task again);
@@ -103,6 +105,9 @@ class ContinualPlugin(TrainerCallback):
     #: True when `loss_terms` reads `outputs.logits` beyond the answer positions (e.g. an LM loss over the whole
     #: input): the trainer then computes the logits of every position (`answer_only_logits` is off while it is True)
     needs_full_logits: bool = False
+    #: True when the plugin combines the objectives' gradients itself (`combine_gradients`) instead of the trainer
+    #: backpropagating their sum; at most one plugin of a trainer may set it
+    aggregates_gradients: bool = False
 
     def bind(self, trainer: Any) -> None:
         """Called by `ContinualTrainer.__init__` for every plugin; a plain `Trainer` user calls it once."""
@@ -126,6 +131,23 @@ class ContinualPlugin(TrainerCallback):
     def loss_terms(self, trainer: Any, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> list[LossTerm]:
         """Extra loss terms for this batch (each a per-batch quantity, not scaled for accumulation)."""
         return []
+
+    def combine_gradients(
+        self,
+        trainer: Any,
+        model: torch.nn.Module,
+        objectives: dict[str, torch.Tensor],
+        params: list[torch.Tensor],
+    ) -> list[torch.Tensor | None]:
+        """Only when `aggregates_gradients`: this micro-batch's gradient for `params` (the trainable parameters),
+        one tensor (or None: no gradient) per parameter, combined from `objectives`.
+
+        `objectives`: ``"task"`` (the task loss) and one entry per loss term, each already weighted and scaled for
+        gradient accumulation exactly as in the summed loss the trainer would otherwise backpropagate (their sum is
+        that loss). The trainer then backpropagates the returned gradient in place of the sum's, through the
+        Trainer's own `backward` (the accumulation division and a grad scaler still apply).
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets aggregates_gradients but has no combine_gradients")
 
     def setup_task(self, trainer: Any, context: TaskContext) -> TaskSetup | None:
         """Before the task's parameters are set up: a model / adapter for the trainer to train, or None."""

@@ -57,6 +57,12 @@ PLUGINS: dict[str, PluginSpec] = {
         "hf_adaptive.compression.gradual_pruning:GradualPruningPlugin",
         "hf_adaptive.compression.config:GRADUAL_PRUNING_OPTIONS",
     ),
+    "qat": PluginSpec("hf_adaptive.compression.qat:QATPlugin", "hf_adaptive.compression.config:QAT_OPTIONS"),
+    "grad_aggregation": PluginSpec(
+        "hf_adaptive.aggregation.plugin:GradAggregationPlugin",
+        "hf_adaptive.aggregation.config:GRAD_AGGREGATION_OPTIONS",
+    ),
+    "olora": PluginSpec("hf_adaptive.orthogonal.olora:OLoRAPlugin", "hf_adaptive.orthogonal.config:OLORA_OPTIONS"),
 }
 
 #: `ContinualConfig.loss_weighting` modes -> the differentiable controller that implements them

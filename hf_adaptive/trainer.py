@@ -137,8 +137,34 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def _all_finite(param: torch.Tensor) -> bool:
+    """Whether every value of `param` is finite. A quantized weight (a torchao tensor subclass, which implements no
+    `isfinite`) is checked on its dequantized values."""
+    values = param.detach()
+    if type(values) not in (torch.Tensor, torch.nn.Parameter) and hasattr(values, "dequantize"):
+        values = values.dequantize()
+    return bool(torch.isfinite(values).all())
+
+
 def _is_save_disabled(args: Any) -> bool:
     return str(getattr(args.save_strategy, "value", args.save_strategy)) == "no"
+
+
+class _CombinedGradient(torch.autograd.Function):
+    """Value: the summed loss (what is logged and what the non-finite guard reads). Gradient: the one a
+    gradient-aggregating plugin combined from the objectives, times the incoming gradient (the Trainer's division
+    by the accumulation steps, a grad scaler's factor), so the Trainer's own `backward` puts it into `.grad`."""
+
+    @staticmethod
+    def forward(ctx: Any, total: torch.Tensor, grads: tuple[torch.Tensor | None, ...], *params: torch.Tensor):
+        ctx.grads = grads
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return (None, None, *grads)
 
 
 class _NonFiniteGuard(TrainerCallback):
@@ -206,11 +232,49 @@ class ContinualTrainer(Trainer):
         self.callback_handler.callbacks.insert(0, _NonFiniteGuard(self))
         for plugin in self.plugins:
             plugin.bind(self)
+        self._gradient_aggregator()  # at most one, and not with a loss weighting: refused before any training
 
     # ------------------------------------------------------------------------------------------------- plugins
     @property
     def plugins(self) -> list[ContinualPlugin]:
         return [cb for cb in self.callback_handler.callbacks if is_plugin(cb)]
+
+    def _gradient_aggregator(self, plugins: Sequence[ContinualPlugin] | None = None) -> ContinualPlugin | None:
+        """The one plugin that combines the objectives' gradients itself (`aggregates_gradients`), or None."""
+        found = [p for p in (self.plugins if plugins is None else plugins) if p.aggregates_gradients]
+        if len(found) > 1:
+            raise ValueError(
+                f"plugins {[p.name for p in found]} each combine the gradients of the objectives "
+                "(aggregates_gradients): at most one may"
+            )
+        if found and self.loss_weighting is not None:
+            raise ValueError(
+                f"ContinualConfig.loss_weighting={_continual_option(self.args, 'loss_weighting')!r} (or a "
+                f"loss_weighting passed to ContinualTrainer) cannot be combined with plugin {found[0].name!r}: both "
+                "decide how the task loss and the loss terms are combined; use one of them"
+            )
+        return found[0] if found else None
+
+    def _combined_loss(
+        self,
+        plugin: ContinualPlugin,
+        model: torch.nn.Module,
+        loss: torch.Tensor,
+        terms: Sequence[LossTerm],
+        steps: int,
+        total: torch.Tensor,
+    ) -> torch.Tensor:
+        """`total` as value, with as gradient the one `plugin` combines from the objectives (`combine_gradients`):
+        the task loss and each weighted term, scaled for accumulation exactly as in `total` (their sum)."""
+        objectives = {"task": loss, **{t.name: t.weight * t.value / steps for t in terms}}
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = list(plugin.combine_gradients(self, model, objectives, params))
+        if len(grads) != len(params):
+            raise ValueError(
+                f"plugin {plugin.name!r}: combine_gradients returned {len(grads)} gradients for {len(params)} "
+                "trainable parameters (one per parameter, None for no gradient)"
+            )
+        return _CombinedGradient.apply(total.detach(), tuple(grads), *params)  # detached: no way back
 
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         """Mirror of `Trainer.training_step`'s rule: is the task loss already normalised over the accumulated batch?"""
@@ -236,6 +300,9 @@ class ContinualTrainer(Trainer):
 
         In a task sequence with `answer_only_logits`, the model computes logits at the answer positions only
         (`_answer_only_inputs`); the plugins then see those logits and the labels cut to the same columns.
+
+        With a plugin that `aggregates_gradients` (and at least one term), the returned loss has the same value but
+        its gradient is the one that plugin combines from the task loss and the weighted terms (`_combined_loss`).
         """
         plugins = self.plugins
         inputs = self._answer_only_inputs(model, inputs) or inputs
@@ -265,6 +332,9 @@ class ContinualTrainer(Trainer):
                 total = total + term.weight * term.value / steps
                 weights[term.name] = term.weight
         self._record_terms(per_batch_task_loss, terms, weights)
+        aggregator = self._gradient_aggregator(plugins)
+        if aggregator is not None:
+            total = self._combined_loss(aggregator, model, loss, terms, steps, total)
         return (total, outputs) if return_outputs else total
 
     def _accepts_logits_to_keep(self, model: torch.nn.Module) -> bool:
@@ -559,7 +629,7 @@ class ContinualTrainer(Trainer):
         from tqdm.auto import tqdm
 
         model = self.accelerator.unwrap_model(self.model)
-        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        bad = [name for name, p in model.named_parameters() if not _all_finite(p)]
         if bad:
             logger.warning(
                 "the model has non-finite weights (%d tensors, e.g. %s): its accuracies are reported as NaN",

@@ -1,7 +1,9 @@
-"""The options of gradual magnitude pruning, declared once: `GradualPruningConfig`.
+"""The options of compression, declared once: `GradualPruningConfig` (gradual magnitude pruning),
+`QuantizationConfig` (post-training quantization) and `QuantizationAwareTrainingConfig` (the QAT plugin).
 
 Light on purpose (dataclasses and the validation helpers only): `ContinualConfig` and the CLI read these fields to
-offer them as options (`GRADUAL_PRUNING_OPTIONS`, prefix `prune_`) without importing torch or the plugin.
+offer them as options (`GRADUAL_PRUNING_OPTIONS`, prefix `prune_`; `QAT_OPTIONS`, prefix `qat_`) without importing
+torch, torchao or the plugins.
 """
 
 from __future__ import annotations
@@ -105,4 +107,103 @@ class GradualPruningConfig:
 #: GradualPruningPlugin's options: `prune_initial_sparsity`, `prune_final_sparsity`, `prune_begin_step`, ...
 GRADUAL_PRUNING_OPTIONS = (OptionSource(GradualPruningConfig, "prune_"),)
 
-__all__ = ["DEFAULT_TARGETS", "GRADUAL_PRUNING_OPTIONS", "SCOPES", "STRUCTURES", "GradualPruningConfig"]
+
+# ------------------------------------------------------------------------------------------------- quantization
+#: the torchao schemes that run on CPU with torchao 0.18: int8 weights (activations float), int8 dynamic activations
+#: + int8 weights, int8 dynamic activations + 4-bit grouped weights ("8da4w")
+QUANT_SCHEMES = ("int8_weight_only", "int8_dynamic", "8da4w")
+#: when the QAT plugin fake-quantizes: the last task, every task, or the last `recovery_steps` steps of the last task
+QAT_TASKS = ("last", "all", "recovery")
+
+
+@dataclass
+class QuantizationConfig:
+    """What `quantize_model` quantizes, and how (post-training quantization through torchao)."""
+
+    scheme: str = field(
+        default="8da4w",
+        metadata={
+            "help": "'int8_weight_only': int8 weights per output channel, float activations; 'int8_dynamic': int8 "
+            "weights and int8 activations quantized per token at run time; '8da4w': int8 dynamic activations + "
+            "symmetric 4-bit weights in groups of group_size input columns.",
+            "choices": list(QUANT_SCHEMES),
+        },
+    )
+    group_size: int = field(
+        default=32,
+        metadata={
+            "help": "8da4w only: input columns that share one weight scale (every quantized Linear's in_features "
+            "must be a multiple of it). Smaller: more accurate, larger scales overhead."
+        },
+    )
+    include_lm_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Also quantize the LM head (untied from the input embeddings first when tied). Default: the LM "
+            "head and the embeddings stay in their float dtype; only the decoder's Linear layers are quantized."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_choice(owner, "scheme", self.scheme, QUANT_SCHEMES)
+        check_number(owner, "group_size", self.group_size, low=1, integer=True)
+        check_bool(owner, "include_lm_head", self.include_lm_head)
+
+
+@dataclass
+class QuantizationAwareTrainingConfig(QuantizationConfig):
+    """Options of `QATPlugin`: torchao's `QATConfig` prepare (fake quantization) -> train -> convert.
+
+    The scheme's fields are `QuantizationConfig`'s: the converted model is quantized exactly as `quantize_model(...,
+    qat_compatible=True)` would quantize the same weights, so QAT and post-training quantization compare directly.
+    """
+
+    tasks: str = field(
+        default="last",
+        metadata={
+            "help": "'last': fake-quantize while the last task trains; 'all': from the first task on; 'recovery': "
+            "only the last recovery_steps optimizer steps of the last task (a short recovery phase).",
+            "choices": list(QAT_TASKS),
+        },
+    )
+    recovery_steps: int = field(
+        default=50,
+        metadata={
+            "help": "tasks='recovery' only: optimizer steps at the end of the last task trained with fake "
+            "quantization (the whole task when it has fewer)."
+        },
+    )
+    convert_at_end: bool = field(
+        default=True,
+        metadata={
+            "help": "At the end of the last task (or of a plain train()), convert the fake-quantized layers to real "
+            "torchao quantized weights: the model is then evaluated, saved and pushed quantized. False: it stays "
+            "fake-quantized (float weights; `QATPlugin.convert` converts later)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        check_choice(owner, "tasks", self.tasks, QAT_TASKS)
+        check_number(owner, "recovery_steps", self.recovery_steps, low=1, integer=True)
+        check_bool(owner, "convert_at_end", self.convert_at_end)
+
+
+#: QATPlugin's options: `qat_scheme`, `qat_group_size`, `qat_include_lm_head`, `qat_tasks`, `qat_recovery_steps`,
+#: `qat_convert_at_end`
+QAT_OPTIONS = (OptionSource(QuantizationAwareTrainingConfig, "qat_"),)
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "GRADUAL_PRUNING_OPTIONS",
+    "QAT_OPTIONS",
+    "QAT_TASKS",
+    "QUANT_SCHEMES",
+    "SCOPES",
+    "STRUCTURES",
+    "GradualPruningConfig",
+    "QuantizationAwareTrainingConfig",
+    "QuantizationConfig",
+]

@@ -1,5 +1,5 @@
 """LoRA experts on one backbone (peft), task signatures, the router that reuses / forks / creates experts,
-and sharing the library on the Hugging Face Hub.
+the meta-learned initialisation of created experts, and sharing the library on the Hugging Face Hub.
 
 Public names are imported on first access (PEP 562), so `import hf_adaptive.experts.config` stays light and
 the optional dependencies (faiss, sentence-transformers, huggingface_hub) stay optional.
@@ -16,6 +16,8 @@ _EXPORTS: dict[str, str] = {
     "SCORERS": "config",
     "EXPERT_ROUTING_OPTIONS": "config",
     "ExpertRoutingConfig": "config",
+    "META_INIT_METHODS": "config",
+    "MetaInitConfig": "config",
     "RouterConfig": "config",
     "SignatureConfig": "config",
     "faiss_available": "config",
@@ -26,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "HubPullError": "hub",
     "HubPushError": "hub",
     "push_library": "hub",
+    "MetaInitializer": "meta_init",
+    "MetaLearner": "meta_init",
     "ExpertRoutingPlugin": "plugin",
     "check_tolerance": "plugin",
     "signature_dim": "plugin",

@@ -1,5 +1,6 @@
 """Options of expert routing, declared once: the router's (`RouterConfig`), the task signatures'
-(`SignatureConfig`) and the routing plugin's own (`ExpertRoutingConfig`).
+(`SignatureConfig`), the routing plugin's own (`ExpertRoutingConfig`) and the new experts' initialisation
+(`MetaInitConfig`).
 
 Light on purpose (dataclasses and the validation helpers only): `ContinualConfig` and the CLI build their
 `router_*` / `signature_*` options from these fields (`EXPERT_ROUTING_OPTIONS`) without importing torch or peft.
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..utils.options import OptionSource
 from ..utils.validation import (
+    OptionError,
     check_bool,
     check_choice,
     check_number,
@@ -26,6 +28,8 @@ INDEXES = ("exact", "faiss", "auto")
 NORMALIZATIONS = ("none", "center", "standardize")
 SIGNATURE_PARTS = ("text", "gradient", "context")
 SKETCH_METHODS = ("gaussian", "countsketch")
+#: how a created expert starts: peft's fresh LoRA, or a meta-learned initialisation (`hf_adaptive.experts.meta_init`)
+META_INIT_METHODS = ("fresh", "reptile", "reptile_experts", "fomaml")
 
 
 def faiss_available() -> bool:
@@ -274,24 +278,109 @@ class ExpertRoutingConfig:
         check_bool(owner, "verify_reuse", self.verify_reuse)
 
 
-#: the options of the `expert_routing` plugin: `router_*` (RouterConfig and the plugin's own) and `signature_*`
+@dataclass
+class MetaInitConfig:
+    """How the routing plugin initialises an expert it creates (see `hf_adaptive.experts.meta_init`).
+
+    'fresh' is peft's LoRA initialisation (B = 0: the model starts as the base). The other methods start the new
+    expert from phi, an initialisation meta-learned over the earlier tasks (both LoRA factors set from phi):
+    'reptile' (phi += outer_lr * mean_i (W_i - phi), W_i = phi after inner_steps SGD steps on task i's kept rows),
+    'reptile_experts' (the same with W_i = the weights of task i's trained expert: no inner steps, no rows kept)
+    and 'fomaml' (phi -= outer_lr * mean_i grad L_i^query(phi_i'), phi_i' = phi after inner_steps SGD steps on a
+    support batch of task i, the gradient taken at phi_i'). phi is kept and trained further at every creation.
+    """
+
+    method: str = field(
+        default="fresh",
+        metadata={
+            "help": "Expert routing: initialisation of a created expert: 'fresh' (peft's LoRA init, B = 0), "
+            "'reptile', 'reptile_experts' (Reptile over the stored experts' weights) or 'fomaml' (first-order "
+            "MAML), meta-learned over the earlier tasks."
+        },
+    )
+    inner_steps: int = field(
+        default=5,
+        metadata={"help": "Meta-init ('reptile', 'fomaml'): plain SGD steps of the inner loop on one task (>= 1)."},
+    )
+    inner_lr: float = field(
+        default=0.05, metadata={"help": "Meta-init ('reptile', 'fomaml'): learning rate of the inner SGD steps (> 0)."}
+    )
+    outer_steps: int = field(
+        default=10,
+        metadata={"help": "Meta-init: outer updates of phi each time an expert is created (>= 1)."},
+    )
+    outer_lr: float = field(
+        default=0.5,
+        metadata={
+            "help": "Meta-init: outer step size: Reptile's epsilon (in (0, 1]) or FOMAML's beta (> 0; plain SGD)."
+        },
+    )
+    support_batch_size: int = field(
+        default=8,
+        metadata={"help": "Meta-init ('reptile', 'fomaml'): rows of a task in each inner SGD step (>= 1)."},
+    )
+    query_batch_size: int = field(
+        default=8,
+        metadata={"help": "Meta-init ('fomaml'): rows of a task whose loss gives the outer gradient (>= 1)."},
+    )
+    rows_per_task: int = field(
+        default=32,
+        metadata={
+            "help": "Meta-init ('reptile', 'fomaml'): training rows kept of each finished task (a seeded sample; "
+            "memory: this many tokenized rows per task)."
+        },
+    )
+    tasks_per_step: int | None = field(
+        default=None,
+        metadata={"help": "Meta-init: earlier tasks sampled for each outer update (None: all of them)."},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Meta-init: seed of the rows kept and of the batches and tasks sampled (>= 0)."}
+    )
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_choice(owner, "method", self.method, META_INIT_METHODS)
+        for name in ("inner_steps", "outer_steps", "support_batch_size", "query_batch_size", "rows_per_task"):
+            check_number(owner, name, getattr(self, name), 1, integer=True)
+        check_number(owner, "inner_lr", self.inner_lr, 0.0, low_open=True)
+        reptile = self.method in ("reptile", "reptile_experts")
+        check_number(owner, "outer_lr", self.outer_lr, 0.0, 1.0 if reptile else None, low_open=True)
+        check_number(owner, "tasks_per_step", self.tasks_per_step, 1, integer=True, optional=True)
+        check_number(owner, "seed", self.seed, 0, integer=True)
+        check_order(owner, "support_batch_size", self.support_batch_size, "rows_per_task", self.rows_per_task)
+        if self.method == "fomaml" and self.support_batch_size + self.query_batch_size > self.rows_per_task:
+            raise OptionError(
+                owner,
+                "query_batch_size",
+                self.query_batch_size,
+                "must be <= {0} - {1} with 'fomaml' (support and query rows are disjoint)",
+                related=(("rows_per_task", self.rows_per_task), ("support_batch_size", self.support_batch_size)),
+            )
+
+
+#: the options of the `expert_routing` plugin: `router_*` (RouterConfig and the plugin's own), `signature_*` and
+#: `meta_init_*` (how a created expert is initialised)
 EXPERT_ROUTING_OPTIONS = (
     # dim: the signature size, read from the model (a placeholder validates the other fields standalone)
     OptionSource(RouterConfig, "router_", exclude=("dim",), placeholders=(("dim", 1),)),
     # weights: a dict, which HfArgumentParser cannot read from a flag; set it in Python (SignatureConfig(weights=))
     OptionSource(SignatureConfig, "signature_", exclude=("weights",)),
     OptionSource(ExpertRoutingConfig, "router_"),
+    OptionSource(MetaInitConfig, "meta_init_"),
 )
 
 __all__ = [
     "DECISIONS",
     "EXPERT_ROUTING_OPTIONS",
     "INDEXES",
+    "META_INIT_METHODS",
     "NORMALIZATIONS",
     "SCORERS",
     "SIGNATURE_PARTS",
     "SKETCH_METHODS",
     "ExpertRoutingConfig",
+    "MetaInitConfig",
     "RouterConfig",
     "SignatureConfig",
     "faiss_available",

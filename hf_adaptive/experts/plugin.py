@@ -16,11 +16,17 @@ stays as the task's own expert (a failed reuse, rolled back); otherwise the fork
 and the fork is deleted (a successful reuse: one expert). Without the check a wrong reuse trains over the old
 tasks' expert and cannot be undone.
 
+A created expert starts from peft's fresh LoRA (`meta_init_method='fresh'`, the default) or from an initialisation
+meta-learned over the earlier tasks (Reptile, Reptile over the stored experts, first-order MAML:
+`hf_adaptive.experts.meta_init`): at task end the plugin keeps a seeded sample of the task's training rows, and at
+the next creation it trains the kept phi further over them and writes it into the new expert (both LoRA factors).
+Forks and reuses are unchanged.
+
 The router decides which adapter trains, so the trainer's own `adapter_strategy` must be `'full'` (the only
 strategy that adds no adapter of its own); any other is refused, naming the option. By name
-(`plugins: [expert_routing]` in a YAML config) it is built by `from_config` from the `router_*` and `signature_*`
-options (`EXPERT_ROUTING_OPTIONS`), with the experts' LoRA shape from the trainer's `lora_*` options; its decisions
-go into `results.json` (`extra_results`).
+(`plugins: [expert_routing]` in a YAML config) it is built by `from_config` from the `router_*`, `signature_*` and
+`meta_init_*` options (`EXPERT_ROUTING_OPTIONS`), with the experts' LoRA shape from the trainer's `lora_*` options;
+its decisions go into `results.json` (`extra_results`).
 """
 
 from __future__ import annotations
@@ -35,10 +41,12 @@ import torch
 from ..adapters import expert_name, lora_config_from_args
 from ..plugins import PLUGIN_STATE_DIR, ContinualPlugin, TaskContext, TaskSetup
 from ..tasks import Task
+from ..utils.io import StateLoadError
 from ..utils.options import build_config
 from ..utils.validation import OptionError, check_number, fail
-from .config import EXPERT_ROUTING_OPTIONS, ExpertRoutingConfig, SignatureConfig
+from .config import EXPERT_ROUTING_OPTIONS, ExpertRoutingConfig, MetaInitConfig, SignatureConfig
 from .library import ExpertInfo, ExpertLibrary
+from .meta_init import MetaInitializer
 from .router import Router, RoutingDecision
 from .signature import TaskSignature
 
@@ -79,10 +87,12 @@ class ExpertRoutingPlugin(ContinualPlugin):
         router: Router,
         signature_config: SignatureConfig | None = None,
         config: ExpertRoutingConfig | None = None,
+        meta_init: MetaInitConfig | None = None,
         **overrides: Any,
     ) -> None:
-        """`library` and `router` (objects), the signatures' settings, and the plugin's own settings:
-        `config` and/or keyword overrides of its fields (`tolerance=`, `eval_limit=`, `verify_reuse=`)."""
+        """`library` and `router` (objects), the signatures' settings, the plugin's own settings (`config` and/or
+        keyword overrides of its fields: `tolerance=`, `eval_limit=`, `verify_reuse=`) and how a created expert is
+        initialised (`meta_init`; None: fresh)."""
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ExpertRoutingConfig)})
         if unknown:
             raise TypeError(
@@ -97,6 +107,12 @@ class ExpertRoutingPlugin(ContinualPlugin):
         self.router = router
         self.library.router = router
         self.signature_config = signature_config or SignatureConfig()
+        if meta_init is not None and not isinstance(meta_init, MetaInitConfig):
+            raise TypeError(
+                f"ExpertRoutingPlugin.meta_init={meta_init!r} is not allowed: a MetaInitConfig (or None: fresh experts)"
+            )
+        #: the initialisation of created experts (meta-learned phi and the rows it learns from)
+        self.meta_init = MetaInitializer(meta_init)
         #: whether the experts' LoRA shape follows the trainer's `lora_*` options (a plugin built by name)
         self.lora_from_trainer = False
         self.task_expert: dict[str, str] = {}
@@ -129,7 +145,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
             )
         _check_strategy(config)
         owner = type(config).__name__
-        router_options, signature_options, plugin_options = cls.options
+        router_options, signature_options, plugin_options, meta_options = cls.options
         signature_config = build_config(signature_options, config, owner=owner)
         try:
             dim = signature_dim(model, signature_config)
@@ -142,7 +158,13 @@ class ExpertRoutingPlugin(ContinualPlugin):
         library = ExpertLibrary(model, experiment_id=getattr(config, "run_name", None) or "")
         if hasattr(config, "lora_r"):
             library.lora_config = lora_config_from_args(config)
-        plugin = cls(library, router, signature_config, build_config(plugin_options, config, owner=owner))
+        plugin = cls(
+            library,
+            router,
+            signature_config,
+            build_config(plugin_options, config, owner=owner),
+            meta_init=build_config(meta_options, config, owner=owner),
+        )
         plugin.lora_from_trainer = True
         return plugin
 
@@ -215,6 +237,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
         query = self._from_main_process(trainer, vector)
         decision = self.router.route(query)
         self._trial = None
+        init = None
         if decision.action == "reuse" and decision.expert is not None:
             new = None
             if self.verify_reuse and self._checked_tasks(trainer, decision.expert, task.name):
@@ -230,6 +253,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
                 self.library.fork(decision.expert, expert, task_id=task.name)
             else:
                 self.library.create(expert, task_id=task.name, description=task.description)
+                init = self._meta_initialise(trainer, context, expert)  # None: the expert stays fresh
             new = expert
         self.router.record_decision(decision, new_expert=new, query=query)
         self.task_expert[task.name] = expert  # a checked reuse: the fork until the check at task end
@@ -244,8 +268,33 @@ class ExpertRoutingPlugin(ContinualPlugin):
                 "rule": decision.rule,
             }
         )
+        if init is not None:  # the created expert started from the meta-learned phi (not fresh)
+            self.decisions[-1]["init"] = init
         # the first expert (or a restored library) wrapped the backbone: the trainer moves to the library's model
         return TaskSetup(model=self.library.model, adapter=expert)
+
+    def _meta_initialise(self, trainer: Any, context: TaskContext, expert: str) -> dict[str, Any] | None:
+        """Start the just-created `expert` from the meta-learned initialisation (None: left fresh, e.g. 'fresh' or
+        the first expert). 'reptile_experts' learns from the experts of the finished tasks; phi is broadcast from
+        the main process, so every process trains the same expert."""
+        if not self.meta_init.enabled:
+            return None
+        experts = None
+        if self.meta_init.config.method == "reptile_experts":
+            from peft import get_peft_model_state_dict
+
+            experts = {
+                task: {k: v.detach() for k, v in get_peft_model_state_dict(self.library.model, adapter_name=e).items()}
+                for task, e in self.task_expert.items()
+                if e in self.library and e != expert
+            }
+        return self.meta_init.initialise(
+            self.library.model,
+            expert,
+            context.collator,
+            experts=experts,
+            sync=lambda tensor: self._from_main_process(trainer, tensor),
+        )
 
     def _checked_tasks(self, trainer: Any, expert: str, current: str) -> list[str]:
         """The earlier tasks `expert` serves whose accuracy can be re-measured (known task, accuracy recorded)."""
@@ -320,6 +369,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
                 t: {"before": self.task_accuracy[t], "after": a} for t, a in measured.items()
             }
         self.library.model.set_adapter(expert)
+        self.meta_init.remember(task.name, context.train_dataset)  # rows for the next meta-learned initialisation
         self._pending = None
 
     def adapter_for_task(self, task_name: str) -> str | None:
@@ -354,7 +404,7 @@ class ExpertRoutingPlugin(ContinualPlugin):
                     for k, v in get_peft_model_state_dict(self.library.model, adapter_name=name).items()
                 },
             }
-        return {
+        state = {
             "router": self.router.state_dict(),
             "library": self.library.manifest(),
             "adapters": adapters,
@@ -363,6 +413,9 @@ class ExpertRoutingPlugin(ContinualPlugin):
             "task_signatures": dict(self.task_signatures),
             "decisions": list(self.decisions),
         }
+        if self.meta_init.enabled or self.meta_init.phi is not None or self.meta_init.rows:
+            state["meta_init"] = self.meta_init.state_dict()  # (fresh experts: the state of before, unchanged)
+        return state
 
     def restore_model(self, snapshot: Path, model: torch.nn.Module) -> torch.nn.Module | None:
         """Before the trainer loads an end-of-task snapshot into `model`: load this plugin's state saved in
@@ -380,6 +433,9 @@ class ExpertRoutingPlugin(ContinualPlugin):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from peft import LoraConfig, set_peft_model_state_dict
 
+        meta = MetaInitializer(self.meta_init.config)  # checked first; a state saved without it: nothing learned yet
+        if "meta_init" in state:
+            meta.load_state_dict(state["meta_init"])
         self.router.load_state_dict(state["router"])
         infos = [ExpertInfo.from_dict(d) for d in state["library"]["experts"]]
         for info in infos:
@@ -396,3 +452,22 @@ class ExpertRoutingPlugin(ContinualPlugin):
         self.task_accuracy = {k: float(v) for k, v in state["task_accuracy"].items()}
         self.task_signatures = {k: v.float() for k, v in state["task_signatures"].items()}
         self.decisions = list(state["decisions"])
+        self._check_phi(meta)
+        self.meta_init = meta
+
+    def _check_phi(self, meta: MetaInitializer) -> None:
+        """A restored phi has the keys and shapes of an expert of the library (the one it initialised, at least):
+        else it belongs to another model or LoRA shape and would fail at the next creation."""
+        from peft import get_peft_model_state_dict
+
+        if meta.phi is None:
+            return
+        shape = {k: tuple(v.shape) for k, v in meta.phi.items()}
+        for name in self.library.names:
+            weights = get_peft_model_state_dict(self.library.model, adapter_name=name)
+            if {k: tuple(v.shape) for k, v in weights.items()} == shape:
+                return
+        raise StateLoadError(
+            f"MetaInitializer.phi ({len(shape)} tensors, e.g. {next(iter(shape.items()))}) is not allowed: it matches "
+            f"the weights of no expert of the library {self.library.names} (another model or LoRA shape?)"
+        )

@@ -16,7 +16,7 @@ from ..utils.options import OptionSource
 from ..utils.validation import check_bool, check_choice, check_number, check_str, fail
 
 GRANULARITIES = ("parameter", "module", "layer")
-THRESHOLD_MODES = ("absolute", "relative")
+THRESHOLD_MODES = ("absolute", "relative", "change")
 EARLY_STOPPING_METRICS = ("accuracy", "loss")
 
 
@@ -121,7 +121,8 @@ class FreezingConfig:
     threshold_mode: str = field(
         default="absolute",
         metadata={
-            "help": "'absolute' (EMA < threshold) or 'relative' (EMA < threshold * mean EMA of the active units).",
+            "help": "'absolute' (EMA < threshold), 'relative' (EMA < threshold * mean EMA of the active units) or "
+            "'change' (AutoFreeze: the EMA moved by less than threshold, relative, over the last change_window steps).",
             "choices": list(THRESHOLD_MODES),
         },
     )
@@ -135,6 +136,9 @@ class FreezingConfig:
     )
     ema_beta: float = field(default=0.9, metadata={"help": "EMA factor of the gradient norms, [0, 1)."})
     warmup_steps: int = field(default=10, metadata={"help": "Steps before anything may freeze."})
+    change_window: int = field(
+        default=10, metadata={"help": "Steps between the EMA readings that threshold_mode='change' compares (>= 1)."}
+    )
     probe_every: int = field(default=20, metadata={"help": "Steps between probes of the frozen units; 0 never probes."})
     max_frozen_fraction: float = field(
         default=0.9, metadata={"help": "Most of the parameters (by count) frozen at once, in [0, 1)."}
@@ -154,6 +158,7 @@ class FreezingConfig:
         check_choice(c, "granularity", self.granularity, GRANULARITIES)
         check_number(c, "ema_beta", self.ema_beta, 0.0, 1.0, high_open=True)
         check_number(c, "warmup_steps", self.warmup_steps, 0, integer=True)
+        check_number(c, "change_window", self.change_window, 1, integer=True)
         check_number(c, "probe_every", self.probe_every, 0, integer=True)
         check_number(c, "max_frozen_fraction", self.max_frozen_fraction, 0.0, 1.0, high_open=True)
         check_bool(c, "drop_optimizer_state", self.drop_optimizer_state)

@@ -12,6 +12,10 @@ gradient. `release()` thaws everything: `SelectiveFreezingCallback` (in `callbac
 so the next `Trainer` (which builds its optimizer from the parameters with `requires_grad`) sees every parameter
 again.
 
+`threshold_mode="change"` is AutoFreeze's criterion: every `change_window` steps the relative change of each unit's
+EMA since the previous reading is measured, and a unit whose gradient norm has stopped moving (change < threshold)
+counts as converged, whatever its scale (the lowest layers of a pretrained LM can have the largest gradients).
+
 With `granularity="layer"` (AutoFreeze's policy) each decoder layer is one unit (the input embeddings go with layer 0,
 unless they are tied to the output head) and only a prefix of layers freezes: layer i may freeze only once every layer
 below it is frozen. While layer 0 is frozen, the input embeddings' output is detached, so autograd builds no graph
@@ -41,6 +45,8 @@ class _Unit:
     frozen: bool = False
     probing: bool = False
     first_frozen_step: int | None = None
+    reference: float | None = None  # EMA at the last change_window reading (threshold_mode="change")
+    change: float | None = None  # relative change of the EMA between the last two readings
 
 
 class Freezer:
@@ -167,8 +173,13 @@ class Freezer:
                 unit.ema = norm  # a probe measures the signal afresh
             else:
                 unit.ema = cfg.ema_beta * unit.ema + (1 - cfg.ema_beta) * norm
-        threshold = cfg.threshold
         active = [u for u in self.units if not u.frozen and u.ema is not None]
+        if cfg.threshold_mode == "change" and self.steps % cfg.change_window == 0:
+            for unit in active:
+                if unit.reference is not None and unit.reference > 0:
+                    unit.change = abs(unit.ema - unit.reference) / unit.reference
+                unit.reference = unit.ema
+        threshold = cfg.threshold
         if cfg.threshold_mode == "relative" and active:
             threshold = cfg.threshold * sum(u.ema for u in active) / len(active)
         if self.steps > cfg.warmup_steps:
@@ -177,14 +188,14 @@ class Freezer:
                 for unit in self.units:
                     if unit.frozen:
                         continue
-                    quiet = unit.numel == 0 or (unit.ema is not None and unit.ema < threshold)
+                    quiet = unit.numel == 0 or self._signal(unit) < threshold
                     if not quiet or unit.numel > budget:
                         break
                     self._set(unit, True)
                     budget -= unit.numel
             else:
-                for unit in sorted(active, key=lambda u: u.ema):
-                    if unit.ema >= threshold:
+                for unit in sorted(active, key=self._signal):
+                    if self._signal(unit) >= threshold:
                         break
                     if unit.numel <= budget:
                         self._set(unit, True)
@@ -196,6 +207,11 @@ class Freezer:
                 if unit.frozen:
                     self._set(unit, False)
                     unit.probing = True
+
+    def _signal(self, unit: _Unit) -> float:
+        """What the threshold is compared with: the EMA, or its relative change (`change` mode); inf = unknown."""
+        value = unit.change if self.config.threshold_mode == "change" else unit.ema
+        return math.inf if value is None else value
 
     def release(self) -> None:
         """Thaw every unit (their EMAs are kept)."""
@@ -209,7 +225,14 @@ class Freezer:
         return {
             "steps": self.steps,
             "units": {
-                u.name: {"ema": u.ema, "frozen": u.frozen, "probing": u.probing, "first_frozen": u.first_frozen_step}
+                u.name: {
+                    "ema": u.ema,
+                    "frozen": u.frozen,
+                    "probing": u.probing,
+                    "first_frozen": u.first_frozen_step,
+                    "reference": u.reference,
+                    "change": u.change,
+                }
                 for u in self.units
             },
         }
@@ -224,6 +247,8 @@ class Freezer:
             self._set(unit, bool(saved["frozen"]))
             unit.probing = bool(saved["probing"])
             unit.first_frozen_step = saved.get("first_frozen")
+            unit.reference = saved.get("reference")
+            unit.change = saved.get("change")
 
 
 def _detach_output(module: nn.Module, args: Any, output: Any) -> Any:

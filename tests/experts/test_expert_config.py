@@ -94,7 +94,7 @@ def test_a_bad_value_names_the_config_field(cls, field, value):
 
 
 def test_build_config_restates_errors_under_the_option_name():
-    router_source, signature_source, plugin_source = EXPERT_ROUTING_OPTIONS
+    router_source, signature_source, plugin_source, _meta_init_source = EXPERT_ROUTING_OPTIONS
     options = types.SimpleNamespace(**FORMER_OPTIONS)
     assert build_config(router_source, options, owner="ContinualConfig", dim=5) == RouterConfig(dim=5)
     assert build_config(signature_source, options, owner="ContinualConfig") == SignatureConfig()

@@ -238,9 +238,13 @@ CONFIG_AT: dict[str, dict[str, str | None]] = {
         "RouterConfig": "router.config",
         "SignatureConfig": "signature_config",
         "ExpertRoutingConfig": "config",
+        "MetaInitConfig": "meta_init.config",
     },
     "gradual_pruning": {"GradualPruningConfig": "config"},
     "distillation": {"DistillationConfig": "config"},
+    "qat": {"QuantizationAwareTrainingConfig": "config"},
+    "grad_aggregation": {"GradAggregationConfig": "config"},
+    "olora": {"OLoRAConfig": "config"},
 }
 
 #: options other than the one under test that a source needs to act (plugin -> config class -> options):
@@ -267,6 +271,31 @@ SHARED_NOT_USED: dict[tuple[str, str, str], str] = {
 
 #: a non-default valid value of every plugin option (expected back as given, unless in `EXPECTED`)
 VALUES: dict[str, Any] = {
+    # expert_routing's meta-learned initialisation
+    "meta_init_method": "reptile",
+    "meta_init_inner_steps": 3,
+    "meta_init_inner_lr": 0.1,
+    "meta_init_outer_steps": 4,
+    "meta_init_outer_lr": 0.25,
+    "meta_init_support_batch_size": 4,
+    "meta_init_query_batch_size": 4,
+    "meta_init_rows_per_task": 16,
+    "meta_init_tasks_per_step": 2,
+    "meta_init_seed": 7,
+    # qat
+    "qat_scheme": "int8_dynamic",
+    "qat_group_size": 64,
+    "qat_include_lm_head": True,
+    "qat_tasks": "recovery",
+    "qat_recovery_steps": 7,
+    "qat_convert_at_end": False,
+    # grad_aggregation
+    "grad_aggregation_aggregator": "pcgrad",
+    "grad_aggregation_objectives": "task_vs_rest",
+    "grad_aggregation_scale": "mean",
+    # olora
+    "olora_orth_lambda": 0.25,
+    "olora_l2_lambda": 0.01,
     # distillation
     "distill_lambda": 0.5,
     "distill_divergence": "reverse_kl",
@@ -364,6 +393,7 @@ VALUES: dict[str, Any] = {
     "freeze_warmup_steps": 3,
     "freeze_probe_every": 3,
     "freeze_max_frozen_fraction": 0.5,
+    "freeze_change_window": 4,
     "freeze_drop_optimizer_state": False,
     # head_l0 / gate_feedback (gate_mode: per plugin, `PLUGIN_VALUES`)
     "gate_l0_weight": 0.5,
@@ -612,6 +642,7 @@ def test_the_router_is_sized_by_the_signatures():
 
 #: constructor parameters of the plugins that are not config objects built from the plugin's options, and why
 NOT_OPTIONS: dict[str, dict[str, str]] = {
+    "olora": {"lora_config": "an object (a peft LoraConfig) of the new adapters; None: from the lora_* options"},
     "distillation": {"teacher": "an object: an explicit teacher model (a string is the distill_teacher option)"},
     "early_stopping": {
         "task": "an object (a Task); only needed with a plain Trainer, train_sequence passes each task",

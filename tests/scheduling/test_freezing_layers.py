@@ -184,3 +184,37 @@ def test_layer_state_round_trip_restores_the_cut(tmp_path):
     assert restored.manages(fresh) and not restored.manages(model)
     with pytest.raises(ValueError, match=r"Freezer.freeze_prefix count=5"):
         restored.freeze_prefix(5)
+
+
+def test_change_mode_freezes_layers_whose_gradient_norm_stopped_moving():
+    """AutoFreeze's criterion: with lr 0 and a fixed batch every gradient norm is constant (change 0), so the prefix
+    freezes at the second reading, up to the cap; while layer 0's gradient keeps growing, nothing may freeze."""
+    model = Stack()
+    model.embed.requires_grad_(False)
+    cfg = FreezingConfig(
+        granularity="layer", threshold_mode="change", threshold=0.01, change_window=2, warmup_steps=0, probe_every=0
+    )
+    ids = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(0))
+
+    def step(freezer, opt):
+        nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        freezer.update(opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    moving = Freezer(model, cfg)
+    for _ in range(8):
+        model.gains[0] *= 1.5  # layer 0's gradient (and everything above it) keeps changing
+        step(moving, opt)
+    assert moving.frozen_layers() == 0 and moving.units[0].change > 0.01
+    steady = Freezer(model, cfg)
+    for i in range(4):
+        step(steady, opt)
+        assert steady.frozen_layers() == (0 if i < 3 else 3)  # readings at steps 2 and 4; cap 0.9 of 4 layers
+    assert steady.units[0].change == 0.0 and steady.freeze_history() == {f"layers.{i}": 4 for i in range(3)}
+    restored = Freezer(Stack(), cfg)
+    restored.model.embed.requires_grad_(False)
+    restored.load_state_dict(steady.state_dict())
+    assert [u.change for u in restored.units] == [u.change for u in steady.units]
+    assert [u.reference for u in restored.units] == [u.reference for u in steady.units]
