@@ -7,32 +7,32 @@ tokenizer when given, and README.md rendered from `hf_adaptive/model_cards/compr
 everything in a temporary folder and sends it in a single `HfApi.create_commit`, so the remote repository never
 holds half a model; any failure is raised as `HubPushError` naming the repository and the step.
 
-The HTTP timeout and the card-escaping helpers repeat `hf_adaptive.experts.hub`'s (the import-layer contract keeps
-`compression` and `experts` apart); both belong in a shared `utils` module.
+The HTTP timeout and the card-escaping helpers are `hf_adaptive.utils.hub`'s, shared with the expert library's push.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import re
 import string
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..utils.hub import DEFAULT_TIMEOUT, HubPushError
+from ..utils.hub import check_timeout as _check_timeout
+from ..utils.hub import http_timeout as _http_timeout
+from ..utils.hub import is_timeout as _is_timeout
+from ..utils.hub import md as _md
+from ..utils.hub import py as _py
+from ..utils.hub import yaml_value as _yaml_value
 from ..utils.validation import check_choice, check_number, check_str, fail
 from .config import QUANT_SCHEMES
 
 #: templates of the model cards (a checkout also links them as ./model_cards)
 DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 CARD_TEMPLATE = "compressed_card.md"
-#: seconds one HTTP request may wait for the server before the push fails
-DEFAULT_TIMEOUT = 60.0
 #: compression methods a card can state
 METHODS = ("ptq", "qat", "pruning")
 _METHOD_TEXT = {
@@ -41,10 +41,6 @@ _METHOD_TEXT = {
     "pruning": "gradual magnitude pruning (Zhu & Gupta cubic schedule)",
 }
 OWNER = "CompressedCardInfo"
-
-
-class HubPushError(RuntimeError):
-    """A push to the Hub failed; nothing local was changed."""
 
 
 @dataclass
@@ -126,32 +122,6 @@ def _accuracies(name: str, values: Any) -> dict[str, float]:
         check_number(OWNER, f"{name}[{task!r}]", value, low=0, high=1)
         out[task] = float(value)
     return out
-
-
-# ---------------------------------------------------------------------------------------------- card values
-_PLAIN_YAML = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*")
-
-
-def _yaml_value(value: Any) -> str:
-    """A YAML scalar that parses back to exactly `str(value)`: plain when safe, else double-quoted (a newline in a
-    user's value must not add front-matter keys)."""
-    import yaml
-
-    text = str(value)
-    if _PLAIN_YAML.fullmatch(text) and yaml.safe_load(f"k: {text}") == {"k": text}:
-        return text
-    return json.dumps(text)
-
-
-def _md(value: Any) -> str:
-    """Text safe inside a Markdown table cell or inline code: one line, no cell separator, no backtick."""
-    text = " ".join(str(value).split())
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("<", "&lt;")
-
-
-def _py(value: Any) -> str:
-    """A Python string literal for the card's code snippet."""
-    return json.dumps(str(value))
 
 
 def _size(size: int | None) -> str:
@@ -236,50 +206,6 @@ def compressed_model_card(info: CompressedCardInfo, repo_id: str, template_dir: 
 
 
 # -------------------------------------------------------------------------------------------------- the push
-def _check_timeout(timeout: Any) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-        raise ValueError(f"push_compressed.timeout={timeout!r} is not allowed: a finite number of seconds > 0")
-    return float(timeout)
-
-
-@contextmanager
-def _http_timeout(seconds: float) -> Iterator[None]:
-    """Every request of huggingface_hub's shared client waits at most `seconds` inside the block (its client has no
-    timeout by default: a server that accepts and never answers would hang the push). See experts.hub."""
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils import _http
-
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
-
-    def cap(request: Any) -> None:
-        given = dict(request.extensions.get("timeout") or {})
-        request.extensions["timeout"] = {
-            key: seconds if given.get(key) is None else min(float(given[key]), seconds)
-            for key in ("connect", "read", "write", "pool")
-        }
-
-    def factory() -> Any:
-        client = previous()
-        client.timeout = type(client.timeout)(seconds)
-        client.event_hooks = {**client.event_hooks, "request": [*client.event_hooks.get("request", []), cap]}
-        return client
-
-    set_client_factory(factory)
-    try:
-        yield
-    finally:
-        set_client_factory(previous)
-
-
-def _is_timeout(err: BaseException) -> bool:
-    seen: BaseException | None = err
-    while seen is not None:
-        if "Timeout" in type(seen).__name__ or isinstance(seen, TimeoutError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 def push_compressed(
     model: Any,
     repo_id: str,
@@ -303,7 +229,7 @@ def push_compressed(
 
     from .quantization import model_size_bytes
 
-    timeout = _check_timeout(timeout)
+    timeout = _check_timeout("push_compressed", timeout)
     if not isinstance(card_info, CompressedCardInfo):
         raise TypeError(f"push_compressed: card_info must be a CompressedCardInfo, got {type(card_info).__name__}")
     api = HfApi(endpoint=endpoint, token=token)

@@ -17,104 +17,26 @@ failure is raised as `HubPushError` naming the repository and the step.
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import string
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..utils.hub import DEFAULT_TIMEOUT, HubPushError
+from ..utils.hub import check_timeout as _check_timeout
+from ..utils.hub import http_timeout as _http_timeout
+from ..utils.hub import is_timeout as _is_timeout
+from ..utils.hub import md as _md
+from ..utils.hub import py as _py
+from ..utils.hub import yaml_value as _yaml_value
 from .layout import EXPERTS_DIR, LIBRARY_FILE, ROUTER_DIR
 
 #: templates of the model cards; a checkout keeps them at the repository root
 DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "model_cards"  # also linked as ./model_cards
 
 
-class HubPushError(RuntimeError):
-    """A push to the Hub failed; the local library is unchanged."""
-
-
 class HubPullError(RuntimeError):
     """A library could not be fetched from the Hub."""
-
-
-#: seconds one HTTP request may wait for the server (connect, each read, each write) before the push/pull fails
-DEFAULT_TIMEOUT = 60.0
-
-
-def _check_timeout(owner: str, timeout: Any) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-        raise ValueError(f"{owner}.timeout={timeout!r} is not allowed: a finite number of seconds > 0")
-    return float(timeout)
-
-
-@contextmanager
-def _http_timeout(seconds: float) -> Iterator[None]:
-    """Every request of huggingface_hub's shared client waits at most `seconds` while inside the block.
-
-    huggingface_hub >= 1.0 builds its shared httpx client with `timeout=None` (wait forever) and sends some
-    requests (repository creation, commits, `repo_info` of a snapshot) with no timeout or an explicit `None`: a
-    server that accepts the connection and never answers hangs a push or a pull indefinitely. Through
-    `set_client_factory`, its documented knob, the client gets `seconds` as its default and a request hook caps
-    every request's own timeouts (connect, read, write, pool) at `seconds`. The previous factory (the user's, if
-    any) is wrapped, not replaced, and restored afterwards. The client is process-wide, so requests that other
-    threads send meanwhile get the same bound.
-    """
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils import _http
-
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
-
-    def cap(request: Any) -> None:
-        given = dict(request.extensions.get("timeout") or {})
-        request.extensions["timeout"] = {
-            key: seconds if given.get(key) is None else min(float(given[key]), seconds)
-            for key in ("connect", "read", "write", "pool")
-        }
-
-    def factory() -> Any:
-        client = previous()
-        client.timeout = type(client.timeout)(seconds)
-        client.event_hooks = {**client.event_hooks, "request": [*client.event_hooks.get("request", []), cap]}
-        return client
-
-    set_client_factory(factory)
-    try:
-        yield
-    finally:
-        set_client_factory(previous)
-
-
-# ---------------------------------------------------------------------------------------------- model card values
-_PLAIN_YAML = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]*")
-
-
-def _yaml_value(value: Any) -> str:
-    """A YAML scalar that parses back to exactly `str(value)`: plain when that is safe, else double-quoted.
-
-    Model-card values come from users and from pulled manifests; written raw, a newline in a base model name adds
-    keys to the front matter (`license`, `extra_gated_prompt`, ...).
-    """
-    import yaml
-
-    text = str(value)
-    if _PLAIN_YAML.fullmatch(text) and yaml.safe_load(f"k: {text}") == {"k": text}:
-        return text
-    return json.dumps(text)  # a JSON string is a valid YAML double-quoted scalar (escapes included)
-
-
-def _md(value: Any) -> str:
-    """Text safe inside a Markdown table cell or inline code: one line, no cell separator, no backtick."""
-    text = " ".join(str(value).split())
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("<", "&lt;")
-
-
-def _py(value: Any) -> str:
-    """A Python string literal for the code snippets of the cards (a quote in a name cannot close it)."""
-    return json.dumps(str(value))
 
 
 def _template(template_dir: Path, name: str) -> string.Template:
@@ -254,16 +176,6 @@ def push_library(
                 "previous commit (the push is a single commit)."
             ) from err
     return info.oid
-
-
-def _is_timeout(err: BaseException) -> bool:
-    """Whether `err` (or what caused it) is an HTTP timeout of the client huggingface_hub uses."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if "Timeout" in type(seen).__name__ or isinstance(seen, TimeoutError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def download_library(
