@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..utils.hub import DEFAULT_TIMEOUT, HubPushError
+from ..utils.hub import DEFAULT_TIMEOUT, HubPushError, commit_folder
 from ..utils.hub import check_timeout as _check_timeout
-from ..utils.hub import http_timeout as _http_timeout
-from ..utils.hub import is_timeout as _is_timeout
 from ..utils.hub import md as _md
 from ..utils.hub import py as _py
 from ..utils.hub import yaml_value as _yaml_value
@@ -225,7 +223,7 @@ def push_compressed(
     The card's `size_bytes`, when not given, is measured on the saved model files (the tokenizer's excluded).
     Raises `HubPushError` on any failure, naming the step.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     from .quantization import model_size_bytes
 
@@ -247,30 +245,16 @@ def push_compressed(
             raise HubPushError(
                 f"push of the compressed model to {repo_id!r} failed while staging its files: {err}"
             ) from err
-        operations = [
-            CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
-            for path in sorted(staging.rglob("*"))
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(staging).parts)
-        ]
-        step = "creating the repository"
-        try:
-            with _http_timeout(timeout):
-                api.create_repo(repo_id, private=private, exist_ok=True)
-                step = f"committing {len(operations)} files"
-                commit = api.create_commit(
-                    repo_id, operations=operations, commit_message=commit_message, revision=revision
-                )
-        except Exception as err:
-            status = getattr(getattr(err, "response", None), "status_code", None)
-            detail = f" (HTTP {status})" if status is not None else ""
-            if _is_timeout(err):
-                detail += f" (no answer within timeout={timeout:g} s)"
-            raise HubPushError(
-                f"push of the compressed model to {repo_id!r} at {api.endpoint} failed while {step}{detail}: "
-                f"{type(err).__name__}: {err}. The remote repository keeps its previous commit (the push is a "
-                "single commit)."
-            ) from err
-    return commit.oid
+        return commit_folder(
+            api,
+            staging,
+            repo_id,
+            "the compressed model",
+            timeout=timeout,
+            private=private,
+            commit_message=commit_message,
+            revision=revision,
+        )
 
 
 __all__ = [

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..utils.hub import DEFAULT_TIMEOUT, HubPushError
+from ..utils.hub import DEFAULT_TIMEOUT, HubPushError, commit_folder
 from ..utils.hub import check_timeout as _check_timeout
 from ..utils.hub import http_timeout as _http_timeout
 from ..utils.hub import is_timeout as _is_timeout
@@ -135,7 +135,7 @@ def push_library(
     `timeout`: seconds each HTTP request may wait for the server (connect, read, write); a server that stops
     answering makes the push fail with `HubPushError` instead of hanging (retried requests wait once per try).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     timeout = _check_timeout("push_library", timeout)
     template_dir = Path(template_dir) if template_dir is not None else DEFAULT_TEMPLATE_DIR
@@ -152,30 +152,17 @@ def push_library(
             raise HubPushError(
                 f"push of the expert library to {repo_id!r} failed while staging its files: {err}"
             ) from err
-        operations = [
-            CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
-            for path in sorted(staging.rglob("*"))
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(staging).parts)
-        ]
-        step = "creating the repository"
-        try:
-            with _http_timeout(timeout):
-                api.create_repo(repo_id, private=private, exist_ok=True)
-                step = f"committing {len(operations)} files"
-                info = api.create_commit(
-                    repo_id, operations=operations, commit_message=commit_message, revision=revision
-                )
-        except Exception as err:
-            status = getattr(getattr(err, "response", None), "status_code", None)
-            detail = f" (HTTP {status})" if status is not None else ""
-            if _is_timeout(err):
-                detail += f" (no answer within timeout={timeout:g} s)"
-            raise HubPushError(
-                f"push of the expert library to {repo_id!r} at {api.endpoint} failed while {step}{detail}: "
-                f"{type(err).__name__}: {err}. Nothing was changed locally; the remote repository keeps its "
-                "previous commit (the push is a single commit)."
-            ) from err
-    return info.oid
+        return commit_folder(
+            api,
+            staging,
+            repo_id,
+            "the expert library",
+            timeout=timeout,
+            private=private,
+            commit_message=commit_message,
+            revision=revision,
+            unchanged=" Nothing was changed locally.",
+        )
 
 
 def download_library(

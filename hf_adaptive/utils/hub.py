@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -100,4 +101,54 @@ def is_timeout(err: BaseException) -> bool:
     return False
 
 
-__all__ = ["DEFAULT_TIMEOUT", "HubPushError", "check_timeout", "http_timeout", "is_timeout", "md", "py", "yaml_value"]
+def commit_folder(
+    api: Any,
+    staging: Path,
+    repo_id: str,
+    what: str,
+    *,
+    timeout: float,
+    private: bool,
+    commit_message: str,
+    revision: str | None,
+    unchanged: str = "",
+) -> str:
+    """Create `repo_id` if needed and send every file of `staging` (hidden ones left out) in a single commit;
+    returns its id. Any failure is a `HubPushError` naming `what`, the repository, the step and the HTTP status."""
+    from huggingface_hub import CommitOperationAdd
+
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(staging).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(staging.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(staging).parts)
+    ]
+    step = "creating the repository"
+    try:
+        with http_timeout(timeout):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            step = f"committing {len(operations)} files"
+            commit = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision)
+    except Exception as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        detail = f" (HTTP {status})" if status is not None else ""
+        if is_timeout(err):
+            detail += f" (no answer within timeout={timeout:g} s)"
+        raise HubPushError(
+            f"push of {what} to {repo_id!r} at {api.endpoint} failed while {step}{detail}: "
+            f"{type(err).__name__}: {err}.{unchanged} The remote repository keeps its previous commit (the push is a "
+            "single commit)."
+        ) from err
+    return commit.oid
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "HubPushError",
+    "check_timeout",
+    "commit_folder",
+    "http_timeout",
+    "is_timeout",
+    "md",
+    "py",
+    "yaml_value",
+]
