@@ -86,11 +86,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cl_real import _json_safe  # noqa: E402
+from cl_real import code_version as _code_version  # noqa: E402
 from common import RESULTS, environment, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_adaptive"
-SCRIPTS = (Path(__file__).resolve(), Path(__file__).resolve().with_name("common.py"))
+#: what an arm's code version covers besides the package: this file, cl_real.py (its code version and JSON helpers)
+#: and common.py
+SCRIPTS = (Path(__file__).resolve(), *(Path(__file__).resolve().with_name(n) for n in ("cl_real.py", "common.py")))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cl_benchmark"
 RESULTS_DIR = RESULTS / "compression"
 NAME = "compression"
@@ -240,15 +244,8 @@ def _digest(obj: Any) -> str:
 
 
 def code_version(settings: dict[str, Any], package: Path = PACKAGE, scripts: Sequence[Path] = SCRIPTS) -> str:
-    """SHA-256 (16 hex digits) of the package's sources, of `scripts` and of `settings`: an arm counts as current
-    only if nothing it could depend on changed, committed or not."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in Path(package).rglob("*") if p.is_file() and p.suffix in {".py", ".md", ".json", ".yaml"})
-    for path in [*(p for p in files if "__pycache__" not in p.parts), *map(Path, scripts)]:
-        name = path.relative_to(package).as_posix() if path.is_relative_to(package) else path.name
-        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+    """cl_real's code version (the package's sources, `scripts`, `settings`) over this benchmark's scripts."""
+    return _code_version(settings, package, scripts)
 
 
 def base_key(settings: dict[str, Any]) -> str:
@@ -313,18 +310,6 @@ def plan(results_dir: Path, cache: Path, settings: dict[str, Any], version: str)
         if status != "current":
             todo.append((name, status))
     return todo
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, bool, float)) or value is None:
-        return value
-    return str(value)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
