@@ -176,9 +176,7 @@ def train_arms(base, tokenizer, task, rows, seed: int, cfg: FreezingConfig, half
         for name in names[step % len(names) :] + names[: step % len(names)]:
             arm = arms[name]
             if name == "half_late" and step == steps // 2:
-                arm["freezer"].freeze_prefix(half)  # the optimizer's state for the frozen layers is dropped below
-                for p in [q for unit in arm["freezer"].units[:half] for q in unit.params]:
-                    arm["optimizer"].state.pop(p, None)
+                arm["freezer"].freeze_prefix(half, arm["optimizer"])  # their AdamW state is freed
             t0 = time.perf_counter()
             loss = arm["model"](**batch).loss
             loss.backward()

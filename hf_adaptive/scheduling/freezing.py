@@ -133,6 +133,12 @@ class Freezer:
             unit.first_frozen_step = self.steps
         self._sync_hook()
 
+    def _use_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Remember the optimizer whose state freezing units give up (the one accelerate wraps, if wrapped)."""
+        if optimizer is not None:
+            inner = getattr(optimizer, "optimizer", None)
+            self._optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
     def _sync_hook(self) -> None:
         """Detach the input embeddings' output exactly while layer 0 is frozen (layer granularity only)."""
         wanted = self._embeddings is not None and self.units[0].frozen
@@ -142,8 +148,10 @@ class Freezer:
             self._hook.remove()
             self._hook = None
 
-    def freeze_prefix(self, count: int) -> None:
-        """Freeze the first `count` units now (with `granularity="layer"`: the lowest `count` decoder layers)."""
+    def freeze_prefix(self, count: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Freeze the first `count` units now (with `granularity="layer"`: the lowest `count` decoder layers);
+        their state in `optimizer` is freed as in `update` (`drop_optimizer_state`)."""
+        self._use_optimizer(optimizer)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(self.units):
             raise ValueError(f"Freezer.freeze_prefix count={count!r} is not allowed: must be in [0, {len(self.units)}]")
         for unit in self.units[:count]:
@@ -156,9 +164,7 @@ class Freezer:
 
         `optimizer`: the one stepping the model; a freezing unit's state in it is freed (`drop_optimizer_state`)."""
         cfg = self.config
-        if optimizer is not None:
-            inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps the real one
-            self._optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+        self._use_optimizer(optimizer)
         self.steps += 1
         for unit in self.units:
             if unit.frozen:

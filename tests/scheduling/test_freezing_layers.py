@@ -182,6 +182,13 @@ def test_layer_state_round_trip_restores_the_cut(tmp_path):
     fresh(**_batch()).loss.backward()
     assert seen == [False] and fresh.model.layers[3].self_attn.q_proj.weight.grad is not None
     assert restored.manages(fresh) and not restored.manages(model)
+    opt = torch.optim.AdamW(fresh.parameters())
+    opt.step()  # no gradients yet: give every parameter Adam state by hand
+    for p in fresh.parameters():
+        opt.state[p]["exp_avg"] = torch.zeros_like(p)
+    restored.freeze_prefix(4, opt)
+    assert not any(id(p) in {id(q) for q in opt.state} for p in restored.units[3].params)
+    assert id(restored.units[2].params[0]) in {id(q) for q in opt.state}  # frozen before the optimizer was known
     with pytest.raises(ValueError, match=r"Freezer.freeze_prefix count=5"):
         restored.freeze_prefix(5)
 
