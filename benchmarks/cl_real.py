@@ -43,10 +43,13 @@ for most measurements, load 3-7, which makes every figure 2-4x slower than on a 
 FWT is not measured (`evaluate_unseen_tasks=False`), nor a baseline (`evaluate_baseline=False`) except by the
 zero-shot run, which only evaluates.
 
-Code version (`code_version`): SHA-256 of the `hf_adaptive` sources, of this file and `common.py`, and of the
-settings (`SETTINGS`), not the git commit: uncommitted changes count. Seeds: the training seed (LoRA
-initialisation, data order, replay draws); the data subsets (`data_seed`) stay the same, so seeds share their
-eval sets. Spread in the report: min-max over seeds.
+Code version (`CodeVersion`): each run stores, when it is saved, the SHA-256 of every `hf_adaptive` module it
+imported, of the package's data files, of this file and `common.py` (`code_files`), and their hash with the settings
+(`SETTINGS`) as `code_version`; not the git commit (recorded only as a label, `code_commit`): uncommitted changes
+count. A run stays current while those files hash the same, so editing a plugin it never loaded does not make it
+stale. Runs stored before the manifests carry the hash of the whole package (`code_version()`). Seeds: the
+training seed (LoRA initialisation, data order, replay draws); the data subsets (`data_seed`) stay the same, so
+seeds share their eval sets. Spread in the report: min-max over seeds.
 """
 
 from __future__ import annotations
@@ -220,20 +223,131 @@ BOUNDS = ("zero_shot", "joint")
 
 
 # ------------------------------------------------------------------------------------------ code version, results
+#: package files read at run time rather than imported (model card templates, configs): always in a manifest
+DATA_SUFFIXES = {".md", ".json", ".yaml"}
+
+
 def code_version(
     settings: dict[str, Any] = SETTINGS, package: Path = PACKAGE, scripts: Sequence[Path] = SCRIPTS
 ) -> str:
     """SHA-256 (16 hex digits) of every source file of `package` (`*.py`, `*.md`, `*.json`, `*.yaml`, by relative
-    path), of `scripts` (this file, `common.py`) and of `settings` (canonical JSON): a stored run counts as current
-    only if nothing it could depend on changed, committed or not."""
+    path), of `scripts` (this file, `common.py`) and of `settings` (canonical JSON). The version of runs stored
+    before the manifests (`CodeVersion`): any edit of the package made them stale."""
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(package).rglob("*") if p.is_file() and p.suffix in {".py", ".md", ".json", ".yaml"})
+    files = sorted(p for p in Path(package).rglob("*") if p.is_file() and p.suffix in {".py", *DATA_SUFFIXES})
     files = [p for p in files if "__pycache__" not in p.parts]
     for path in [*files, *map(Path, scripts)]:
         name = path.relative_to(package).as_posix() if path.is_relative_to(package) else path.name
         digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "missing"
+
+
+def source_manifest(
+    package: Path = PACKAGE, scripts: Sequence[Path] = SCRIPTS, modules: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """{path relative to the package's parent: SHA-256 (16 hex digits)} of what a finished run depended on: every
+    module of `package` it imported (`modules`, default `sys.modules`), every data file of the package
+    (`DATA_SUFFIXES`) and `scripts`. Recorded with each run: an edit elsewhere in the package (a plugin the run never
+    loaded) leaves it current."""
+    package = Path(package).resolve()
+    root = package.parent
+    files = set()
+    for module in list((sys.modules if modules is None else modules).values()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).suffix == ".py" and Path(file).resolve().is_relative_to(package):
+            files.add(Path(file).resolve())
+    files |= {
+        p.resolve()
+        for p in package.rglob("*")
+        if p.is_file() and p.suffix in DATA_SUFFIXES and "__pycache__" not in p.parts
+    }
+    files |= {Path(s).resolve() for s in scripts}
+    return {
+        (p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name): _file_digest(p) for p in sorted(files)
+    }
+
+
+def manifest_version(manifest: dict[str, str], settings: dict[str, Any]) -> str:
+    """The code version of a run: SHA-256 (16 hex digits) of its source manifest and its settings."""
+    blob = json.dumps({"files": manifest, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _git_commit(root: Path) -> str | None:
+    """The checkout's commit, `+dirty` when tracked files differ from it (a label for the report, not a check)."""
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], capture_output=True, text=True)
+    except OSError:
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip()[:12] + ("+dirty" if dirty.stdout.strip() else "")
+
+
+class CodeVersion:
+    """Whether stored runs are current, file by file. A run records the manifest of what it loaded
+    (`stamp`, called when it is saved, so the imports of the whole run are in it); it stays current while those
+    files, the scripts and the settings hash as they did (`matches`). Runs stored before manifests (no
+    `code_files`) fall back to the whole-package `code_version`. `str()` is the whole-package version: a label."""
+
+    def __init__(
+        self, settings: dict[str, Any] = SETTINGS, package: Path = PACKAGE, scripts: Sequence[Path] = SCRIPTS
+    ) -> None:
+        self.settings, self.package, self.scripts = settings, Path(package), tuple(scripts)
+        self._whole: str | None = None
+
+    def __str__(self) -> str:
+        if self._whole is None:
+            self._whole = code_version(self.settings, self.package, self.scripts)
+        return self._whole
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def stamp(self, modules: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a finished run stores: `code_version`, `code_files` (the manifest of `modules`, default
+        `sys.modules`) and `code_commit` (a label)."""
+        manifest = source_manifest(self.package, self.scripts, modules)
+        return {
+            "code_version": manifest_version(manifest, self.settings),
+            "code_files": manifest,
+            "code_commit": _git_commit(self.package.resolve().parent),
+        }
+
+    def now(self, record: dict[str, Any]) -> str:
+        """The version `record`'s own files and this run's settings give now."""
+        files = record.get("code_files")
+        if not isinstance(files, dict) or not files:
+            return str(self)
+        root = self.package.resolve().parent
+        scripts = {Path(s).resolve().name: Path(s).resolve() for s in self.scripts}
+        current = {}
+        for name in files:
+            path = root / name
+            if not path.exists() and "/" not in name and name in scripts:  # a script outside the package's parent
+                path = scripts[name]
+            current[name] = _file_digest(path)
+        return manifest_version(current, self.settings)
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        return record.get("code_version") == self.now(record)
+
+
+def is_current(record: dict[str, Any], version: CodeVersion | str) -> bool:
+    """`record` made by the code `version` stands for (a plain string: equal versions)."""
+    if isinstance(version, CodeVersion):
+        return version.matches(record)
+    return record.get("code_version") == version
 
 
 def result_path(results_dir: Path, method: str, seed: int) -> Path:
@@ -252,19 +366,19 @@ def load_results(results_dir: Path) -> dict[tuple[str, int], dict]:
     return runs
 
 
-def run_status(runs: dict[tuple[str, int], dict], key: tuple[str, int], version: str) -> str:
-    """'missing', 'stale' (made by another code version) or 'current'."""
+def run_status(runs: dict[tuple[str, int], dict], key: tuple[str, int], version: CodeVersion | str) -> str:
+    """'missing', 'stale' (made by other code) or 'current'."""
     if key not in runs:
         return "missing"
-    return "current" if runs[key].get("code_version") == version else "stale"
+    return "current" if is_current(runs[key], version) else "stale"
 
 
-def best_method(runs: dict[tuple[str, int], dict], version: str | None = None) -> str:
+def best_method(runs: dict[tuple[str, int], dict], version: CodeVersion | str | None = None) -> str:
     """The sequential method with the highest mean average accuracy over its runs (current ones if `version`);
     `DEFAULT_BEST` before any has a result."""
     scores: dict[str, list[float]] = {}
     for (method, _), data in runs.items():
-        if method in BOUNDS or method not in METHODS or (version is not None and data.get("code_version") != version):
+        if method in BOUNDS or method not in METHODS or (version is not None and not is_current(data, version)):
             continue
         acc = (data.get("metrics") or {}).get("avg_acc")
         if acc is not None and math.isfinite(acc):
@@ -274,7 +388,7 @@ def best_method(runs: dict[tuple[str, int], dict], version: str | None = None) -
     return max(scores, key=lambda m: (statistics.mean(scores[m]), -PLAN_ORDER.index(m)))
 
 
-def wanted_runs(runs: dict[tuple[str, int], dict], version: str | None = None) -> list[tuple[str, int]]:
+def wanted_runs(runs: dict[tuple[str, int], dict], version: CodeVersion | str | None = None) -> list[tuple[str, int]]:
     """Every (method, seed) the benchmark needs, in the planned order: each method's seed 0 (`PLAN_ORDER`), then
     the second seeds of naive, joint and the best method."""
     best = best_method(runs, version)
@@ -283,7 +397,7 @@ def wanted_runs(runs: dict[tuple[str, int], dict], version: str | None = None) -
     return wanted
 
 
-def plan(runs: dict[tuple[str, int], dict], version: str) -> list[tuple[tuple[str, int], str]]:
+def plan(runs: dict[tuple[str, int], dict], version: CodeVersion | str) -> list[tuple[tuple[str, int], str]]:
     """The runs `--all` would do now, in order, each with why ('missing' or 'stale')."""
     todo = []
     for key in wanted_runs(runs, version):
@@ -444,12 +558,14 @@ def run_one(method: str, seed: int, settings: dict[str, Any], data: Path, smoke:
     return _json_safe(record)
 
 
-def save_run(results_dir: Path, record: dict[str, Any], version: str) -> Path:
+def save_run(results_dir: Path, record: dict[str, Any], version: CodeVersion | str) -> Path:
+    """Store a finished run with its code version (a `CodeVersion`: the manifest of what it loaded)."""
     from hf_adaptive.utils.io import atomic_write_json
 
     path = result_path(results_dir, record["method"], record["seed"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {**record, "code_version": version})
+    stamp = version.stamp() if isinstance(version, CodeVersion) else {"code_version": version}
+    atomic_write_json(path, {**record, **stamp})
     return path
 
 
@@ -481,7 +597,7 @@ def adapter_count(data: dict[str, Any]) -> int:
     return 1
 
 
-def summarize(runs: dict[tuple[str, int], dict], version: str) -> list[dict[str, Any]]:
+def summarize(runs: dict[tuple[str, int], dict], version: CodeVersion | str) -> list[dict[str, Any]]:
     """One row per method that has results: seeds, metrics per seed, wall time, code versions, stale or not."""
     rows = []
     for method in METHODS:
@@ -504,7 +620,7 @@ def summarize(runs: dict[tuple[str, int], dict], version: str) -> list[dict[str,
                 "adapters": [adapter_count(d) for _, d in done],
                 "load_average": [_mean(list((d.get("load_average") or {}).values())) for _, d in done],
                 "code_versions": versions,
-                "stale": any(d.get("code_version") != version for _, d in done),
+                "stale": any(not is_current(d, version) for _, d in done),
                 "final_row": [(d.get("matrix") or [[]])[-1] for _, d in done],
                 "task_names": done[0][1].get("task_names", []),
             }
@@ -513,7 +629,10 @@ def summarize(runs: dict[tuple[str, int], dict], version: str) -> list[dict[str,
 
 
 def report_markdown(
-    runs: dict[tuple[str, int], dict], version: str, settings: dict[str, Any] = SETTINGS, png: str | None = None
+    runs: dict[tuple[str, int], dict],
+    version: CodeVersion | str,
+    settings: dict[str, Any] = SETTINGS,
+    png: str | None = None,
 ) -> str:
     """The report of whatever results exist: the table, per-task final accuracies, what is still to run."""
     rows = summarize(runs, version)
@@ -523,8 +642,9 @@ def report_markdown(
         "",
         "Written by `python benchmarks/cl_real.py --report` from the runs in `docs/results/cl_real/` "
         "(one JSON file per method and seed; `--all` runs what is missing or stale). "
-        f"Current code version `{version}`; a run whose version differs is marked stale (its figures come from "
-        "older code).",
+        "A run stores the hash of every package file it loaded, of the scripts and of the settings (`code_files`); "
+        "it is marked stale when one of those changed since (its figures come from older code). Runs stored before "
+        f"those manifests carry the hash of the whole package instead (now `{version}`).",
         "",
         f"Tasks, in order: {' -> '.join(settings['tasks'])}; {settings['n_train']} training examples per task "
         f"(1 epoch), {settings['n_eval']} evaluation examples per task (the same subsets for every seed). Recipe: "
@@ -639,7 +759,11 @@ def plot_matrices(runs: dict[tuple[str, int], dict], path: Path) -> bool:
 
 
 def build_report(
-    results_dir: Path, out: Path, version: str, settings: dict[str, Any] = SETTINGS, name: str = NAME
+    results_dir: Path,
+    out: Path,
+    version: CodeVersion | str,
+    settings: dict[str, Any] = SETTINGS,
+    name: str = NAME,
 ) -> str:
     """`<out>/<name>.md` (+ `.json`, the summary) and `<out>/<name>_matrices.png` from the runs in `results_dir`."""
     runs = load_results(results_dir)
@@ -647,7 +771,7 @@ def build_report(
     plotted = plot_matrices(runs, png)
     markdown = report_markdown(runs, version, settings, png.name if plotted else None)
     summary = {
-        "code_version": version,
+        "code_version": str(version),
         "settings": settings,
         "methods": {m: dataclasses.asdict(spec) for m, spec in METHODS.items()},
         "summary": _json_safe(summarize(runs, version)),
@@ -658,10 +782,14 @@ def build_report(
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def run_and_save(method: str, seed: int, settings: dict, data: Path, results_dir: Path, version: str, smoke: bool):
-    print(f"--- {method} seed {seed} (code version {version})", flush=True)
+def run_and_save(
+    method: str, seed: int, settings: dict, data: Path, results_dir: Path, version: CodeVersion | str, smoke: bool
+):
+    print(f"--- {method} seed {seed} (whole package {version})", flush=True)
     record = run_one(method, seed, settings, data, smoke=smoke)
     path = save_run(results_dir, record, version)
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    print(f"    stored with code version {stored['code_version']} ({len(stored.get('code_files') or {})} files)")
     m = record["metrics"]
     print(
         f"    avg_acc={_fmt(m.get('avg_acc'))} bwt={_fmt(m.get('bwt'))} forgetting={_fmt(m.get('forgetting'))} "
@@ -680,7 +808,7 @@ def run_all(args: argparse.Namespace, settings: dict, data: Path, results_dir: P
     attempted: set[tuple[str, int]] = set()
     failed = 0
     while args.max_runs is None or len(attempted) < args.max_runs:
-        version = code_version(settings)
+        version = CodeVersion(settings)
         todo = [(key, why) for key, why in plan(load_results(results_dir), version) if key not in attempted]
         if not todo:
             break
@@ -712,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder of the report (md, json, png)")
     ns = parser.parse_args(argv)
     settings = SMOKE_SETTINGS if ns.smoke else SETTINGS
-    version = code_version(settings)
+    version = CodeVersion(settings)
     if ns.smoke:  # never into docs/results: a temporary folder unless --results / --out say where
         base = Path(tempfile.mkdtemp(prefix="cl_real_smoke_"))
         results_dir, out = ns.results or base / "runs", ns.out or base
@@ -732,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not ns.report:
         parser.error("give --method M [--seed K], --all, --plan, --report or --smoke")
     if ns.report or ns.all or ns.smoke:
-        build_report(results_dir, out, code_version(settings), settings)
+        build_report(results_dir, out, CodeVersion(settings), settings)
     return status
 
 

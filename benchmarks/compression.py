@@ -59,7 +59,9 @@ this script was timed on SmolLM2:
   the distillation teacher's forward, more with QAT's fake quantization; head importance ~12 backward passes;
 * total, 18 arms: ~35-70 min quiet, 2-3x that with the cores shared (load 4-5 on 2 cores, as now).
 
-Code version (`code_version`): SHA-256 of the `hf_adaptive` sources, this file, `common.py` and the settings. The
+Code version (`code_version`, cl_real's `CodeVersion`): an arm stores the SHA-256 of every `hf_adaptive` module it
+imported, of the package's data files, of this file, `cl_real.py`, `common.py` and of the settings; it stays current
+while those hash the same. The
 finished model is cached by its own settings (`base_key`), not the code version (it takes the longest to make);
 `--rebuild-base` makes it again, and every arm made from another finished model is then stale.
 """
@@ -86,8 +88,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cl_real import _json_safe  # noqa: E402
-from cl_real import code_version as _code_version  # noqa: E402
+from cl_real import CodeVersion, _json_safe, is_current  # noqa: E402
 from common import RESULTS, environment, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,9 +244,9 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def code_version(settings: dict[str, Any], package: Path = PACKAGE, scripts: Sequence[Path] = SCRIPTS) -> str:
-    """cl_real's code version (the package's sources, `scripts`, `settings`) over this benchmark's scripts."""
-    return _code_version(settings, package, scripts)
+def code_version(settings: dict[str, Any], package: Path = PACKAGE, scripts: Sequence[Path] = SCRIPTS) -> CodeVersion:
+    """cl_real's `CodeVersion` over this benchmark's scripts: an arm stores the manifest of what it loaded."""
+    return CodeVersion(settings, package, scripts)
 
 
 def base_key(settings: dict[str, Any]) -> str:
@@ -285,18 +286,18 @@ def load_arm_records(results_dir: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def arm_status(record: dict[str, Any] | None, version: str, base: dict[str, Any] | None) -> str:
-    """'missing', 'stale' (another code version, or another finished model) or 'current'."""
+def arm_status(record: dict[str, Any] | None, version: CodeVersion | str, base: dict[str, Any] | None) -> str:
+    """'missing', 'stale' (made by other code, or from another finished model) or 'current'."""
     if record is None:
         return "missing"
-    if record.get("code_version") != version:
+    if not is_current(record, version):
         return "stale"
     if base is not None and record.get("base_id") != base.get("base_id"):
         return "stale"
     return "current"
 
 
-def plan(results_dir: Path, cache: Path, settings: dict[str, Any], version: str) -> list[tuple[str, str]]:
+def plan(results_dir: Path, cache: Path, settings: dict[str, Any], version: CodeVersion | str) -> list[tuple[str, str]]:
     """What `--all` would do now, in order: ('base', why) when the finished model is missing, then each arm that
     is not current, with why."""
     base = base_record(cache, settings)
@@ -404,7 +405,9 @@ def evaluate(model, tokenizer, tasks: list, settings: dict[str, Any]) -> list[fl
 
 
 # ----------------------------------------------------------------------------------------- the finished sequence
-def build_base(settings: dict[str, Any], data: Path, cache: Path, results_dir: Path, version: str) -> dict:
+def build_base(
+    settings: dict[str, Any], data: Path, cache: Path, results_dir: Path, version: CodeVersion | str
+) -> dict:
     """Train the sequence, merge the LoRA adapter, save model + tokenizer + record into the cache (whole: a
     temporary sibling renamed at the end) and a copy of the record into `results_dir/base.json`."""
     from hf_adaptive.registry import build_plugins
@@ -448,7 +451,7 @@ def build_base(settings: dict[str, Any], data: Path, cache: Path, results_dir: P
             "merged": "LoRA merged into the base weights (merge_and_unload)",
             "wall_seconds": time.perf_counter() - started,
             "load_average": {"start": load_average, "end": os.getloadavg()[0]},
-            "code_version": version,
+            **(version.stamp() if isinstance(version, CodeVersion) else {"code_version": version}),
             "settings": {k: settings[k] for k in ("model", "tasks", "n_train", "n_eval", "sequence", "eval")},
             "environment": environment(),
             "finished_at": finished_at,
@@ -557,7 +560,7 @@ def recover(model, tokenizer, tasks: list, settings: dict[str, Any], callbacks: 
 
 def recovered_dir(bench: Bench, base: dict[str, Any]) -> Path:
     """Where the finished model after the plain recovery phase is cached (per finished model, recipe and code)."""
-    return Path(bench.cache) / f"recovered_{_digest([base['base_id'], bench.settings['recovery'], bench.version])}"
+    return Path(bench.cache) / f"recovered_{_digest([base['base_id'], bench.settings['recovery'], str(bench.version)])}"
 
 
 def recovered_model(bench: Bench, tasks: list, base: dict[str, Any]):
@@ -741,7 +744,7 @@ class Bench:
     data: Path
     cache: Path
     results_dir: Path
-    version: str
+    version: CodeVersion | str
 
 
 def run_arm(name: str, bench: Bench) -> dict[str, Any]:
@@ -820,10 +823,11 @@ def run_arm(name: str, bench: Bench) -> dict[str, Any]:
 def run_and_save(name: str, bench: Bench) -> None:
     from hf_adaptive.utils.io import atomic_write_json
 
-    print(f"--- {name}: {arm_description(ARMS[name])} (code version {bench.version})", flush=True)
+    print(f"--- {name}: {arm_description(ARMS[name])} (whole package {bench.version})", flush=True)
     record = run_arm(name, bench)
     path = Path(bench.results_dir) / f"{name}.json"
-    atomic_write_json(path, {**record, "code_version": bench.version})
+    stamp = bench.version.stamp() if isinstance(bench.version, CodeVersion) else {"code_version": bench.version}
+    atomic_write_json(path, {**record, **stamp})
     lat = record["latency"]
     print(
         f"    avg acc {_fmt(record['avg_acc'])}, {record['size']['bytes'] / 2**20:.1f} MB, decode x"
@@ -898,7 +902,7 @@ def _signed(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:+.{digits}f}"
 
 
-def summarize(records: dict[str, dict], base: dict | None, version: str) -> list[dict[str, Any]]:
+def summarize(records: dict[str, dict], base: dict | None, version: CodeVersion | str) -> list[dict[str, Any]]:
     """One row per arm with a result: accuracies, size, latency, each also relative to the fp32 arm."""
     ref = records.get("fp32")
     ref_acc = ref.get("avg_acc") if ref else None
@@ -1027,7 +1031,7 @@ def report_markdown(
     rows: list[dict[str, Any]],
     base: dict | None,
     settings: dict[str, Any],
-    version: str,
+    version: CodeVersion | str,
     todo: list[tuple[str, str]],
     png: str | None,
 ) -> str:
@@ -1038,7 +1042,8 @@ def report_markdown(
         f"# Compression of a finished task sequence: {settings['model']}, {' -> '.join(settings['tasks'])}",
         "",
         "Written by `python benchmarks/compression.py` from the arms in its results folder (one JSON file per arm; "
-        f"`--all` runs what is missing or stale). Current code version `{version}`.",
+        "`--all` runs what is missing or stale: an arm stores the hash of every package file it loaded, of the "
+        "scripts and of the settings, and is stale once one of them changed).",
         "",
     ]
     if base:
@@ -1152,7 +1157,7 @@ def build_report(bench: Bench, out: Path) -> str:
     todo = plan(bench.results_dir, bench.cache, bench.settings, bench.version)
     markdown = report_markdown(rows, base, bench.settings, bench.version, todo, png.name if plotted else None)
     summary = {
-        "code_version": bench.version,
+        "code_version": str(bench.version),
         "settings": bench.settings,
         "arms": {n: {**dataclasses.asdict(a), "description": arm_description(a)} for n, a in ARMS.items()},
         "base": base,

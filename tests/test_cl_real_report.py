@@ -149,3 +149,77 @@ def test_spread(cl_real):
     assert cl_real.spread([None, float("nan")]) == "n/a"
     assert cl_real.spread([0.5]) == "0.500"
     assert cl_real.spread([0.5, 0.7, None]) == "0.600 [0.500, 0.700]"
+
+
+def _loaded(*paths: Path) -> dict:
+    modules = {}
+    for path in paths:
+        module = type(sys)(f"fake_{path.stem}")
+        module.__file__ = str(path)
+        modules[module.__name__] = module
+    modules["elsewhere"] = type(sys)("elsewhere")  # no __file__ (builtins): ignored
+    return modules
+
+
+def test_manifest_holds_what_the_run_loaded_and_decides_staleness_file_by_file(cl_real, tmp_path):
+    package, script = _package(tmp_path)
+    (package / "card.md").write_text("template\n")
+    outside = tmp_path / "other.py"
+    outside.write_text("z = 0\n")
+    settings = {"tasks": ["A"], "n_train": 8}
+    version = cl_real.CodeVersion(settings, package, [script])
+    loaded = _loaded(package / "a.py", outside)
+    manifest = cl_real.source_manifest(package, [script], loaded)
+    # the loaded module of the package, its data file and the script; not the unloaded sub/b.py nor other.py
+    assert set(manifest) == {"pkg/a.py", "pkg/card.md", "script.py"}
+    assert manifest["pkg/a.py"] == cl_real._file_digest(package / "a.py")
+    record = version.stamp(loaded)
+    assert record["code_files"] == manifest
+    assert record["code_version"] == cl_real.manifest_version(manifest, settings)
+    assert version.matches(record) and cl_real.is_current(record, version)
+
+    (package / "sub" / "b.py").write_text("y = 3\n")  # a module the run never loaded: still current
+    (package / "new.py").write_text("")
+    assert version.matches(record)
+    (package / "a.py").write_text("x = 2\n")  # a loaded module changed: stale
+    assert not version.matches(record)
+    (package / "a.py").write_text("x = 1\n")  # back as it was: current again
+    assert version.matches(record)
+    for edit in (lambda: (package / "card.md").write_text("edited\n"), lambda: script.write_text("# edited\n")):
+        edit()
+        assert not version.matches(record)
+    (package / "card.md").write_text("template\n")
+    script.write_text("# the benchmark\n")
+    assert version.matches(record)
+    assert not cl_real.CodeVersion({**settings, "n_train": 16}, package, [script]).matches(record)
+    (package / "a.py").unlink()  # a loaded module removed: stale
+    assert not version.matches(record)
+
+
+def test_records_without_a_manifest_fall_back_to_the_whole_package(cl_real, tmp_path):
+    package, script = _package(tmp_path)
+    settings = {"tasks": ["A"]}
+    version = cl_real.CodeVersion(settings, package, [script])
+    legacy = {"code_version": cl_real.code_version(settings, package, [script])}
+    assert str(version) == legacy["code_version"] and f"{version:.4}" == legacy["code_version"][:4]
+    assert version.matches(legacy)
+    (package / "sub" / "b.py").write_text("y = 3\n")  # any edit of the package
+    assert not cl_real.CodeVersion(settings, package, [script]).matches(legacy)
+
+
+def test_a_saved_run_carries_its_manifest_and_plans_follow_it(cl_real, tmp_path):
+    package, script = _package(tmp_path)
+    settings = {"tasks": ["A", "B"]}
+    version = cl_real.CodeVersion(settings, package, [script])
+    runs_dir = tmp_path / "runs"
+    record = _record(cl_real, "naive", 0, "unused", 0.6, bwt=-0.2, forgetting=0.2)
+    path = cl_real.save_run(runs_dir, record, version)
+    stored = json.loads(path.read_text())
+    assert stored["code_files"] and stored["code_version"] == version.now(stored)
+    runs = cl_real.load_results(runs_dir)
+    assert cl_real.run_status(runs, ("naive", 0), version) == "current"
+    assert ("naive", 0) not in dict(cl_real.plan(runs, version))
+    script.write_text("# edited\n")
+    version = cl_real.CodeVersion(settings, package, [script])
+    assert cl_real.run_status(runs, ("naive", 0), version) == "stale"
+    assert dict(cl_real.plan(runs, version))[("naive", 0)] == "stale"
