@@ -184,8 +184,10 @@ class ContinualTrainer(Trainer):
     """A drop-in `Trainer` whose loss is the task loss plus the weighted loss terms of its plugins.
 
     Plugins are callbacks implementing `hf_adaptive.plugins.ContinualPlugin`; pass them in `callbacks`.
-    `loss_weighting` (optional, e.g. `hf_adaptive.control.loss_weighting.UncertaintyWeighting`) replaces the fixed
-    weights by a differentiable controller whose parameters are trained with the model's optimizer.
+    `loss_weighting` (optional, e.g. `hf_adaptive.control.loss_weighting.LossWeightController`) adds a differentiable
+    controller whose parameters are trained with the model's optimizer: it sees each term already multiplied by its
+    fixed weight (the plugin's own lambda / alpha) and its learned weights multiply those, so it starts from the
+    configured weighting; the logged `weight_<term>` is the product.
     """
 
     def __init__(self, *args: Any, loss_weighting: torch.nn.Module | LossWeighting | None = None, **kwargs: Any):
@@ -323,8 +325,14 @@ class ContinualTrainer(Trainer):
             steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         per_batch_task_loss = loss * steps
         if self.loss_weighting is not None:
-            total, weights = self.loss_weighting(per_batch_task_loss, {t.name: t.value for t in terms}, outputs)
+            # the controller weighs each term as its plugin weighs it (replay's alpha, distillation's lambda...):
+            # its weights multiply the fixed ones, so it starts from the configured weighting instead of ignoring it
+            fixed = {t.name: t.weight for t in terms}
+            total, learned = self.loss_weighting(
+                per_batch_task_loss, {t.name: t.weight * t.value for t in terms}, outputs
+            )
             total = total / steps
+            weights = {name: w * fixed[name] if name in fixed else w for name, w in learned.items()}
         else:
             total = loss
             weights = {}

@@ -212,6 +212,35 @@ def test_optimizer_by_name_from_config(tmp_path, tiny_model, tokenizer, small_ta
         make_args(tmp_path, gradient_centralization=True)
 
 
+@pytest.mark.parametrize("mode", ["uncertainty", "softmax"])
+def test_learned_weighting_multiplies_the_terms_fixed_weights(
+    tmp_path, tiny_model, tokenizer, small_tasks, tiny_batch, make_args, mode
+):
+    """The controller sees each term times its plugin's own weight (it must not drop replay's alpha & co.), and the
+    logged weight is learned x fixed: two plugins that differ only by their weight give different totals."""
+    train, evals = _data(tokenizer, small_tasks, 16)
+    tiny_model.train()
+    totals = {}
+    for weight in (0.25, 4.0):
+        args = make_args(tmp_path / f"{mode}{weight}", loss_weighting=mode)
+        trainer = _trainer(ContinualTrainer, tiny_model, args, tokenizer, train, evals, callbacks=[L2Plugin(weight)])
+        controller, seen = trainer.loss_weighting, {}
+
+        def spy(task_loss, terms, outputs, controller=controller, seen=seen):
+            seen["terms"], seen["result"] = terms, controller(task_loss, terms, outputs)
+            return seen["result"]
+
+        trainer.loss_weighting = spy
+        total = trainer.compute_loss(tiny_model, dict(tiny_batch))
+        l2 = sum((p.float() ** 2).sum() for p in tiny_model.parameters())
+        torch.testing.assert_close(seen["terms"]["l2"], weight * l2)  # the term as its plugin weighs it
+        expected, learned = seen["result"]
+        torch.testing.assert_close(total, expected)
+        assert trainer._weights_last["l2"] == pytest.approx(float(learned["l2"]) * weight, rel=1e-5)
+        totals[weight] = float(total)
+    assert totals[0.25] != pytest.approx(totals[4.0], rel=1e-3)
+
+
 def test_learned_loss_weighting_from_config(tmp_path, tiny_model, tokenizer, small_tasks, make_args):
     train, evals = _data(tokenizer, small_tasks, 16)
     args = make_args(tmp_path, loss_weighting="uncertainty", save_strategy="steps", save_steps=2)
