@@ -32,6 +32,7 @@ from ..plugins import ContinualPlugin, TaskContext
 from ..tasks import Task
 from ..tasks.losses import IGNORE_INDEX, answer_cross_entropy
 from ..utils.params import trainable_parameters
+from ..utils.validation import fail
 from .config import EARLY_STOPPING_METRICS, EARLY_STOPPING_OPTIONS, EarlyStoppingConfig
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,24 @@ def validation_loss(
     batch_size: int = 64,
     limit: int | None = None,
     collator: Any = None,
+    **tokenize_options: Any,
 ) -> float:
     """Mean next-token NLL over all answer tokens (the training loss, without dropout).
 
     `data`: rows of `tokenize_task` (e.g. a `TaskContext.eval_dataset`), or a `Task`, whose eval split is then
-    tokenized here (standalone use). `collator` defaults to `CausalLMCollator(tokenizer)`.
+    tokenized here (standalone use) with `tokenize_options` (`max_length`, `append_eos`, `prompt_format`: pass the
+    run's, or the rows differ from the ones it trains on). `collator` defaults to `CausalLMCollator(tokenizer)`.
     """
     from ..tasks import CausalLMCollator, tokenize_task
 
-    rows = tokenize_task(data, tokenizer, "eval") if isinstance(data, Task) else data
+    if tokenize_options and not isinstance(data, Task):
+        fail(
+            "validation_loss",
+            "tokenize_options",
+            sorted(tokenize_options),
+            "only for a Task (rows are already tokenized: tokenize them with these options instead)",
+        )
+    rows = tokenize_task(data, tokenizer, "eval", **tokenize_options) if isinstance(data, Task) else data
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows)))) if hasattr(rows, "select") else rows[:limit]
     collator = collator or CausalLMCollator(tokenizer)
@@ -209,7 +219,8 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
                 model, tokenizer, task, "eval", batch_size=batch_size, limit=limit, **scoring_options(args)
             )
         if self._rows is None:  # a plain Trainer, or a validation split the trainer did not tokenize
-            self._rows = tokenize_task(task, tokenizer, "eval", **prompt_options(args))
+            append_eos = getattr(args, "append_eos_token", True)  # as the run trains on it
+            self._rows = tokenize_task(task, tokenizer, "eval", append_eos=append_eos, **prompt_options(args))
         return validation_loss(
             model, tokenizer, self._rows, batch_size=batch_size, limit=limit, collator=self._collator
         )

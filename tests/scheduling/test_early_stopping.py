@@ -266,3 +266,23 @@ def test_on_task_begin_scores_the_context_rows(tiny_model, tokenizer, small_task
     value = callback.evaluate(tiny_model, tokenizer)
     monkeypatch.undo()
     assert value == pytest.approx(validation_loss(tiny_model, tokenizer, context.eval_dataset), rel=1e-12)
+
+
+def test_plain_trainer_loss_rows_follow_the_runs_eos_and_prompt_options(tiny_model, tokenizer, small_tasks):
+    """Without a trainer's tokenized rows the callback tokenizes the eval split itself: with the run's
+    `append_eos_token` and prompt options, so it scores what the run trains on."""
+    from types import SimpleNamespace
+
+    task = small_tasks[0]
+    args = SimpleNamespace(append_eos_token=False, prompt_max_length=64, prompt_format="plain")
+    callback = AdapterEarlyStoppingCallback(metric="loss", task=task)
+    value = callback.evaluate(tiny_model, tokenizer, args)
+    rows = tokenize_task(task, tokenizer, "eval", max_length=64, append_eos=False, prompt_format="plain")
+    assert value == pytest.approx(validation_loss(tiny_model, tokenizer, rows), rel=1e-12)
+    with_eos = validation_loss(tiny_model, tokenizer, task, max_length=64, prompt_format="plain")
+    assert value != pytest.approx(with_eos, rel=1e-6)  # the eos target changes the loss: the option matters
+    assert validation_loss(tiny_model, tokenizer, task, max_length=64, append_eos=False, prompt_format="plain") == (
+        pytest.approx(value, rel=1e-12)
+    )
+    with pytest.raises(OptionError, match="validation_loss.tokenize_options"):
+        validation_loss(tiny_model, tokenizer, rows, append_eos=False)  # rows are tokenized already
