@@ -127,7 +127,8 @@ class ContinualConfig(TrainingArguments, PluginOptions):
         default="none",
         metadata={
             "help": "'none' (fixed plugin weights), 'uncertainty' (learned ½e^-s·L + ½s per term) or "
-            "'softmax' (learned weights with a fixed sum): a differentiable loss-weight controller."
+            "'softmax' (learned weights with a fixed sum): a differentiable loss-weight controller whose weights "
+            "multiply each plugin's own fixed weight (replay_alpha, distill_lambda...), so it starts from them."
         },
     )
 
