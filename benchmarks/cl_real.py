@@ -343,6 +343,21 @@ class CodeVersion:
         return record.get("code_version") == self.now(record)
 
 
+def version_stamp(version: CodeVersion | str) -> dict[str, Any]:
+    """What a stored record carries of the code that made it: a `CodeVersion`'s manifest, or a plain version."""
+    return version.stamp() if isinstance(version, CodeVersion) else {"code_version": version}
+
+
+def write_stamped(path: Path, record: dict[str, Any], version: CodeVersion | str) -> Path:
+    """`record` with its `version_stamp`, written atomically to `path` (its folder made if needed)."""
+    from hf_adaptive.utils.io import atomic_write_json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {**record, **version_stamp(version)})
+    return path
+
+
 def is_current(record: dict[str, Any], version: CodeVersion | str) -> bool:
     """`record` made by the code `version` stands for (a plain string: equal versions)."""
     if isinstance(version, CodeVersion):
@@ -560,13 +575,7 @@ def run_one(method: str, seed: int, settings: dict[str, Any], data: Path, smoke:
 
 def save_run(results_dir: Path, record: dict[str, Any], version: CodeVersion | str) -> Path:
     """Store a finished run with its code version (a `CodeVersion`: the manifest of what it loaded)."""
-    from hf_adaptive.utils.io import atomic_write_json
-
-    path = result_path(results_dir, record["method"], record["seed"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stamp = version.stamp() if isinstance(version, CodeVersion) else {"code_version": version}
-    atomic_write_json(path, {**record, **stamp})
-    return path
+    return write_stamped(result_path(results_dir, record["method"], record["seed"]), record, version)
 
 
 # -------------------------------------------------------------------------------------------------------- report

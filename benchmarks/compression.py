@@ -88,7 +88,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cl_real import CodeVersion, _json_safe, is_current  # noqa: E402
+from cl_real import CodeVersion, _json_safe, is_current, version_stamp  # noqa: E402
 from common import RESULTS, environment, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -451,7 +451,7 @@ def build_base(
             "merged": "LoRA merged into the base weights (merge_and_unload)",
             "wall_seconds": time.perf_counter() - started,
             "load_average": {"start": load_average, "end": os.getloadavg()[0]},
-            **(version.stamp() if isinstance(version, CodeVersion) else {"code_version": version}),
+            **version_stamp(version),
             "settings": {k: settings[k] for k in ("model", "tasks", "n_train", "n_eval", "sequence", "eval")},
             "environment": environment(),
             "finished_at": finished_at,
@@ -826,8 +826,7 @@ def run_and_save(name: str, bench: Bench) -> None:
     print(f"--- {name}: {arm_description(ARMS[name])} (whole package {bench.version})", flush=True)
     record = run_arm(name, bench)
     path = Path(bench.results_dir) / f"{name}.json"
-    stamp = bench.version.stamp() if isinstance(bench.version, CodeVersion) else {"code_version": bench.version}
-    atomic_write_json(path, {**record, **stamp})
+    atomic_write_json(path, {**record, **version_stamp(bench.version)})
     lat = record["latency"]
     print(
         f"    avg acc {_fmt(record['avg_acc'])}, {record['size']['bytes'] / 2**20:.1f} MB, decode x"

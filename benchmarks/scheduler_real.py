@@ -413,13 +413,8 @@ def run_arm(schedule: str, lr: float, seed: int, settings: dict[str, Any], data:
 
 def save_run(results_dir: Path, record: dict[str, Any], version: CodeVersion | str) -> Path:
     """Store a finished run atomically, stamped with its code version (a `CodeVersion`: what it loaded)."""
-    from hf_adaptive.utils.io import atomic_write_json
-
     path = result_path(results_dir, record["task"], record["schedule"], record["base_lr"], record["seed"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stamp = version.stamp() if isinstance(version, CodeVersion) else {"code_version": version}
-    atomic_write_json(path, {**record, **stamp})
-    return path
+    return cl_real.write_stamped(path, record, version)
 
 
 def run_and_save(
