@@ -31,7 +31,7 @@ from .metrics import ContinualResult
 from .plugins import NONFINITE_SKIP_ATTR, PLUGIN_STATE_DIR, ContinualPlugin, LossTerm, TaskContext, TaskSetup, is_plugin
 from .tasks import CausalLMCollator, Task, TaskStream, task_accuracy, tokenize_task
 from .tasks.losses import IGNORE_INDEX
-from .tasks.prompting import prompt_options, scoring_options
+from .tasks.prompting import row_options, scoring_options
 from .utils.io import atomic_write_json, load_state, load_state_into, save_state
 from .utils.validation import check_bool
 
@@ -732,13 +732,7 @@ class ContinualTrainer(Trainer):
         self.task_context = context
 
     def _tokenize(self, task: Task, split: str) -> Any:
-        return tokenize_task(
-            task,
-            self._require_tokenizer(),
-            split,
-            append_eos=_continual_option(self.args, "append_eos_token"),
-            **prompt_options(self.args),
-        )
+        return tokenize_task(task, self._require_tokenizer(), split, **row_options(self.args))
 
     def _save_snapshot(self, base: Path, index: int, state: dict[str, Any]) -> None:
         """End-of-task snapshot (weights or adapters + plugin states + a copy of the sequence state), then the

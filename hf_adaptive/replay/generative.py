@@ -51,7 +51,7 @@ import torch
 from ..plugins import ContinualPlugin, LossTerm, TaskContext
 from ..tasks import Task, encode_example
 from ..tasks.losses import IGNORE_INDEX, answer_cross_entropy
-from ..tasks.prompting import prompt_options
+from ..tasks.prompting import row_options
 from ..utils.options import OptionSource
 from . import _common
 from ._common import (
@@ -229,7 +229,7 @@ class GenerativeReplayPlugin(ContinualPlugin):
             return
         tokenizer = context.tokenizer
         args = getattr(trainer, "args", None)
-        self.row_options = {**prompt_options(args), "append_eos": getattr(args, "append_eos_token", True)}
+        self.row_options = row_options(args)
         self.pseudo = ReplayMemory(max(n_total, len(old)), policy="balanced", seed=self.seed + task_index)
         self.stats = {}
         bar = _generation_bar(trainer, self.pseudo.capacity, task.name)

@@ -209,7 +209,7 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, args: Any = None) -> float:
         """The validation metric of the current task for `model`."""
         from ..tasks import task_accuracy, tokenize_task
-        from ..tasks.prompting import prompt_options, scoring_options
+        from ..tasks.prompting import row_options, scoring_options
 
         batch_size = self.eval_batch_size or getattr(args, "continual_eval_batch_size", None) or 64
         limit = self.eval_limit if self.eval_limit is not None else getattr(args, "continual_eval_limit", None)
@@ -219,8 +219,7 @@ class AdapterEarlyStoppingCallback(ContinualPlugin):
                 model, tokenizer, task, "eval", batch_size=batch_size, limit=limit, **scoring_options(args)
             )
         if self._rows is None:  # a plain Trainer, or a validation split the trainer did not tokenize
-            append_eos = getattr(args, "append_eos_token", True)  # as the run trains on it
-            self._rows = tokenize_task(task, tokenizer, "eval", append_eos=append_eos, **prompt_options(args))
+            self._rows = tokenize_task(task, tokenizer, "eval", **row_options(args))  # as the run trains on them
         return validation_loss(
             model, tokenizer, self._rows, batch_size=batch_size, limit=limit, collator=self._collator
         )

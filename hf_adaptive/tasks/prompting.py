@@ -188,6 +188,12 @@ def prompt_options(args: Any) -> dict[str, Any]:
     }
 
 
+def row_options(args: Any) -> dict[str, Any]:
+    """The `tokenize_task` keywords of a run's training rows: its prompts and whether they end with the eos
+    (`append_eos_token`), so rows built outside the trainer (validation loss, pseudo-rows) match what it trains on."""
+    return {**prompt_options(args), "append_eos": getattr(args, "append_eos_token", True)}
+
+
 def scoring_options(args: Any) -> dict[str, Any]:
     """The `task_accuracy` / `rank_classify` keywords a run's arguments ask for: prompts, label scoring, budget."""
     return {
