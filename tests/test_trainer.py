@@ -236,7 +236,7 @@ def test_learned_weighting_multiplies_the_terms_fixed_weights(
         torch.testing.assert_close(seen["terms"]["l2"], weight * l2)  # the term as its plugin weighs it
         expected, learned = seen["result"]
         torch.testing.assert_close(total, expected)
-        assert trainer._weights_last["l2"] == pytest.approx(float(learned["l2"]) * weight, rel=1e-5)
+        assert trainer._weights_last["l2"] == pytest.approx(float(learned["l2"].detach()) * weight, rel=1e-5)
         totals[weight] = float(total)
     assert totals[0.25] != pytest.approx(totals[4.0], rel=1e-3)
 
