@@ -42,6 +42,7 @@ task; a checked reuse adds the old tasks' evaluation with the fork (~1 min): ~15
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,6 +50,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,17 +157,27 @@ def synthetic_sweep(priors: tuple[float, ...] = PRIORS) -> list[dict[str, Any]]:
     return rows
 
 
-def live_method(prior: float) -> str:
-    """cl_real's `expert_routing` with the router's `normalize_prior` at `prior`, registered in cl_real's
-    METHODS (this process only) so that `cl_real.run_one` runs it with cl_real's recipe."""
-    name = f"expert_routing_prior{prior:g}"
+def live_method(prior: float) -> tuple[str, cl_real.Method]:
+    """cl_real's `expert_routing` with the router's `normalize_prior` at `prior`: (its name, the method)."""
     base = cl_real.METHODS["expert_routing"]
-    cl_real.METHODS[name] = dataclasses.replace(base, options={**base.options, "router_normalize_prior": prior})
-    return name
+    return f"expert_routing_prior{prior:g}", dataclasses.replace(
+        base, options={**base.options, "router_normalize_prior": prior}
+    )
 
 
-def live_version(settings: dict[str, Any], method: str) -> cl_real.CodeVersion:
-    stamped = {**settings, "method": method, "options": cl_real.METHODS[method].options}
+@contextlib.contextmanager
+def cl_real_knows(name: str, method: cl_real.Method) -> Iterator[None]:
+    """For the duration, `cl_real.METHODS` also holds `name` (cl_real's `run_one` looks methods up there)."""
+    saved = cl_real.METHODS
+    cl_real.METHODS = {**saved, name: method}
+    try:
+        yield
+    finally:
+        cl_real.METHODS = saved
+
+
+def live_version(settings: dict[str, Any], name: str, method: cl_real.Method) -> cl_real.CodeVersion:
+    stamped = {**settings, "method": name, "options": method.options}
     return cl_real.CodeVersion(stamped, scripts=SCRIPTS)
 
 
@@ -173,14 +185,15 @@ def live_run(
     prior: float, seed: int, data: Path, results_dir: Path, smoke: bool = False
 ) -> tuple[dict[str, Any], bool]:
     """The live routed run at `prior` (run and stored unless a current record exists): (record, ran now)."""
-    method = live_method(prior)
+    name, method = live_method(prior)
     settings = cl_real.SMOKE_SETTINGS if smoke else cl_real.SETTINGS
-    version = live_version(settings, method)
+    version = live_version(settings, name, method)
     runs = cl_real.load_results(results_dir)
-    record = runs.get((method, seed))
+    record = runs.get((name, seed))
     if record is not None and cl_real.is_current(record, version):
         return record, False
-    record = cl_real.run_one(method, seed, settings, data, smoke=smoke)
+    with cl_real_knows(name, method):
+        record = cl_real.run_one(name, seed, settings, data, smoke=smoke)
     cl_real.save_run(results_dir, record, version)
     return record, True
 
@@ -363,12 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.live:
         live_run(LIVE_PRIOR, 0, args.data, live_dir, smoke=args.smoke)
     stored = cl_real.load_results(live_dir) if live_dir.exists() else {}
-    method = live_method(LIVE_PRIOR)
+    name, method = live_method(LIVE_PRIOR)
     settings = cl_real.SMOKE_SETTINGS if args.smoke else cl_real.SETTINGS
-    live = stored.get((method, 0))
+    live = stored.get((name, 0))
     result["live"] = None
     if live is not None:
-        current = cl_real.is_current(live, live_version(settings, method))
+        current = cl_real.is_current(live, live_version(settings, name, method))
         result["live"] = {**summarize_routed(live), "prior": LIVE_PRIOR, "current": current}
     result["reference"] = {} if args.smoke else reference_runs(cl_real.RESULTS_DIR)
     result["meta"]["wall_seconds"] = time.perf_counter() - wall

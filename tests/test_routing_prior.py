@@ -61,24 +61,24 @@ def test_live_run_registers_cl_reals_routed_method_with_the_prior_and_keeps_a_cu
     reused, not run again."""
     import cl_real
 
-    name = routing_prior.live_method(2.0)
-    try:
-        base, live = cl_real.METHODS["expert_routing"], cl_real.METHODS[name]
-        assert live.plugins == base.plugins
-        assert live.options == {**base.options, "router_normalize_prior": 2.0}
-        calls = []
+    name, live = routing_prior.live_method(2.0)
+    base = cl_real.METHODS["expert_routing"]
+    assert live.plugins == base.plugins
+    assert live.options == {**base.options, "router_normalize_prior": 2.0}
+    known_before = dict(cl_real.METHODS)
+    calls = []
 
-        def fake_run_one(method, seed, settings, data, smoke=False):
-            calls.append(method)
-            return {"method": method, "seed": seed, "metrics": {"avg_acc": 0.5}, "matrix": [[0.5]], "task_names": ["A"]}
+    def fake_run_one(method, seed, settings, data, smoke=False):
+        assert cl_real.METHODS[method] == live  # registered while it runs
+        calls.append(method)
+        return {"method": method, "seed": seed, "metrics": {"avg_acc": 0.5}, "matrix": [[0.5]], "task_names": ["A"]}
 
-        monkeypatch.setattr(cl_real, "run_one", fake_run_one)
-        record, ran = routing_prior.live_run(2.0, 0, tmp_path / "data", tmp_path / "runs", smoke=True)
-        assert ran and calls == [name] and (tmp_path / "runs" / f"{name}_seed0.json").exists()
-        record, ran = routing_prior.live_run(2.0, 0, tmp_path / "data", tmp_path / "runs", smoke=True)
-        assert not ran and calls == [name]
-    finally:
-        cl_real.METHODS.pop(name, None)
+    monkeypatch.setattr(cl_real, "run_one", fake_run_one)
+    record, ran = routing_prior.live_run(2.0, 0, tmp_path / "data", tmp_path / "runs", smoke=True)
+    assert ran and calls == [name] and (tmp_path / "runs" / f"{name}_seed0.json").exists()
+    assert cl_real.METHODS == known_before  # and only then
+    record, ran = routing_prior.live_run(2.0, 0, tmp_path / "data", tmp_path / "runs", smoke=True)
+    assert not ran and calls == [name]
 
 
 def test_summarize_routed_reads_the_checked_reuse():
