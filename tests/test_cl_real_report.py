@@ -3,24 +3,17 @@ result files (no model, no data)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cl_real.py"
+from benchmark_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def cl_real():
-    spec = importlib.util.spec_from_file_location("cl_real_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("cl_real")
 
 
 def _package(tmp_path: Path) -> tuple[Path, Path]:

@@ -5,16 +5,14 @@ in the CL benchmark layout (each mechanism must have acted)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from benchmark_loader import load_benchmark
 from test_routing_real import _LABELS, _write_task  # made-up rows in the CL benchmark layout
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_task_real.py"
 NEW = [
     "olora",
     "osf",
@@ -30,12 +28,7 @@ NEW = [
 
 @pytest.fixture(scope="module")
 def ct():
-    spec = importlib.util.spec_from_file_location("cross_task_real_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("cross_task_real")
 
 
 # --------------------------------------------------------------------------------------------- methods, options

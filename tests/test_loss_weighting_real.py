@@ -4,26 +4,19 @@ made-up dataset in the CL benchmark layout (the learned weighting must act on th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_loader import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_weighting_real.py"
 GRID = [f"ewc{e}_replay{a}" for e in ("10", "100", "1000") for a in ("0.1", "0.3", "1")]
 
 
 @pytest.fixture(scope="module")
 def lw():
-    spec = importlib.util.spec_from_file_location("loss_weighting_real_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("loss_weighting_real")
 
 
 # ------------------------------------------------------------------------------------------------ arms, options

@@ -3,27 +3,20 @@ and the whole `--smoke` pipeline on a tiny model over a made-up dataset in the C
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_loader import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "routing_real.py"
 SST2, IMDB, MNLI, QQP = "SST-2", "IMDB", "MNLI", "QQP"
 
 
 @pytest.fixture(scope="module")
 def rr():
-    spec = importlib.util.spec_from_file_location("routing_real_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("routing_real")
 
 
 # ------------------------------------------------------------------------------------------------- fixture data

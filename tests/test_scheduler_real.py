@@ -3,7 +3,6 @@ model), the CLI's refusals, the `--all` loop, and one `--quick` run end to end o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -11,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmark_loader import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scheduler_real.py"
 LRS = (1e-4, 1e-3, 1e-2)
 
 #: held-out losses per schedule, LR and seed (0, 1): adaptive has the smallest spread (0.2 vs 1.2 and 0.85) but its
@@ -28,12 +27,7 @@ MEETS = {**MISSES, "adaptive": {1e-4: (0.3, 0.3), 1e-3: (0.26, 0.26), 1e-2: (0.3
 
 @pytest.fixture(scope="module")
 def sr():
-    spec = importlib.util.spec_from_file_location("scheduler_real_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("scheduler_real")
 
 
 def _record(
