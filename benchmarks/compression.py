@@ -28,18 +28,21 @@ Pipeline:
    * `heads50`: Michel et al. head importance (gradient of the answer loss w.r.t. per-head gates, layer-normalised,
      on the recovery rows), the least important half of all heads removed physically (`prune_heads`, ranked
      globally), then the same recovery phase;
-   * controls: `recovered` (the recovery phase alone, no compression), `recovered_ptq_*` (PTQ of the recovered model:
-     with it, QAT's gain over PTQ is told apart from what the extra training on the replayed rows does) and
-     `heads50_no_recovery`.
-3. Per arm: rank-classification accuracy on every task (`task_accuracy`, cl_real's prompt options: plain prompts
-   <= 96 tokens, mean label scoring, 100 held-out rows per task) and their mean; size on disk (the arm's model saved
-   as it would be shipped, `save_pretrained` / `save_quantized` / `save_pruned_model` without remote code, no
-   tokenizer: the sum of the files); for gradual pruning also the size if the zeros were stored sparse (`bitmap`:
-   every tensor as its non-zero values plus one bit per entry when that is smaller than dense, computed from the
-   saved tensors); CPU latency: a fixed batch of `batch` x `prompt_tokens` tokens of real prompts, the prompt forward
-   (prefill, `logits_to_keep=1`) and one new token with the KV cache (decode), timed `reps` times after `warmup`,
-   interleaved with a fresh load of the fp32 model in the same process (A B, B A, ...): the ratios are medians of
-   the per-round ratios, so machine load hits both alike. Accuracy and size are compared with the fp32 arm's record.
+   * controls: `recovered` (the recovery phase alone, no compression), `recovered_lr2e-5` / `recovered_lr5e-5`
+     (the same at a higher rate: 5e-5, the first run's rate, flipped BoolQA to its minority label by itself),
+     `recovered_ptq_*` (PTQ of the recovered model: with it, QAT's gain over PTQ is told apart from what the extra
+     training on the replayed rows does) and `heads50_no_recovery`.
+3. Per arm: rank-classification accuracy on every task (`score`: `rank_classify` with cl_real's prompt options,
+   plain prompts <= 96 tokens, mean label scoring, 100 held-out rows per task) and their mean, and the balanced
+   accuracy (mean per-label recall: a label bias scores 0.5 however skewed the eval rows are); size on disk (the
+   arm's model saved as it would be shipped, `save_pretrained` / `save_quantized` / `save_pruned_model` without
+   remote code, no tokenizer: the sum of the files); for gradual pruning also the size if the zeros were stored
+   sparse (`bitmap`: every tensor as its non-zero values plus one bit per entry when that is smaller than dense,
+   computed from the saved tensors); CPU latency: a fixed batch of `batch` x `prompt_tokens` tokens of real
+   prompts, the prompt forward (prefill, `logits_to_keep=1`) and one new token with the KV cache (decode), timed
+   `reps` times after `warmup`, interleaved with a fresh load of the fp32 model in the same process (A B, B A,
+   ...): the ratios are medians of the per-round ratios, so machine load hits both alike. Accuracy and size are
+   compared with the fp32 arm's record.
 
     python benchmarks/compression.py --plan            # the finished model's and every arm's state, nothing run
     python benchmarks/compression.py --all             # the finished model if missing, then every missing/stale arm
@@ -47,17 +50,10 @@ Pipeline:
     python benchmarks/compression.py --report          # docs/results/compression.{md,json} + compression_pareto.png
     python benchmarks/compression.py --quick --out DIR # the whole pipeline on the tiny Gemma, built-in tasks
 
-Real-mode budget on 2 quiet cores, estimated from cl_real's measurements (a LoRA step of 8 rows 2.4 s; with replay,
-SST-2 / IMDB / BoolQA trained in 53 / 99 / 145 s; evaluation 0.09 s per example quiet, 0.45 under load); nothing of
-this script was timed on SmolLM2:
-* the finished sequence: ~300 s training + 6 task evaluations of 100 rows (~1 min) + loading and saving: ~6-7 min;
-* every arm: 3 x 100 evaluation rows (~0.5 min at fp32; torchao's eager int8-dynamic / 8da4w layers are slower per
-  token, guessed 1.5-3x), the latency probe (2 models x 23 rounds of a 4 x 64-token prefill and one decode step,
-  ~10-20 s), loading and the save (~10-20 s): ~1-2 min;
-* a recovery phase (QAT, pruning, heads50, recovered: 10 arms): 24 full fine-tuning steps (3 x 64 rows / 8), not
-  measured here, guessed 3-6 s each (weight gradients and AdamW over all 135M parameters): 1.2-2.4 min, +30 % with
-  the distillation teacher's forward, more with QAT's fake quantization; head importance ~12 backward passes;
-* total, 18 arms: ~35-70 min quiet, 2-3x that with the cores shared (load 4-5 on 2 cores, as now).
+Real-mode budget on 2 cores, measured by the first full run (18 arms, lr 5e-5, load 1.7-3.4): the finished sequence
+7.0 min (once; cached); an arm without training 0.9-1.7 min (PTQ's eager torchao layers make its evaluation
+slower); a recovery arm 3.1-3.7 min (24 full fine-tuning steps of 8 rows: 123-145 s), with distillation 4-9 min
+(the teacher's forward), heads50 6 min (head importance first); all 18 arms 57 min, 20 arms now about 64 min.
 
 Code version (`code_version`, cl_real's `CodeVersion`): an arm stores the SHA-256 of every `hf_adaptive` module it
 imported, of the package's data files, of this file, `cl_real.py`, `common.py` and of the settings; it stays current
@@ -129,12 +125,14 @@ EVAL_CONFIG: dict[str, Any] = {
 #: cl_real's replay (`REPLAY`): a balanced buffer, 4 replayed rows per batch of 8
 REPLAY = {"replay_alpha": 1.0, "replay_buffer_size": 256, "replay_policy": "balanced", "replay_batch_size": 4}
 #: the recovery phase of QAT, gradual pruning and head pruning: full fine-tuning (those methods change the base
-#: weights themselves) on `rows_per_task` replayed rows of every task, mixed, 1 epoch; lr a first guess (untuned)
+#: weights themselves) on `rows_per_task` replayed rows of every task, mixed, 1 epoch. lr 1e-5: the first run used
+#: 5e-5, and that phase alone (nothing compressed) flipped BoolQA to its minority label (0.72 -> 0.37; 2e-5: 0.47;
+#: 1e-5: 0.73); the `recovered_lr*` controls keep those rates in the table
 RECOVERY: dict[str, Any] = {
     "rows_per_task": 64,
     "num_train_epochs": 1,
     "per_device_train_batch_size": 8,
-    "learning_rate": 5e-5,
+    "learning_rate": 1e-5,
     "lr_scheduler_type": "linear",
     "warmup_steps": 2,
     "weight_decay": 0.0,
@@ -195,6 +193,7 @@ class Arm:
     sparsity: float = 0.0  # gradual magnitude pruning to this sparsity during the recovery phase
     distill: bool = False  # + distillation from the dense finished model during the recovery phase
     heads: float = 0.0  # this fraction of all attention heads removed (importance-ranked) before the recovery
+    recovery_lr: float | None = None  # the recovery phase at this learning rate instead of RECOVERY's (controls)
 
 
 ARMS: dict[str, Arm] = {
@@ -213,6 +212,8 @@ ARMS: dict[str, Arm] = {
     "prune90_distill": Arm("pruning", recovery=True, sparsity=0.9, distill=True),
     "heads50": Arm("heads", recovery=True, heads=0.5),
     "recovered": Arm("control", recovery=True),
+    "recovered_lr2e-5": Arm("control", recovery=True, recovery_lr=2e-5),
+    "recovered_lr5e-5": Arm("control", recovery=True, recovery_lr=5e-5),
     "recovered_ptq_8da4w": Arm("control", scheme="8da4w", recovery=True),
     "recovered_ptq_int8_dynamic_intx": Arm("control", scheme="int8_dynamic", qat_compatible=True, recovery=True),
     "heads50_no_recovery": Arm("control", heads=0.5),
@@ -233,6 +234,7 @@ def arm_description(arm: Arm) -> str:
         extra = [f"gradual pruning to {arm.sparsity:.0%}"] if arm.sparsity else []
         extra += ["distillation from fp32"] if arm.distill else []
         extra += [f"QAT {arm.scheme}"] if arm.qat else []
+        extra += [f"lr {arm.recovery_lr:g}"] if arm.recovery_lr is not None else []
         parts.append("recovery" + (f" ({', '.join(extra)})" if extra else ""))
     if arm.scheme and not arm.qat:
         parts.append(f"PTQ {arm.scheme}" + (" (QAT numerics)" if arm.qat_compatible else ""))
@@ -389,10 +391,23 @@ def continual_config(settings: dict[str, Any], output_dir: str, training: dict[s
     )
 
 
-def evaluate(model, tokenizer, tasks: list, settings: dict[str, Any]) -> list[float]:
-    """Accuracy on every task's eval split: `task_accuracy` with the options `ContinualTrainer.evaluate_tasks`
-    reads from the same settings (so an arm scored here and one scored by `train_joint` are scored alike)."""
-    from hf_adaptive.tasks import task_accuracy
+def balanced_accuracy(predictions: Sequence[int], labels: Sequence[int], classes: int) -> float:
+    """The mean over classes of the share of that class's rows predicted right (classes absent from `labels` left
+    out): a model that always answers one label scores 1/classes whatever the split's label balance, so a flip to
+    the minority label is told apart from forgetting what was learned (BoolQA's eval rows are 68 % True)."""
+    recalls = []
+    for k in range(classes):
+        rows = [p for p, y in zip(predictions, labels) if y == k]
+        if rows:
+            recalls.append(sum(p == k for p in rows) / len(rows))
+    return statistics.mean(recalls) if recalls else float("nan")
+
+
+def score(model, tokenizer, tasks: list, settings: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """(accuracy, balanced accuracy) on every task's eval split: `rank_classify` with the options
+    `ContinualTrainer.evaluate_tasks` reads from the same settings (`task_accuracy`'s scoring; NaN for a task whose
+    label scores are not finite, as there)."""
+    from hf_adaptive.tasks.formatting import rank_classify
 
     e = settings["eval"]
     options = {
@@ -401,7 +416,23 @@ def evaluate(model, tokenizer, tasks: list, settings: dict[str, Any]) -> list[fl
         "label_scoring": e["label_scoring"],
         "token_budget": e["continual_eval_token_budget"],
     }
-    return [task_accuracy(model, tokenizer, t, "eval", e["continual_eval_batch_size"], **options) for t in tasks]
+    accuracy, balanced = [], []
+    for task in tasks:
+        data = task.eval_dataset
+        predictions, _ = rank_classify(model, tokenizer, task, data, e["continual_eval_batch_size"], **options)
+        labels = [task.label_index(x) for x in data["label"]]
+        if any(p < 0 for p in predictions):
+            accuracy.append(float("nan"))
+            balanced.append(float("nan"))
+            continue
+        accuracy.append(sum(p == y for p, y in zip(predictions, labels)) / len(labels))
+        balanced.append(balanced_accuracy(predictions, labels, len(task.verbalizer)))
+    return accuracy, balanced
+
+
+def evaluate(model, tokenizer, tasks: list, settings: dict[str, Any]) -> list[float]:
+    """Accuracy on every task's eval split (`score`'s first half)."""
+    return score(model, tokenizer, tasks, settings)[0]
 
 
 # ----------------------------------------------------------------------------------------- the finished sequence
@@ -513,26 +544,32 @@ def pruning_schedule(steps: int, sparsity: float, settings: dict[str, Any]) -> d
     }
 
 
-def recover(model, tokenizer, tasks: list, settings: dict[str, Any], callbacks: list) -> tuple[list[float], dict]:
+def recover(
+    model, tokenizer, tasks: list, settings: dict[str, Any], callbacks: list, learning_rate: float | None = None
+) -> tuple[list[float], dict]:
     """The recovery phase: `ContinualTrainer.train_joint` (full fine-tuning) on the replayed rows of all tasks,
-    mixed, with `callbacks`; returns the accuracy on every task after it (scored by the trainer, once the plugins
-    have finished: QAT converted, pruning made permanent) and what it did."""
+    mixed, with `callbacks` (at `learning_rate` instead of the recipe's when given); returns the accuracy on every
+    task after it (scored where the trainer scores, once the plugins have finished: QAT converted, pruning made
+    permanent; by `score`, so the info carries the balanced accuracy too) and what it did."""
     from hf_adaptive.trainer import ContinualTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         config_fields = {k: v for k, v in settings["recovery"].items() if k != "rows_per_task"}
+        if learning_rate is not None:
+            config_fields["learning_rate"] = learning_rate
         config = continual_config(settings, tmp, {"adapter_strategy": "full", **config_fields})
         trainer = ContinualTrainer(model=model, args=config, processing_class=tokenizer, callbacks=callbacks)
-        evaluate_tasks, eval_seconds = trainer.evaluate_tasks, [0.0]
+        eval_seconds, balanced = [0.0], []
 
-        def timed(*args: Any, **kwargs: Any) -> list[float]:
+        def scored(stream: Any, trainer: ContinualTrainer = trainer) -> list[float]:
             t0 = time.perf_counter()
             try:
-                return evaluate_tasks(*args, **kwargs)
+                accuracy, balanced[:] = score(trainer.model, tokenizer, list(stream), settings)
+                return accuracy
             finally:
                 eval_seconds[0] += time.perf_counter() - t0
 
-        trainer.evaluate_tasks = timed
+        trainer.evaluate_tasks = scored
         t0 = time.perf_counter()
         row = trainer.train_joint(tasks)
         wall = time.perf_counter() - t0
@@ -549,6 +586,8 @@ def recover(model, tokenizer, tasks: list, settings: dict[str, Any], callbacks: 
         "steps": trainer.state.global_step,
         "train_seconds": wall - eval_seconds[0],
         "eval_seconds": eval_seconds[0],
+        "balanced": list(balanced),
+        "learning_rate": config_fields["learning_rate"],
         "train_loss": trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None,
         "plugins": extra,
     }
@@ -765,6 +804,7 @@ def run_arm(name: str, bench: Bench) -> dict[str, Any]:
     model, tokenizer = load_finished(directory)
     record: dict[str, Any] = {"arm": name, "spec": dataclasses.asdict(arm), "description": arm_description(arm)}
     row: list[float] | None = None
+    balanced: list[float] = []
     if arm.heads:
         t0 = time.perf_counter()
         record["heads"] = prune_heads_by_importance(model, tokenizer, replayed, arm.heads, s)
@@ -782,8 +822,9 @@ def run_arm(name: str, bench: Bench) -> dict[str, Any]:
         if arm.qat:
             group = s["quantization"]["group_size"]
             callbacks.append(QATPlugin(scheme=arm.scheme, group_size=group, tasks="last"))
-        row, info = recover(model, tokenizer, replayed, s, callbacks)
+        row, info = recover(model, tokenizer, replayed, s, callbacks, arm.recovery_lr)
         model = info.pop("model")
+        balanced = info.pop("balanced")
         record["recovery"] = info
         if name == "recovered":  # the recovered_ptq arms start from this model
             cache_recovered(model, recovered_dir(bench, base))
@@ -797,7 +838,7 @@ def run_arm(name: str, bench: Bench) -> dict[str, Any]:
     eval_seconds = (record.get("recovery") or {}).get("eval_seconds", 0.0) if row is not None else 0.0
     if row is None:
         t0 = time.perf_counter()
-        row = evaluate(model, tokenizer, tasks, s)
+        row, balanced = score(model, tokenizer, tasks, s)
         eval_seconds = time.perf_counter() - t0
     record["size"] = saved_size(model, Path(bench.cache) / f".arm_{name}.tmp", sparse=arm.sparsity > 0)
     lat = s["latency"]
@@ -809,6 +850,8 @@ def run_arm(name: str, bench: Bench) -> dict[str, Any]:
         task_names=[t.name for t in tasks],
         accuracy=dict(zip([t.name for t in tasks], row)),
         avg_acc=_mean(row),
+        balanced_accuracy=dict(zip([t.name for t in tasks], balanced)),
+        avg_balanced=_mean(balanced),
         eval_seconds=eval_seconds,
         wall_seconds=time.perf_counter() - started,
         load_average={"start": load_average, "end": os.getloadavg()[0]},
@@ -922,6 +965,8 @@ def summarize(records: dict[str, dict], base: dict | None, version: CodeVersion 
                 "description": r.get("description", arm_description(arm)),
                 "accuracy": r.get("accuracy") or {},
                 "avg_acc": acc,
+                "balanced_accuracy": r.get("balanced_accuracy") or {},
+                "avg_balanced": r.get("avg_balanced"),
                 "delta_avg_acc": acc - ref_acc if acc is not None and ref_acc is not None else None,
                 "size_mb": size.get("bytes", 0) / 2**20 if size else None,
                 "size_ratio": size["bytes"] / ref_bytes if size and ref_bytes else None,
@@ -1071,17 +1116,21 @@ def report_markdown(
         f"{settings['threads']} threads, eager; a batch of {lat['batch']} x {lat['prompt_tokens']} prompt tokens: "
         "prefill = the prompt forward, decode = one new token from the KV cache; medians of "
         f"{lat['reps']} rounds after {lat['warmup']} warm-up, interleaved with the fp32 model in the same process; "
-        "ratios = median per-round ratio to fp32. Δ acc: average accuracy minus fp32's.",
+        "ratios = median per-round ratio to fp32. Δ acc: average accuracy minus fp32's. *bal*: balanced accuracy "
+        "(the mean over labels of the share of that label's rows predicted right: a model that always gives one "
+        "label scores 0.5 on these 2-label tasks, whatever the eval rows' label balance; BoolQA's are 68 % True, "
+        "so its accuracy rewards a True bias) averaged over the tasks.",
         "",
-        "| arm | what | " + " | ".join(names) + " | avg acc | Δ acc | size MB | size / fp32 | sparse MB | "
+        "| arm | what | " + " | ".join(names) + " | avg acc | avg bal | Δ acc | size MB | size / fp32 | sparse MB | "
         "decode ms | decode / fp32 | prefill ms | prefill / fp32 | status |",
-        "|---|---|" + "---|" * len(names) + "---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|" + "---|" * len(names) + "---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         accs = " | ".join(_fmt(r["accuracy"].get(n)) for n in names)
         sparse = f"{r['sparse_mb']:.1f} ({r['sparse_ratio']:.2f})" if r["sparse_mb"] is not None else ""
         lines.append(
-            f"| {r['arm']} | {r['description']} | {accs} | {_fmt(r['avg_acc'])} | {_signed(r['delta_avg_acc'])} | "
+            f"| {r['arm']} | {r['description']} | {accs} | {_fmt(r['avg_acc'])} | {_fmt(r['avg_balanced'])} | "
+            f"{_signed(r['delta_avg_acc'])} | "
             f"{_fmt(r['size_mb'], 1)} | {_fmt(r['size_ratio'], 2)} | {sparse} | {_fmt(r['decode_ms'], 1)} | "
             f"{_fmt(r['decode_ratio'], 2)} | {_fmt(r['prefill_ms'], 1)} | {_fmt(r['prefill_ratio'], 2)} | "
             f"{r['status']} |"
@@ -1094,6 +1143,21 @@ def report_markdown(
     def diff(a: float | None, b: float | None) -> str:
         return _signed(a - b) if a is not None and b is not None else "n/a"
 
+    rates = [a for a in by_arm if ARMS[a].recovery_lr is not None or a == "recovered"]
+    if rates:
+        lines += [
+            "",
+            "The recovery phase alone, by learning rate (the `recovered` controls: nothing compressed; "
+            "accuracy / balanced accuracy per task):",
+            "",
+            "| learning rate | " + " | ".join(names) + " | avg acc | avg bal |",
+            "|---|" + "---|" * len(names) + "---|---|",
+        ]
+        for a in sorted(rates, key=lambda a: ARMS[a].recovery_lr or rec["learning_rate"]):
+            r = by_arm[a]
+            cells = " | ".join(f"{_fmt(r['accuracy'].get(n))} / {_fmt(r['balanced_accuracy'].get(n))}" for n in names)
+            lr = ARMS[a].recovery_lr or rec["learning_rate"]
+            lines.append(f"| {lr:g} ({a}) | {cells} | {_fmt(r['avg_acc'])} | {_fmt(r['avg_balanced'])} |")
     lines += [
         "",
         "QAT vs post-training quantization at the same scheme (average accuracy; PTQ after recovery: the same "
