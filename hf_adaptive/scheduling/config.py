@@ -16,7 +16,7 @@ from ..utils.options import OptionSource
 from ..utils.validation import check_bool, check_choice, check_number, check_str, fail
 
 GRANULARITIES = ("parameter", "module", "layer")
-THRESHOLD_MODES = ("absolute", "relative", "change")
+THRESHOLD_MODES = ("absolute", "relative", "change", "percentile")
 EARLY_STOPPING_METRICS = ("accuracy", "loss")
 
 
@@ -122,7 +122,9 @@ class FreezingConfig:
         default="absolute",
         metadata={
             "help": "'absolute' (EMA < threshold), 'relative' (EMA < threshold * mean EMA of the active units) or "
-            "'change' (AutoFreeze: the EMA moved by less than threshold, relative, over the last change_window steps).",
+            "'change' (the EMA moved by less than threshold, relative, over the last change_window steps) or "
+            "'percentile' (AutoFreeze's rule: at each change_window reading, a unit whose relative change is at or "
+            "below the given percentile of the active units' changes; threshold is not used).",
             "choices": list(THRESHOLD_MODES),
         },
     )
@@ -138,6 +140,13 @@ class FreezingConfig:
     warmup_steps: int = field(default=10, metadata={"help": "Steps before anything may freeze."})
     change_window: int = field(
         default=10, metadata={"help": "Steps between the EMA readings that threshold_mode='change' compares (>= 1)."}
+    )
+    percentile: float = field(
+        default=50.0,
+        metadata={
+            "help": "threshold_mode='percentile': the percentile (0-100) of the active units' EMA changes at or below "
+            "which a unit counts as converged (AutoFreeze: the median)."
+        },
     )
     probe_every: int = field(default=20, metadata={"help": "Steps between probes of the frozen units; 0 never probes."})
     max_frozen_fraction: float = field(
@@ -159,6 +168,7 @@ class FreezingConfig:
         check_number(c, "ema_beta", self.ema_beta, 0.0, 1.0, high_open=True)
         check_number(c, "warmup_steps", self.warmup_steps, 0, integer=True)
         check_number(c, "change_window", self.change_window, 1, integer=True)
+        check_number(c, "percentile", self.percentile, 0.0, 100.0)
         check_number(c, "probe_every", self.probe_every, 0, integer=True)
         check_number(c, "max_frozen_fraction", self.max_frozen_fraction, 0.0, 1.0, high_open=True)
         check_bool(c, "drop_optimizer_state", self.drop_optimizer_state)

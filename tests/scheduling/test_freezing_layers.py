@@ -8,7 +8,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_adaptive.scheduling import Freezer, FreezingConfig
-from hf_adaptive.scheduling.freezing import find_decoder_layers
+from hf_adaptive.scheduling.freezing import find_decoder_layers, percentile
 from hf_adaptive.utils.io import load_state, save_state
 
 
@@ -225,3 +225,68 @@ def test_change_mode_freezes_layers_whose_gradient_norm_stopped_moving():
     restored.load_state_dict(steady.state_dict())
     assert [u.change for u in restored.units] == [u.change for u in steady.units]
     assert [u.reference for u in restored.units] == [u.reference for u in steady.units]
+
+
+def _drive(freezer: Freezer, norms: list[float]) -> None:
+    """One step with hand-made gradients: layer i's gradient has norm `norms[i]` (ema_beta 0: the EMA is the norm)."""
+    for unit, norm in zip(freezer.units, norms):
+        for p in unit.params:
+            p.grad = None if unit.frozen else torch.full_like(p, norm / (unit.numel**0.5))
+    freezer.update()
+
+
+def test_percentile_reference_is_numpys_linear_interpolation():
+    values = torch.rand(11, generator=torch.Generator().manual_seed(0)).tolist()
+    for q in (0.0, 12.5, 50.0, 90.0, 100.0):
+        expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100).item()
+        assert percentile(values, q) == pytest.approx(expected, rel=1e-12)
+    assert percentile([3.0, 1.0], 50.0) == 2.0 and percentile([4.0], 50.0) == 4.0
+
+
+def test_percentile_mode_freezes_the_prefix_below_the_median_change_at_readings_only():
+    """AutoFreeze's rule against a slow reference: at a reading, the prefix of layers whose relative change is at or
+    below the median of the active layers' changes freezes; nothing is decided between readings; `change` mode with
+    a 1 % threshold freezes nothing on the same gradients (every layer still moves)."""
+    growth = [0.02, 0.03, 0.30, 0.04, 0.05, 0.50]  # per-step growth of each layer's gradient norm
+    model = Stack(n=len(growth))
+    model.embed.requires_grad_(False)
+    common = {"granularity": "layer", "change_window": 2, "warmup_steps": 0, "probe_every": 0, "ema_beta": 0.0}
+    auto = Freezer(model, FreezingConfig(threshold_mode="percentile", **common))
+    fixed = Freezer(Stack(n=len(growth)), FreezingConfig(threshold_mode="change", threshold=0.01, **common))
+    fixed.model.embed.requires_grad_(False)
+    frozen_per_step = []
+    for step in range(1, 9):
+        norms = [(1 + g) ** step for g in growth]
+        _drive(auto, norms)
+        _drive(fixed, norms)
+        frozen_per_step.append(auto.frozen_layers())
+    # the first changes are known at the second reading (step 4): changes (1+g)^2 - 1, median of the six is between
+    # 0.0609 (0.03) and 0.0816 (0.04): layers 0 and 1 are quiet, layer 2 (0.69) is not, so the prefix stops there
+    changes = [(1 + g) ** 2 - 1 for g in growth]
+    median = percentile(changes, 50.0)
+    quiet = [c <= median for c in changes]
+    expected_prefix = quiet.index(False)
+    assert expected_prefix == 2
+    assert frozen_per_step[:3] == [0, 0, 0] and frozen_per_step[3] == expected_prefix
+    # later readings rank the four active layers: layer 2 (0.69) is above their median, so the prefix stays at 2
+    assert frozen_per_step[3:] == [2] * 5
+    assert auto.freeze_history() == {"layers.0": 4, "layers.1": 4}
+    assert fixed.frozen_layers() == 0 and min(u.change for u in fixed.units) > 0.01
+    restored = Freezer(Stack(n=len(growth)), FreezingConfig(threshold_mode="percentile", **common))
+    restored.model.embed.requires_grad_(False)
+    restored.load_state_dict(auto.state_dict())
+    assert restored.frozen_layers() == 2 and [u.change for u in restored.units] == [u.change for u in auto.units]
+
+
+def test_percentile_mode_at_percentile_zero_freezes_only_the_least_moving_prefix():
+    model = Stack(n=4)
+    model.embed.requires_grad_(False)
+    cfg = FreezingConfig(
+        granularity="layer", threshold_mode="percentile", percentile=0.0, change_window=1, warmup_steps=0,
+        probe_every=0, ema_beta=0.0,
+    )  # fmt: skip
+    freezer = Freezer(model, cfg)
+    for step in range(1, 4):
+        _drive(freezer, [(1 + g) ** step for g in (0.01, 0.02, 0.03, 0.04)])
+    # step 2: layer 0 has the smallest change (the 0th percentile) and freezes; step 3: layer 1 is then the smallest
+    assert freezer.freeze_history() == {"layers.0": 2, "layers.1": 3}

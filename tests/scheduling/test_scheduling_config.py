@@ -44,6 +44,7 @@ def test_every_field_is_an_option_and_the_former_names_are_kept():
     names = _option_names(ADAPTIVE_SCHEDULER_OPTIONS) | _option_names(FREEZING_OPTIONS)
     assert FORMER_OPTIONS <= names
     assert {"adaptive_lr_bounds", "adaptive_window", "adaptive_sigma_bounds", "adaptive_nan_backoff"} <= names
+    assert "freeze_percentile" in names
     assert "adaptive_seed" not in names  # the dither seed is the run's TrainingArguments.seed
     cls = options_dataclass("SchedulingOptions", [*ADAPTIVE_SCHEDULER_OPTIONS, *FREEZING_OPTIONS])
     assert cls().adaptive_lr_bounds == [1e-7, 1.0]  # a list on the command line / in YAML
@@ -69,6 +70,7 @@ def test_defaults():
         (AdaptiveSchedulerCallbackConfig, "reward_key", ""),
         (FreezingConfig, "threshold_mode", "median"),
         (FreezingConfig, "ema_beta", 1.0),
+        (FreezingConfig, "percentile", 101.0),
     ],
 )
 def test_a_bad_value_names_the_config_field(cls, field, value):
