@@ -622,6 +622,71 @@ def metric_table(entry: dict[str, Any], grid: Grid, best_word: str | None, digit
     return lines
 
 
+def reachable_range(config: dict[str, Any], steps: int) -> dict[str, Any]:
+    """How far the adaptive law can move the LR in `steps` observations, from its gains alone (`AdaptiveScheduler`'s
+    rules): after `warmup` observations, a cut by `lr_down` needs more than `patience` non-improving observations in a
+    row and is followed by `cooldown` observations without any change, so the cuts fall at observations w+p+1,
+    w+p+1 + (p+1+c), ...; a rise is at most `lr_up` per improving observation. Returns the fewest / most factors
+    (`low`, `high`), the most cuts and the observations they fall at."""
+    w, p, c = int(config["warmup"]), int(config["patience"]), int(config["cooldown"])
+    first, period = w + p + 1, p + 1 + c
+    at = list(range(first, steps + 1, period)) if steps >= first else []
+    return {
+        "low": float(config["lr_down"]) ** len(at),
+        "high": float(config["lr_up"]) ** max(0, steps - w),
+        "cuts": len(at),
+        "cut_observations": at,
+    }
+
+
+def lr_cuts(record: dict[str, Any]) -> list[int]:
+    """The steps (1-based) whose LR in force is below the previous step's, from a run's trajectory."""
+    lrs = (record.get("trajectory") or {}).get("lr") or []
+    return [i + 1 for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1] * (1 - 1e-9)]
+
+
+def reach_lines(runs: dict[Key, dict], grid: Grid) -> list[str]:
+    """Why the law cannot flatten the grid's LR range in these runs: its reachable factor window against the range,
+    and where each adaptive run cut its LR and had its worst training loss."""
+    adaptive = [
+        (k, runs[k]) for k in grid.keys() if k in runs and k[0] == "adaptive" and runs[k].get("adaptive_config")
+    ]
+    if not adaptive:
+        return []
+    key, first = adaptive[0]
+    steps = int(first.get("steps") or 0)
+    reach = reachable_range(first["adaptive_config"], steps)
+    lrs = sorted(grid.lrs)
+    cfg = first["adaptive_config"]
+    lines = [
+        "",
+        "## What the law can reach in one run",
+        "",
+        f"In {steps} observations (one per step) the law's gains allow at most {reach['cuts']} cuts by "
+        f"{cfg['lr_down']:g} (warm-up {cfg['warmup']}, patience {cfg['patience']}, cooldown {cfg['cooldown']}: "
+        f"observations {', '.join(map(str, reach['cut_observations'])) or 'none'}) and at most a factor "
+        f"{cfg['lr_up']:g} per improving observation: the final LR lies within [{reach['low']:.2f}, "
+        f"{reach['high']:.2f}] x the base LR, a {reach['high'] / reach['low']:.1f}x window, against the grid's "
+        f"{lrs[-1] / lrs[0]:.0f}x range of base LRs. It cannot bring the largest base LR down to the best one in "
+        "one task, whatever it observes.",
+        "",
+        "| run | LR cut at steps | final LR / base | worst training loss (step) |",
+        "|---|---|---|---|",
+    ]
+    for k, r in adaptive:
+        lrs_run = (r.get("trajectory") or {}).get("lr") or []
+        losses = (r.get("trajectory") or {}).get("loss") or []
+        finite = [(v, i + 1) for i, v in enumerate(losses) if v is not None and math.isfinite(v)]
+        worst = max(finite) if finite else None
+        ratio = lrs_run[-1] / r["base_lr"] if lrs_run and r.get("base_lr") else None
+        lines.append(
+            f"| {arm_name(k)} | {', '.join(map(str, lr_cuts(r))) or 'none'} | {_fmt(ratio, 2)} | "
+            + (f"{worst[0]:.2f} ({worst[1]})" if worst else "n/a")
+            + " |"
+        )
+    return lines
+
+
 def report_markdown(
     runs: dict[Key, dict],
     grid: Grid,
@@ -696,6 +761,7 @@ def report_markdown(
             + "; ".join(f"{arm_name(k)}: " + ", ".join(f"{e} {n}" for e, n in sorted(ev.items())) for k, ev in events)
             + ".",
         ]
+    lines += reach_lines(runs, grid)
     lines += ["", "## Runs", "", "| arm | held-out loss | accuracy | steps | wall (s) | load start-end | code |"]
     lines.append("|---|---|---|---|---|---|---|")
     for key in grid.keys():

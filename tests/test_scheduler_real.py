@@ -441,3 +441,62 @@ def test_a_run_stopped_by_the_non_finite_guard_is_stored_as_diverged(sr, tmp_pat
     assert (
         path.name == "SST-2_cosine_lr0.01_seed0.json" and sr._value(runs[("cosine", 1e-2, 0)], "eval_loss") == math.inf
     )
+
+
+def _simulate(config, losses):
+    """The package's law itself, fed `losses`: the LR factor at the end and the observations that cut it."""
+    import torch
+
+    from hf_adaptive.scheduling import AdaptiveScheduler, AdaptiveSchedulerConfig
+
+    fields = {k: v for k, v in config.items() if k in AdaptiveSchedulerConfig.__dataclass_fields__}
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    law = AdaptiveScheduler(optimizer, AdaptiveSchedulerConfig(**fields))
+    cuts, previous = [], law.lr
+    for i, loss in enumerate(losses, start=1):
+        law.observe(loss)
+        if law.lr < previous:
+            cuts.append(i)
+        previous = law.lr
+    return law.lr / 1e-2, cuts
+
+
+@pytest.mark.parametrize("steps", [8, 9, 20, 32, 64])
+def test_reachable_range_matches_the_law_fed_the_worst_and_best_losses(sr, steps):
+    """The bound against a slow reference: the package's own law fed a loss that only rises (every observation
+    non-improving) makes exactly the predicted cuts; fed a loss that only falls it never rises above the bound."""
+    from dataclasses import asdict
+
+    from hf_adaptive.scheduling import AdaptiveSchedulerConfig
+
+    config = asdict(AdaptiveSchedulerConfig())
+    reach = sr.reachable_range(config, steps)
+    low, cuts = _simulate(config, [1.0 + 0.5 * i for i in range(steps)])
+    assert cuts == reach["cut_observations"] and len(cuts) == reach["cuts"]
+    assert low == pytest.approx(reach["low"], rel=1e-12)
+    high, _ = _simulate(config, [2.0 * 0.5**i for i in range(steps)])
+    assert high <= reach["high"] * (1 + 1e-12)
+    if steps == 32:  # the default gains over one SmolLM2 task: 3 cuts (observations 9, 20, 31), at most x1.02^29
+        assert reach["cut_observations"] == [9, 20, 31] and reach["high"] == pytest.approx(1.02**29)
+
+
+def test_report_explains_the_reachable_window_with_each_runs_cuts(sr):
+    grid = sr.Grid(("adaptive",), (1e-4, 1e-2), (0,))
+    config = {"warmup": 3, "patience": 5, "cooldown": 5, "lr_down": 0.8, "lr_up": 1.02}
+    lrs = [1e-2] * 9 + [8e-3] * 11 + [6.4e-3] * 11 + [5.12e-3]
+    runs = {
+        ("adaptive", lr, 0): {
+            "schedule": "adaptive",
+            "base_lr": lr,
+            "seed": 0,
+            "steps": 32,
+            "adaptive_config": config,
+            "trajectory": {"lr": [v * lr / 1e-2 for v in lrs], "loss": [1.0] * 3 + [9.3] + [1.0] * 28},
+            "metrics": {"eval_loss": 1.0},
+        }
+        for lr in (1e-4, 1e-2)
+    }
+    lines = "\n".join(sr.reach_lines(runs, grid))
+    assert "at most 3 cuts by 0.8" in lines and "observations 9, 20, 31" in lines
+    assert "[0.51, 1.78] x the base LR, a 3.5x window, against the grid's 100x range" in lines
+    assert "| adaptive/lr0.01/seed0 | 10, 21, 32 | 0.51 | 9.30 (4) |" in lines
