@@ -1,0 +1,325 @@
+"""benchmarks/gates_real.py: one `--quick` run end to end (files, every strategy at every budget with exactly its
+heads, the Pareto front, the controllers' curves and warm start, physical pruning with save / reload and latency),
+the command-line validation, and the numeric helpers against slow obvious references."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from benchmark_loader import load_benchmark
+
+BUDGETS = (0.75, 0.5, 0.25)
+
+
+@pytest.fixture(scope="module")
+def gr():
+    yield from load_benchmark("gates_real")
+
+
+@pytest.fixture(scope="module")
+def quick(gr, tmp_path_factory):
+    """One quick run with the default options (3 budgets, 3 seeds, PPO cold + warm): (result JSON, markdown, dir)."""
+    out = tmp_path_factory.mktemp("gates_real")
+    assert gr.main(["--quick", "--out", str(out)]) == 0
+    return json.loads((out / "gates_real.json").read_text()), (out / "gates_real.md").read_text(), out
+
+
+def _rows(result, strategy):
+    return [r for r in result["results"] if r["strategy"] == strategy]
+
+
+# ---------------------------------------------------------------------------------------------- the quick run
+def test_quick_run_writes_its_files(quick):
+    result, md, out = quick
+    assert (out / "gates_real_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![test loss vs heads kept" in md and "(gates_real_pareto.png)" in md
+    assert result["meta"]["quick"] is True and result["meta"]["code_version"]
+    assert result["environment"]["threads"] == 1
+    est = result["meta"]["estimated_real_seconds"]  # what the same options would cost on SmolLM2
+    assert est["total"] == pytest.approx(sum(v for k, v in est.items() if k != "total"), abs=0.5)
+
+
+def test_every_strategy_keeps_exactly_its_budget(gr, quick):
+    result, _, _ = quick
+    s = result["meta"]["settings"]
+    n = s["layers"] * s["heads"]
+    strategies = ["random", "magnitude", "michel", "l0", "controller_ppo", "controller_ppo_warm"]
+    for frac in BUDGETS:
+        k = gr.budget_heads(frac, n)
+        at = {r["strategy"]: r for r in result["results"] if r["fraction"] == frac}
+        assert set(strategies) <= set(at), f"missing at {frac}: {set(strategies) - set(at)}"
+        for name in strategies:
+            r = at[name]
+            assert r["heads"] == k and len(r["kept"]) == k and len(set(r["kept"])) == k, (name, frac)
+            assert all(0 <= i < n for i in r["kept"]) and math.isfinite(r["test_loss"])
+        assert len(at["random"]["test_loss_seeds"]) == 3
+        assert at["random"]["test_loss"] == pytest.approx(sum(at["random"]["test_loss_seeds"]) / 3)
+    assert _rows(result, "dense")[0]["heads"] == n
+    # the static rankings are the top-k of their scores
+    michel = torch.tensor(result["statistics"]["michel"])
+    for r in _rows(result, "michel"):
+        assert sorted(r["kept"]) == sorted(michel.argsort(descending=True)[: r["heads"]].tolist())
+
+
+def test_kv_group_row_keeps_whole_groups(quick):
+    result, _, _ = quick
+    s = result["meta"]["settings"]
+    (row,) = _rows(result, "michel_kv_groups")
+    group = s["heads"] // s["kv_heads"]
+    groups = {(i // s["heads"], (i % s["heads"]) // group) for i in row["kept"]}
+    assert row["heads"] == len(row["kept"]) == s["layers"] * s["heads"] // 2
+    assert len(groups) * group == len(row["kept"])  # every kept group complete
+    # and the groups are the best half by summed importance
+    michel = torch.tensor(result["statistics"]["michel"]).view(s["layers"], s["kv_heads"], group).sum(-1)
+    best = set(michel.flatten().argsort(descending=True)[: len(groups)].tolist())
+    assert {layer * s["kv_heads"] + g for layer, g in groups} == best
+
+
+def test_pareto_front_is_the_non_dominated_points(quick):
+    result, _, _ = quick
+    rows = result["results"]
+    front = result["pareto_front"]
+    assert front
+    points = {(r["heads"], r["test_loss"]) for r in rows}
+    for p in front:
+        assert (p["heads"], p["test_loss"]) in points
+        assert not any(
+            h <= p["heads"] and x <= p["test_loss"] and (h, x) != (p["heads"], p["test_loss"]) for h, x in points
+        )
+    for h, x in points - {(p["heads"], p["test_loss"]) for p in front}:  # every other point is dominated
+        assert any(p["heads"] <= h and p["test_loss"] <= x for p in front)
+
+
+def test_verdicts_follow_the_rows(gr, quick):
+    result, md, _ = quick
+    for v in result["verdicts"]:
+        at = [r for r in result["results"] if r["fraction"] == v["fraction"]]
+        static = [r for r in at if r["strategy"] in gr.STATIC]
+        best = min(static, key=lambda r: r["test_loss"])
+        assert v["best_static"] == best["strategy"]
+        assert v["winner"] == min(at, key=lambda r: r["test_loss"])["strategy"]
+        for r in at:
+            if r["strategy"].startswith("controller"):
+                assert v["controllers"][r["strategy"]] == gr.verdict(r["test_loss"], best["test_loss"], v["random_std"])
+        assert f"winner **{v['winner']}**" in md
+
+
+def test_controllers_curves_warm_start_and_best_validated_gates(gr, quick):
+    result, md, _ = quick
+    s = result["meta"]["settings"]
+    n = s["layers"] * s["heads"]
+    michel = {r["fraction"]: r for r in _rows(result, "michel")}
+    assert len(result["controllers"]) == len(BUDGETS) * 2
+    for c in result["controllers"]:
+        k = gr.budget_heads(c["fraction"], n)
+        curve = c["curve"]
+        assert [r["step"] for r in curve] == list(range(s["controller_steps"] + 1))
+        assert all(r["active_heads"] == k for r in curve[1:])  # min = max = the budget after the first action
+        assert curve[0]["reward"] is None and all(r["reward"] is not None for r in curve[1:])
+        at_k = [r["loss"] for r in curve if r["active_heads"] == k]
+        assert c["best_val_loss"] == min(at_k)
+        (row,) = [r for r in result["results"] if r["strategy"] == c["strategy"] and r["fraction"] == c["fraction"]]
+        assert row["val_loss"] == min(at_k)  # the best validated gates are the ones reported
+        if c["init"] == "michel":  # the warm start is Michel's top-k: same heads, same validation loss
+            assert curve[0]["active_heads"] == k
+            assert curve[0]["loss"] == pytest.approx(michel[c["fraction"]]["val_loss"], abs=1e-6)
+            assert row["val_loss"] <= michel[c["fraction"]]["val_loss"] + 1e-6
+        else:
+            assert curve[0]["active_heads"] == n
+    assert "## Controller reward curves" in md
+
+
+def test_pruned_models_match_the_gated_ones_and_reload(quick):
+    result, md, _ = quick
+    p = result["pruning"]
+    s = result["meta"]["settings"]
+    kv_row = _rows(result, "michel_kv_groups")[0]
+    michel_half = next(r for r in _rows(result, "michel") if r["fraction"] == 0.5)
+    for name, row in (("query_heads", michel_half), ("kv_groups", kv_row)):
+        v = p[name]
+        assert v["max_abs_diff_vs_gated"] <= 1e-4, name
+        assert v["test_loss"] == pytest.approx(row["test_loss"], abs=1e-4), name
+        assert v["reload_equal"] is True and v["max_abs_diff_reloaded"] <= 1e-5 and v["reload_has_gates"] is False
+        assert v["parameters"] < p["dense"]["parameters"] and v["saved_bytes"] > 0
+    # whole groups: the k/v projections keep one slot per kept group (one for a layer left without heads)
+    group = s["heads"] // s["kv_heads"]
+    per_layer = [
+        {(i % s["heads"]) // group for i in kv_row["kept"] if i // s["heads"] == layer} for layer in range(s["layers"])
+    ]
+    assert p["kv_groups"]["kv_slots_per_layer"] == [max(1, len(g)) for g in per_layer]
+    assert p["dense"]["kv_slots"] == s["layers"] * s["kv_heads"]
+    for pair in ("query_heads_vs_dense", "kv_groups_vs_dense", "kv_groups_vs_query_heads"):
+        lat = p["latency"][pair]
+        for key in ("prefill_ms", "decode_ms", "reference_prefill_ms", "reference_decode_ms"):
+            assert lat[key] > 0
+        assert lat["prefill_ratio"] > 0 and lat["decode_ratio"] > 0 and lat["reps"] == s["latency"]["reps"]
+        assert f"| {pair} |" in md
+    assert "save / reload without the wrapper with equal logits: yes" in md
+
+
+# ------------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--budgets", "0.5,1.5"], "--budgets"),
+        (["--budgets", "half"], "--budgets"),
+        (["--budgets", "0.01"], "--budgets"),  # 0 of the quick model's 24 heads
+        (["--budgets", "0.5,0.51"], "--budgets"),  # both keep 12 heads
+        (["--seeds", "-1"], "--seeds"),
+        (["--seeds", "1,1"], "--seeds"),
+        (["--algorithm", "dqn"], "--algorithm"),
+        (["--algorithm", "ppo,ppo"], "--algorithm"),
+        (["--controller-init", "warm"], "--controller-init"),
+        (["--controller-steps", "0"], "--controller-steps"),
+        (["--l0-steps", "x"], "--l0-steps"),
+        (["--rows-per-task", "1"], "--rows-per-task"),
+        (["--lora-steps", "-3"], "--lora-steps"),
+    ],
+)
+def test_bad_options_name_the_option_and_value(gr, capsys, argv, option):
+    with pytest.raises(SystemExit) as err:
+        gr.parse_args(["--quick", *argv])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert f"{option}={argv[1]!r} is not allowed" in message
+
+
+def test_real_mode_needs_the_data_folder(gr, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        gr.parse_args(["--data", str(tmp_path / "nowhere")])
+    assert "--data=" in capsys.readouterr().err
+    args = gr.parse_args(["--data", str(tmp_path), "--algorithm", "reinforce,a2c,ppo", "--budgets", "0.75,0.25"])
+    s = gr.resolve_settings(args)
+    assert s["algorithms"] == ["reinforce", "a2c", "ppo"] and s["budgets"] == [0.75, 0.25]
+    assert s["model"] == "smollm2-135m" and s["controller_steps"] == 40 and s["lora_accuracy"] is False
+
+
+def test_real_mode_estimate_fits_the_hour(gr, tmp_path):
+    """The docstring's figures come from `estimated_seconds`: the defaults fit in an hour, the controller dominates."""
+    s = gr.resolve_settings(gr.parse_args(["--data", str(tmp_path)]))
+    est = gr.estimated_seconds(s)
+    assert est["total"] <= 3600 and est["controller"] > est["total"] / 2
+    cold = gr.estimated_seconds({**s, "inits": ["cold"]})
+    assert cold["controller"] == pytest.approx(est["controller"] / 2, rel=1e-3)
+    assert "lora" in gr.estimated_seconds({**s, "lora_accuracy": True})
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+@pytest.mark.parametrize(("layers", "heads", "kv", "keep"), [(4, 6, 2, 4), (3, 9, 3, 4), (2, 8, 4, 3)])
+def test_kv_group_gates_against_brute_force(gr, layers, heads, kv, keep):
+    imp = torch.rand(layers, heads, generator=torch.Generator().manual_seed(layers * heads + keep))
+    gates = gr.kv_group_gates(imp, kv, keep)
+    group = heads // kv
+    sums = {
+        (layer, g): sum(float(imp[layer, g * group + j]) for j in range(group))
+        for layer in range(layers)
+        for g in range(kv)
+    }
+    best = max(itertools.combinations(sums, keep), key=lambda c: sum(sums[x] for x in c))
+    want = torch.zeros(layers, heads)
+    for layer, g in best:
+        for j in range(group):
+            want[layer, g * group + j] = 1
+    assert torch.equal(gates, want)
+
+
+def test_kv_group_gates_refuses_a_kv_count_that_does_not_divide(gr):
+    with pytest.raises(ValueError, match="kv_heads=4"):
+        gr.kv_group_gates(torch.rand(2, 6), 4, 1)
+
+
+def test_expected_gate_against_the_gates_own_sampling(gr):
+    """E[z] by quadrature vs the mean of many hard-concrete samples drawn by `GatedModel.gates()` in training."""
+    from hf_adaptive.models import build_tiny_gemma, gate_model
+
+    model, _ = build_tiny_gemma(seed=0)
+    gated = gate_model(model, mode="hard_concrete")
+    with torch.no_grad():
+        gated.log_alpha.copy_(torch.linspace(-4, 4, gated.log_alpha.numel()).view_as(gated.log_alpha))
+    gated.train()
+    torch.manual_seed(0)
+    sampled = torch.stack([gated.gates() for _ in range(20000)]).mean(0)
+    expected = gr.expected_gate(gated.log_alpha.detach())
+    torch.testing.assert_close(expected, sampled, atol=0.01, rtol=0)
+    assert (expected.flatten().diff() > 0).all()  # increasing in log_alpha: top-k by E[z] = top-k by log_alpha
+
+
+def test_budget_heads_and_an_exact_controller_budget(gr):
+    """Half-up rounding, and a controller given k / n keeps exactly k heads (75 % of 270 = 202.5 as a fraction
+    would leave no integer budget)."""
+    from hf_adaptive.control.gate_controller import GateController, GateControllerConfig
+
+    assert [gr.budget_heads(f, 270) for f in BUDGETS] == [203, 135, 68]
+    assert [gr.budget_heads(f, 24) for f in BUDGETS] == [18, 12, 6]
+    for k in (203, 68):
+        cfg = GateControllerConfig(min_active_fraction=k / 270, max_active_fraction=k / 270, max_changes=4)
+        ctrl = GateController(30, 9, cfg)
+        assert int(ctrl.act().sum()) == k
+
+
+def test_random_gates_are_seeded_subsets(gr):
+    a, b, c = (gr.random_gates(4, 6, 9, seed) for seed in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert int(a.sum()) == 9 and set(a.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_verdict_and_curve_summary(gr):
+    assert gr.verdict(1.0, 1.2, 0.1) == "beats"
+    assert gr.verdict(1.25, 1.2, 0.1) == "matches" and gr.verdict(1.15, 1.2, 0.1) == "matches"
+    assert gr.verdict(1.31, 1.2, 0.1) == "loses" and gr.verdict(1.2, 1.2, 0.0) == "matches"
+    log = [
+        {"step": 0, "loss": 1.0, "reward": None, "active_heads": 8},  # cold start: all heads, not at the budget
+        {"step": 1, "loss": 2.0, "reward": -0.5, "active_heads": 4},
+        {"step": 2, "loss": 1.5, "reward": 0.2, "active_heads": 4},
+        {"step": 3, "loss": 1.7, "reward": -0.1, "active_heads": 4},
+        {"step": 4, "loss": 1.4, "reward": 0.2, "active_heads": 4},
+    ]
+    c = gr.curve_summary(log, 4)
+    assert c["best_val_loss"] == 1.4 and c["best_step"] == 4
+    assert c["running_best_val_loss"] == [[1, 2.0], [2, 1.5], [3, 1.5], [4, 1.4]]
+    assert c["first_quarter_reward"] == -0.5 and c["last_quarter_reward"] == 0.2
+    assert c["start_val_loss"] == 1.0 and c["first_action_val_loss"] == 2.0
+
+
+def test_lora_accuracy_leaves_the_gated_base_model_as_it_was(gr):
+    """The optional LoRA arm trains an adapter under fixed gates and removes it: the base weights, the module tree
+    and the gates' effect are those of before."""
+    from hf_adaptive.control.feedback import validation_loss
+    from hf_adaptive.models import build_tokenizer, gate_model
+    from hf_adaptive.tasks import CausalLMCollator, builtin_suite
+
+    s = gr.resolve_settings(gr.parse_args(["--quick", "--lora-steps", "2"]))
+    tokenizer = build_tokenizer()
+    model = gr.build_tiny_llama(tokenizer, 0, s).eval()
+    tasks = builtin_suite(s["tasks"][:2], n_train=16, n_eval=8, seed=0)
+    gated = gate_model(model)
+    gates = gr.random_gates(s["layers"], s["heads"], 12, 0)
+    batches = [CausalLMCollator(tokenizer)(gr.text_rows(tasks, tokenizer, s, "eval", whole_text=True))]
+    gated.set_gates(gates)
+    before_loss = validation_loss(model, batches)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_modules()]
+    train_rows = gr.text_rows(tasks, tokenizer, s, "train", whole_text=False)
+    out = gr.lora_accuracy(model, gated, gates, tokenizer, train_rows, tasks, s)
+    assert 0.0 <= out["accuracy"] <= 1.0 and len(out["per_task"]) == 2
+    assert [n for n, _ in model.named_modules()] == names  # no LoRA layer left
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert validation_loss(model, batches) == pytest.approx(before_loss, abs=1e-6)
+
+
+def test_real_tasks_split_into_two_disjoint_halves(gr):
+    """Real mode's data (when the cl_benchmark folder is there): every task has both halves, and they differ."""
+    if not gr.compression.DEFAULT_DATA.is_dir():
+        pytest.skip("no cl_benchmark data folder")
+    s = gr.resolve_settings(gr.parse_args([]))
+    tasks = gr.load_tasks(s, gr.compression.DEFAULT_DATA)
+    val, test = gr.split_halves(tasks, s["rows_per_task"])
+    assert [t.name for t in tasks] == ["SST-2", "BoolQA", "MNLI"]
+    for v, t in zip(val, test):
+        assert len(v.eval_dataset) == len(t.eval_dataset) == s["rows_per_task"]
+        assert not set(v.eval_dataset["text"]) & set(t.eval_dataset["text"])
