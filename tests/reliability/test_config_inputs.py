@@ -394,6 +394,7 @@ VALUES: dict[str, Any] = {
     "freeze_probe_every": 3,
     "freeze_max_frozen_fraction": 0.5,
     "freeze_change_window": 4,
+    "freeze_percentile": 25.0,
     "freeze_drop_optimizer_state": False,
     # head_l0 / gate_feedback (gate_mode: per plugin, `PLUGIN_VALUES`)
     "gate_l0_weight": 0.5,
