@@ -11,16 +11,16 @@ the choice of heads alone:
   * michel: the largest Michel et al. importance (`head_importance`: E|dL/dgate| on the validation half, one shot);
   * l0: hard-concrete L0 gates (`gate_model(mode="hard_concrete")` + `HeadGatePlugin`'s penalty): only the gates'
     log_alpha train, briefly (`l0.steps` Adam steps on the validation batches, the model frozen), then the top-k
-    heads by each gate's expected value E[z] (computed by quadrature, `expected_gate`; E[z] rises with log_alpha);
+    heads by each gate's expected value E[z] (`GatedModel.expected_gates()`; E[z] rises with log_alpha);
   * controller_<algorithm>[_warm]: `GateController` (PPO by default, `--algorithm reinforce,a2c,ppo` runs others)
-    with min = max active = k / 270 (the exact budget; swaps of at most `max_changes` flips per step), its state fed
+    with min_active_heads = max_active_heads = k (the exact budget, whatever k; swaps of at most `max_changes`
+    flips per step), its state fed
     Michel importance and attention entropy of one spread-out stats batch measured under the current gates (what the
     baselines know, plus the sensitivity of bringing a pruned head back), rewarded by the validation loss
     (efficiency factor 0: the budget is fixed), `--controller-steps` steps, then the best validated gates (lowest
     validation loss among the archived points with k heads). `--controller-init`: `cold` starts, as the package does,
     from all heads on (its first action prunes to the budget almost at random); `michel` starts from Michel's top-k
-    (a warm start the package has no API for: the benchmark sets the public `GateController.gates` before the first
-    feedback), so it can only refine a static ranking.
+    (`GateController.set_gates`, a warm start checked against the budget), so it can only refine a static ranking.
   * michel_kv_groups (at 50 % only): whole KV groups (all 3 query heads of a group) ranked by their summed Michel
     importance (`kv_group_gates`), so that pruning shrinks the K/V projections and the KV cache too.
 
@@ -36,7 +36,9 @@ michel and l0; a controller "beats" it by more than the random seeds' standard d
 else "loses" (`verdict`).
 
 Physical pruning at 50 % (`prune_heads`): (a) query heads only, Michel's top half (a kv head stays while any of its
-query heads does; unequal group sizes are stored with duplicated kv heads, `pruning._plan`), (b) whole KV groups.
+query heads does; per layer, groups left with unequal sizes are stored either with duplicated kv heads or padded
+with zero query slots so that each kv head is stored once, whichever needs fewer projection weights,
+`pruning.choose_plan`), (b) whole KV groups.
 Each pruned model is checked against the gated model (same logits), its test loss taken, saved with
 `save_pruned_model` and reloaded with `load_pruned_model` (no gates, no wrapper) with equal logits. CPU latency:
 compression.py's `measure_latency` (prefill of a batch x prompt_tokens block of real prompts and one decode token,
@@ -260,17 +262,6 @@ def kv_group_gates(importance: torch.Tensor, kv_heads: int, keep_groups: int) ->
     return keep.view(layers, kv_heads).repeat_interleave(group, dim=1)
 
 
-def expected_gate(log_alpha: torch.Tensor, points: int = 4096) -> torch.Tensor:
-    """E[z] of hard-concrete gates (Louizos et al.): z = clamp(sigmoid((logit u + log_alpha) / beta) * (zeta - gamma)
-    + gamma, 0, 1), u ~ U(0, 1), by the midpoint rule over u (exact to ~1/points; strictly increasing in
-    log_alpha until it saturates at 1). The constants are `GatedModel`'s."""
-    from hf_adaptive.models.gates import _HC_BETA, _HC_GAMMA, _HC_ZETA
-
-    u = (torch.arange(points, dtype=torch.float64) + 0.5) / points
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha.double().unsqueeze(-1)) / _HC_BETA)
-    return (s * (_HC_ZETA - _HC_GAMMA) + _HC_GAMMA).clamp(0, 1).mean(-1).float()
-
-
 def verdict(candidate: float, best: float, spread: float) -> str:
     """'beats' (lower by more than `spread`), 'matches' (within it) or 'loses' (higher by more than it)."""
     if candidate < best - spread:
@@ -425,11 +416,12 @@ def train_l0(model, val_batches, l0: dict[str, Any], seed: int) -> dict[str, Any
                     {"step": step + 1, "lm_loss": float(lm.detach()), "expected_l0": float(term.value.detach())}
                 )
         log_alpha = gated.log_alpha.detach().clone()
+        expected = gated.expected_gates()
     finally:
         for p, flag in zip(frozen, flags, strict=True):
             p.requires_grad_(flag)
         gated.remove()
-    return {"log_alpha": log_alpha, "expected": expected_gate(log_alpha), "curve": curve}
+    return {"log_alpha": log_alpha, "expected": expected, "curve": curve}
 
 
 def run_controller(model, gated, val_batches, stats_batches, cfg, steps: int, start: torch.Tensor | None):
@@ -441,7 +433,7 @@ def run_controller(model, gated, val_batches, stats_batches, cfg, steps: int, st
 
     ctrl = GateController(gated.num_layers, gated.num_heads, cfg)
     if start is not None:
-        ctrl.gates = start.clone().float()  # no warm-start API: the public state the first act() starts from
+        ctrl.set_gates(start)  # the warm start: the first act() decides from these gates
     gated.set_gates(ctrl.gates)
     ctrl.feedback(validation_loss(model, val_batches), step=0)
     for step in range(1, steps + 1):
@@ -483,7 +475,10 @@ def layout_summary(model) -> dict[str, Any]:
     layout = current_layout(model)
     return {
         "query_heads": sum(len(e["heads"]) for e in layout.values()),
+        "padding_slots": sum(len(e["padding"]) for e in layout.values()),
+        "padded_layers": sum(bool(e["padding"]) for e in layout.values()),
         "kv_slots": sum(len(e["kv_heads"]) for e in layout.values()),
+        "kv_groups_kept": sum(len(set(e["kv_heads"])) for e in layout.values()),
         "zeroed_layers": sum(bool(e["zeroed"]) for e in layout.values()),
         "kv_slots_per_layer": [len(layout[str(i)]["kv_heads"]) for i in range(len(layout))],
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -608,11 +603,10 @@ def budget_rows(b: Bench, frac: float, scores: dict[str, torch.Tensor], chosen: 
     for algorithm in b.s["algorithms"]:
         for init in b.s["inits"]:
             name = f"controller_{algorithm}" + ("_warm" if init == "michel" else "")
-            # min = max = k / n, not `frac`: 75 % of 270 is 202.5 heads, which no controller budget can hold
+            # the budget in heads: 75 % of 270 is 202.5 heads, which no pair of fractions can hold
             cfg = GateControllerConfig(
-                algorithm=algorithm, min_active_fraction=k / n, max_active_fraction=k / n, seed=b.s["seed"],
-                **b.s["controller"],
-            )  # fmt: skip
+                algorithm=algorithm, min_active_heads=k, max_active_heads=k, seed=b.s["seed"], **b.s["controller"]
+            )
             t = time.perf_counter()
             start = chosen[("michel", frac)] if init == "michel" else None
             ctrl = run_controller(b.model, b.gated, b.val_batches, b.stats_batches, cfg, b.s["controller_steps"], start)
@@ -918,13 +912,17 @@ def markdown(result: dict[str, Any], png: str) -> str:
     q, d = result["pruning"]["query_heads"], result["pruning"]["dense"]
     lines += [
         "",
-        "## What the package lacks here (worked around or measured, not changed)",
+        "## Package APIs this run relies on",
         "",
-        "* `GateController` has no warm start: the `_warm` runs assign its public `gates` before the first feedback.",
-        "* `GateControllerConfig` budgets are fractions: 75 % of 270 heads (202.5) admits no head count "
-        "(min_active 203 > max_active 202, a ValueError), so the runs pass k / n.",
-        "* `prune_heads` keeps a kv head while any of its query heads stays and stores groups of unequal size "
-        f"duplicated: query-head pruning here keeps {q['kv_slots']} kv slots of the dense {d['kv_slots']}.",
+        "* Warm start: `GateController.set_gates` (the `_warm` runs start from Michel's top-k, checked against the "
+        "budget).",
+        "* Head budgets as counts: `GateControllerConfig(min_active_heads=k, max_active_heads=k)` (75 % of 270 heads "
+        "is 202.5, which no pair of fractions can hold).",
+        "* `GatedModel.expected_gates()`: the E[z] the L0 strategy ranks heads by.",
+        "* `prune_heads` stores a layer whose kv groups keep unequal numbers of query heads with duplicated kv heads "
+        "or with zero padding query slots (each kv head once), whichever needs fewer projection weights: query-head "
+        f"pruning here keeps {q['kv_slots']} kv slots of the dense {d['kv_slots']} ({q['kv_groups_kept']} kv groups "
+        f"keep a query head; {q['padded_layers']} layers padded, {q['padding_slots']} padding slots).",
     ]
     est = m["estimated_real_seconds"]
     lines += ["", f"Estimated real-mode cost with these options on 2 cores: {est['total'] / 60:.0f} min ({est})."]
@@ -936,14 +934,16 @@ def pruning_markdown(p: dict[str, Any]) -> list[str]:
     lines = [
         f"## Physical pruning at {p['fraction']:.0%} (`prune_heads`)",
         "",
-        "| model | query heads | kv slots | zeroed layers | parameters | test loss | max diff vs gated | reloaded |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| dense | {d['query_heads']} | {d['kv_slots']} | 0 | {d['parameters']:,} | | | |",
+        "| model | query heads | padding slots | kv slots | zeroed layers | parameters | test loss | max diff vs gated "
+        "| reloaded |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| dense | {d['query_heads']} | 0 | {d['kv_slots']} | 0 | {d['parameters']:,} | | | |",
     ]
     for name in ("query_heads", "kv_groups"):
         v = p[name]
         lines.append(
-            f"| {name} | {v['query_heads']} | {v['kv_slots']} | {v['zeroed_layers']} | {v['parameters']:,} | "
+            f"| {name} | {v['query_heads']} | {v['padding_slots']} | {v['kv_slots']} | {v['zeroed_layers']} | "
+            f"{v['parameters']:,} | "
             f"{_f(v['test_loss'])} | {v['max_abs_diff_vs_gated']:.2e} | {v['reload_equal']} "
             f"({v['max_abs_diff_reloaded']:.1e}) |"
         )
@@ -964,7 +964,8 @@ def pruning_markdown(p: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"Query-head pruning keeps {q['kv_slots']} kv slots of {d['kv_slots']} (a kv head stays while one of its query "
-        "heads does, and groups left unequal are stored duplicated), so K/V projections and the KV cache "
+        f"heads does, {q['kv_groups_kept']} here; a layer whose groups are left unequal stores them duplicated or "
+        "padded with zero query slots, whichever is smaller), so K/V projections and the KV cache "
         + ("do not shrink" if q["kv_slots"] >= d["kv_slots"] else f"shrink to {q['kv_slots'] / d['kv_slots']:.0%}")
         + f"; whole-group pruning keeps {kv['kv_slots']}. Faster than dense: query heads "
         f"{'yes' if lat['query_heads_vs_dense']['prefill_ratio'] < 1 else '**no**'} (prefill), "

@@ -20,9 +20,15 @@ Arms: schedule x base LR x seed, each one run, stored as its own JSON file
   d=0.8, patience 5, cooldown 5, 3 observations of warm-up, momentum (Adam's beta1) adapted in [0.5, 0.95]). The
   callback owns the LR, so the Trainer's schedule must be `constant` (it refuses any other, a warm-up included);
   `logging_steps=1` (every arm) makes each step's training loss one observation. Defaults kept on purpose: the
-  question is how the law does as a user gets it. Note what they allow in one epoch of 32 steps: at most
-  1.02^29 = 1.8x up, or about three cuts (5 bad observations + 5 of cooldown each), 0.8^3 = 0.51x down, so the law
-  cannot move a 100x-off base LR to a good one within this budget; it can only damp the extremes.
+  question is how the law does as a user gets it. Note what the patience rule allows in one epoch of 32 steps: at
+  most 1.02^29 = 1.8x up, or about three cuts (5 bad observations + 5 of cooldown each), 0.8^3 = 0.51x down, so it
+  cannot move a 100x-off base LR to a good one within this budget. The spike rule (on by default since the first
+  30 runs of this grid showed it was missing: `spike_ratio=3`, a cut by 0.5 at once on a loss above 3x its EMA)
+  adds a cut per loss spike;
+* `adaptive_cosine`: the same law with `adaptive_anneal="cosine"`: the LR in force is the law's LR times the
+  cosine decay over the run's steps (the factor transformers' cosine schedule applies, no warm-up), so the law
+  adapts while the run anneals. Compared with `cosine`, it shows what the law adds to the schedule that won the
+  first grid.
 
 Base LRs: 1e-4, 3e-4, 1e-3, 3e-3, 1e-2 (100x; cl_real trains at 2e-3); seeds 0 and 1 (LoRA initialisation and
 batch order; the data subsets stay the same: `data_seed`).
@@ -67,8 +73,9 @@ cl_real's tiny Gemma with a word-level tokenizer over the task's words. Data: `.
 
 Budget (an estimate, not measured here; figures from cl_real.py's measurements on 2 quiet cores): per run ~5 s of
 loading, 32 LoRA steps x 1.6-2.4 s (SST-2's short prompts: ~1.6 s) = 50-80 s, the accuracy 100 x 0.1 s = 10 s,
-the held-out loss (full logits) ~10 s: ~75-105 s, about 90 s. The full grid: 3 schedules x 5 LRs x 2 seeds = 30
-runs x ~90 s = ~45 min on quiet cores; 2-4x that under load (1.5-3 h). Seed 0 alone: 15 runs, ~23 min.
+the held-out loss (full logits) ~10 s: ~75-105 s, about 90 s. The first grid: 3 schedules x 5 LRs x 2 seeds = 30
+runs x ~90 s = ~45 min on quiet cores, 40 runs with `adaptive_cosine` ~60 min; 2-4x that under load. Seed 0
+alone: 20 runs, ~30 min.
 """
 
 from __future__ import annotations
@@ -104,9 +111,16 @@ NAME = "scheduler_real"
 DEFAULT_TASK = "SST-2"
 
 #: schedule -> transformers' `lr_scheduler_type` (adaptive: the callback requires "constant" and owns the LR)
-SCHEDULES: dict[str, str] = {"constant": "constant_with_warmup", "cosine": "cosine", "adaptive": "constant"}
+SCHEDULES: dict[str, str] = {
+    "constant": "constant_with_warmup",
+    "cosine": "cosine",
+    "adaptive": "constant",
+    "adaptive_cosine": "constant",
+}
 #: the schedules the adaptive law is compared with (issue 14: "the best constant or cosine schedule")
 BASELINES = ("constant", "cosine")
+#: the adaptive law's arms -> the `adaptive_*` options they set on top of its defaults
+ADAPTIVE: dict[str, dict[str, Any]] = {"adaptive": {}, "adaptive_cosine": {"adaptive_anneal": "cosine"}}
 LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 SEEDS = (0, 1)
 QUICK_LRS = (1e-4, 1e-2)
@@ -338,7 +352,7 @@ def run_arm(schedule: str, lr: float, seed: int, settings: dict[str, Any], data:
     )
     model, tokenizer = cl_real.load_model(settings, [task], seed)
     load_seconds = time.perf_counter() - started
-    options = {"learning_rate": lr, "lr_scheduler_type": SCHEDULES[schedule]}
+    options = {"learning_rate": lr, "lr_scheduler_type": SCHEDULES[schedule], **ADAPTIVE.get(schedule, {})}
     record: dict[str, Any] = {"diverged": False, "error": None}
     with tempfile.TemporaryDirectory() as tmp:
         config = ContinualConfig(
@@ -352,7 +366,7 @@ def run_arm(schedule: str, lr: float, seed: int, settings: dict[str, Any], data:
             seed=seed,
             **{**settings["config"], **options},
         )
-        plugins = build_plugins(["adaptive_scheduler"], config, model=model) if schedule == "adaptive" else []
+        plugins = build_plugins(["adaptive_scheduler"], config, model=model) if schedule in ADAPTIVE else []
         recorder = _step_recorder(every=8)
         trainer = ContinualTrainer(model=model, args=config, processing_class=tokenizer, callbacks=[*plugins, recorder])
         trainer.remove_callback(PrinterCallback)  # one line per logged step otherwise; the recorder prints less
@@ -376,8 +390,11 @@ def run_arm(schedule: str, lr: float, seed: int, settings: dict[str, Any], data:
             eval_seconds += time.perf_counter() - t1
             if accuracy is None or eval_loss is None:
                 record.update(diverged=True, error="non-finite held-out loss or accuracy")
+        law_lrs: list[float] = []
         if plugins:
             law = plugins[0]
+            # the law's own LR in force at each step (before the anneal): the base, then each decision's
+            law_lrs = [lr] + [float(h["law_lr"]) for h in law.history[:-1]]
             record["adaptive_config"] = dataclasses.asdict(law.config)
             record["adaptive_events"] = dict(collections.Counter(h["event"] for h in law.history))
             record["adaptive_momentum_final"] = law.scheduler.momentum if law.scheduler is not None else None
@@ -394,7 +411,7 @@ def run_arm(schedule: str, lr: float, seed: int, settings: dict[str, Any], data:
             "train_loss": statistics.fmean(losses[-LAST_STEPS:]) if losses else None,
             "lr_final": recorder.lrs[-1] if recorder.lrs else None,
         },
-        trajectory={"lr": recorder.lrs, "loss": recorder.losses},
+        trajectory={"lr": recorder.lrs, "loss": recorder.losses, **({"law_lr": law_lrs} if law_lrs else {})},
         steps=len(recorder.lrs),
         nonfinite_steps_skipped=skipped,
         wall_seconds=time.perf_counter() - started,
@@ -489,12 +506,13 @@ def summarize_metric(runs: dict[Key, dict], grid: Grid, metric: str, higher_is_b
     return out
 
 
-def judge(loss: dict[str, Any]) -> dict[str, Any]:
-    """The two targets on the held-out loss summary (`summarize_metric(..., "eval_loss", False)`).
+def judge(loss: dict[str, Any], name: str = "adaptive") -> dict[str, Any]:
+    """The two targets for the adaptive arm `name` on the held-out loss summary (`summarize_metric(...,
+    "eval_loss", False)`).
 
-    `spread_smallest`: the adaptive law's spread is finite and below every other schedule's. `within_tolerance`:
-    adaptive's best loss / min(best loss of the baselines in the grid) <= `LOSS_TOLERANCE` (`ratio`). Each is True,
-    False, or None (not judged, `why`) while a schedule of the grid lacks a result at some base LR."""
+    `spread_smallest`: its spread is finite and below every schedule's that is not an adaptive arm. `within_tolerance`:
+    its best loss / min(best loss of the baselines in the grid) <= `LOSS_TOLERANCE` (`ratio`). Each is True,
+    False, or None (not judged, `why`) while a schedule it is compared with lacks a result at some base LR."""
     baselines = [b for b in BASELINES if b in loss]
     verdict: dict[str, Any] = {
         "spread_smallest": None,
@@ -503,11 +521,11 @@ def judge(loss: dict[str, Any]) -> dict[str, Any]:
         "baselines": baselines,
         "why": None,
     }
-    adaptive = loss.get("adaptive")
-    others = [v for k, v in loss.items() if k != "adaptive"]
-    incomplete = [k for k, v in loss.items() if not v["complete"]]
+    adaptive = loss.get(name)
+    others = [v for k, v in loss.items() if k not in ADAPTIVE]
+    incomplete = [k for k, v in loss.items() if not v["complete"] and (k == name or k not in ADAPTIVE)]
     if adaptive is None:
-        verdict["why"] = "adaptive is not in the grid"
+        verdict["why"] = f"{name} is not in the grid"
     elif not others:
         verdict["why"] = "no schedule to compare with in the grid"
     elif incomplete:
@@ -521,7 +539,7 @@ def judge(loss: dict[str, Any]) -> dict[str, Any]:
         verdict["why"] = "neither constant nor cosine is in the grid"
     elif adaptive["best"] is None:
         verdict["within_tolerance"] = False
-        verdict["why"] = "every adaptive run diverged"
+        verdict["why"] = f"every {name} run diverged"
     elif not bests:
         verdict["within_tolerance"] = True
         verdict["why"] = "every constant / cosine run diverged"
@@ -534,7 +552,8 @@ def judge(loss: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(runs: dict[Key, dict], grid: Grid) -> dict[str, Any]:
-    """Everything the report shows: per-metric summaries and the verdicts."""
+    """Everything the report shows: per-metric summaries and the verdicts (`verdict`: the default law's,
+    `verdicts`: every adaptive arm's of the grid)."""
     loss = summarize_metric(runs, grid, "eval_loss", higher_is_better=False)
     return {
         "eval_loss": loss,
@@ -542,6 +561,7 @@ def summarize(runs: dict[Key, dict], grid: Grid) -> dict[str, Any]:
         "train_loss": summarize_metric(runs, grid, "train_loss", higher_is_better=False),
         "lr_final": summarize_metric(runs, grid, "lr_final", higher_is_better=False),
         "verdict": judge(loss),
+        "verdicts": {name: judge(loss, name) for name in ADAPTIVE if name in grid.schedules},
     }
 
 
@@ -575,28 +595,31 @@ def _verdict_word(flag: bool | None) -> str:
 
 
 def verdict_lines(summary: dict[str, Any], grid: Grid) -> list[str]:
-    """The two targets, judged plainly."""
-    loss, verdict = summary["eval_loss"], summary["verdict"]
-    adaptive = loss.get("adaptive") or {}
-    spreads = ", ".join(f"{s} {_fmt(v['spread'])}" for s, v in loss.items())
-    names = verdict["baselines"] or list(BASELINES)
-    reference = "min(" + ", ".join(f"best {b}" for b in names) + ")"
-    bests = "; ".join(
-        f"{s} {_fmt(loss[s]['best'])} at lr {loss[s]['best_lr']:g}"
-        for s in ("adaptive", *names)
-        if s in loss and loss[s]["best"] is not None
-    )
-    ratio = verdict["ratio"]
-    ratio_text = f"ratio {ratio:.2f}" if ratio is not None and math.isfinite(ratio) else "ratio n/a"
-    lines = [
-        f"- adaptive spread smallest: **{_verdict_word(verdict['spread_smallest'])}** (spread of the seed-mean "
-        f"held-out loss over {len(grid.lrs)} base LR(s): {spreads or 'no results'})",
-        f"- adaptive best loss within {round((LOSS_TOLERANCE - 1) * 100)} % of {reference}: "
-        f"**{_verdict_word(verdict['within_tolerance'])}** ({ratio_text}; {bests or 'no results'})",
-    ]
-    if verdict.get("why"):
-        lines.append(f"- not judged / caveat: {verdict['why']}")
-    if not adaptive:
+    """The two targets, judged plainly, for each adaptive arm of the grid."""
+    loss = summary["eval_loss"]
+    spreads = ", ".join(f"{s} {_fmt(v['spread'])}" for s, v in loss.items() if s not in ADAPTIVE)
+    lines: list[str] = []
+    verdicts = summary.get("verdicts") or {"adaptive": summary["verdict"]}
+    for name, verdict in verdicts.items():
+        names = verdict["baselines"] or list(BASELINES)
+        reference = "min(" + ", ".join(f"best {b}" for b in names) + ")"
+        bests = "; ".join(
+            f"{s} {_fmt(loss[s]['best'])} at lr {loss[s]['best_lr']:g}"
+            for s in (name, *names)
+            if s in loss and loss[s]["best"] is not None
+        )
+        ratio = verdict["ratio"]
+        ratio_text = f"ratio {ratio:.2f}" if ratio is not None and math.isfinite(ratio) else "ratio n/a"
+        own = _fmt((loss.get(name) or {}).get("spread"))
+        lines += [
+            f"- {name} spread smallest: **{_verdict_word(verdict['spread_smallest'])}** (spread of the seed-mean "
+            f"held-out loss over {len(grid.lrs)} base LR(s): {name} {own}; {spreads or 'no baselines'})",
+            f"- {name} best loss within {round((LOSS_TOLERANCE - 1) * 100)} % of {reference}: "
+            f"**{_verdict_word(verdict['within_tolerance'])}** ({ratio_text}; {bests or 'no results'})",
+        ]
+        if verdict.get("why"):
+            lines.append(f"- {name} not judged / caveat: {verdict['why']}")
+    if not any(name in grid.schedules for name in ADAPTIVE):
         lines.append("- the adaptive law is not in this grid (`--schedules`)")
     return lines
 
@@ -640,17 +663,17 @@ def reachable_range(config: dict[str, Any], steps: int) -> dict[str, Any]:
 
 
 def lr_cuts(record: dict[str, Any]) -> list[int]:
-    """The steps (1-based) whose LR in force is below the previous step's, from a run's trajectory."""
-    lrs = (record.get("trajectory") or {}).get("lr") or []
+    """The steps (1-based) whose law LR is below the previous step's, from a run's trajectory (`law_lr`, the law's
+    own LR before any anneal; records without it: the LR in force)."""
+    trajectory = record.get("trajectory") or {}
+    lrs = trajectory.get("law_lr") or trajectory.get("lr") or []
     return [i + 1 for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1] * (1 - 1e-9)]
 
 
 def reach_lines(runs: dict[Key, dict], grid: Grid) -> list[str]:
     """Why the law cannot flatten the grid's LR range in these runs: its reachable factor window against the range,
     and where each adaptive run cut its LR and had its worst training loss."""
-    adaptive = [
-        (k, runs[k]) for k in grid.keys() if k in runs and k[0] == "adaptive" and runs[k].get("adaptive_config")
-    ]
+    adaptive = [(k, runs[k]) for k in grid.keys() if k in runs and k[0] in ADAPTIVE and runs[k].get("adaptive_config")]
     if not adaptive:
         return []
     key, first = adaptive[0]
@@ -667,20 +690,29 @@ def reach_lines(runs: dict[Key, dict], grid: Grid) -> list[str]:
         f"observations {', '.join(map(str, reach['cut_observations'])) or 'none'}) and at most a factor "
         f"{cfg['lr_up']:g} per improving observation: the final LR lies within [{reach['low']:.2f}, "
         f"{reach['high']:.2f}] x the base LR, a {reach['high'] / reach['low']:.1f}x window, against the grid's "
-        f"{lrs[-1] / lrs[0]:.0f}x range of base LRs. It cannot bring the largest base LR down to the best one in "
-        "one task, whatever it observes.",
+        f"{lrs[-1] / lrs[0]:.0f}x range of base LRs: the patience rule alone cannot bring the largest base LR down "
+        "to the best one in one task, whatever it observes."
+        + (
+            f" The spike rule adds a cut by {cfg['spike_backoff']:g} at once on each loss above "
+            f"{cfg['spike_ratio']:g} x the loss EMA (warm-up included)."
+            if cfg.get("spike_ratio")
+            else ""
+        )
+        + " Cuts below count the LR decisions of the law only (an anneal's decay is not a cut).",
         "",
-        "| run | LR cut at steps | final LR / base | worst training loss (step) |",
-        "|---|---|---|---|",
+        "| run | LR cut at steps | spikes | final law LR / base | worst training loss (step) |",
+        "|---|---|---|---|---|",
     ]
     for k, r in adaptive:
-        lrs_run = (r.get("trajectory") or {}).get("lr") or []
-        losses = (r.get("trajectory") or {}).get("loss") or []
+        trajectory = r.get("trajectory") or {}
+        law = trajectory.get("law_lr") or trajectory.get("lr") or []  # records before the anneal: lr is the law's
+        losses = trajectory.get("loss") or []
         finite = [(v, i + 1) for i, v in enumerate(losses) if v is not None and math.isfinite(v)]
         worst = max(finite) if finite else None
-        ratio = lrs_run[-1] / r["base_lr"] if lrs_run and r.get("base_lr") else None
+        ratio = law[-1] / r["base_lr"] if law and r.get("base_lr") else None
+        spikes = (r.get("adaptive_events") or {}).get("spike", 0)
         lines.append(
-            f"| {arm_name(k)} | {', '.join(map(str, lr_cuts(r))) or 'none'} | {_fmt(ratio, 2)} | "
+            f"| {arm_name(k)} | {', '.join(map(str, lr_cuts(r))) or 'none'} | {spikes} | {_fmt(ratio, 2)} | "
             + (f"{worst[0]:.2f} ({worst[1]})" if worst else "n/a")
             + " |"
         )
@@ -721,7 +753,8 @@ def report_markdown(
         f"{', '.join(cfg['lora_target_modules'])}, AdamW, threads={settings['threads']}; schedules: "
         + ", ".join(f"{s} = `{t}`" for s, t in SCHEDULES.items() if s in grid.schedules)
         + f" (warm-up {cfg['warmup_steps']} steps where the schedule has one; adaptive: `build_plugins"
-        '(["adaptive_scheduler"])` with its default gains, one observation per step). Seeds '
+        '(["adaptive_scheduler"])` with its default gains, one observation per step; adaptive_cosine: the same with '
+        '`adaptive_anneal="cosine"`). Seeds '
         + ", ".join(map(str, grid.seeds))
         + ". Full options: the JSON summary (`settings`).",
         "",
@@ -752,7 +785,7 @@ def report_markdown(
     events = [
         (k, runs[k].get("adaptive_events"))
         for k in grid.keys()
-        if k in runs and k[0] == "adaptive" and runs[k].get("adaptive_events")
+        if k in runs and k[0] in ADAPTIVE and runs[k].get("adaptive_events")
     ]
     if events:
         lines += [

@@ -151,7 +151,14 @@ def test_pruned_models_match_the_gated_ones_and_reload(quick):
         {(i % s["heads"]) // group for i in kv_row["kept"] if i // s["heads"] == layer} for layer in range(s["layers"])
     ]
     assert p["kv_groups"]["kv_slots_per_layer"] == [max(1, len(g)) for g in per_layer]
+    assert p["kv_groups"]["padding_slots"] == 0
     assert p["dense"]["kv_slots"] == s["layers"] * s["kv_heads"]
+    # query heads: never more kv slots than the dense model, one per kept group in every padded layer
+    q = p["query_heads"]
+    assert q["kv_groups_kept"] <= q["kv_slots"] <= p["dense"]["kv_slots"]
+    assert q["query_heads"] == michel_half["heads"] + q["zeroed_layers"]  # a zeroed layer keeps one (silent) head
+    assert (q["padding_slots"] > 0) == (q["padded_layers"] > 0)
+    assert "## Package APIs this run relies on" in md and "lacks" not in md
     for pair in ("query_heads_vs_dense", "kv_groups_vs_dense", "kv_groups_vs_query_heads"):
         lat = p["latency"][pair]
         for key in ("prefill_ms", "decode_ms", "reference_prefill_ms", "reference_decode_ms"):
@@ -232,31 +239,38 @@ def test_kv_group_gates_refuses_a_kv_count_that_does_not_divide(gr):
         gr.kv_group_gates(torch.rand(2, 6), 4, 1)
 
 
-def test_expected_gate_against_the_gates_own_sampling(gr):
-    """E[z] by quadrature vs the mean of many hard-concrete samples drawn by `GatedModel.gates()` in training."""
-    from hf_adaptive.models import build_tiny_gemma, gate_model
+def test_l0_ranks_by_the_packages_expected_gates(gr):
+    """The L0 strategy's scores are `GatedModel.expected_gates()` of the trained log_alpha (the benchmark keeps no
+    quadrature of its own), and the gates it trained are removed again."""
+    from hf_adaptive.models import build_tokenizer, gate_model
+    from hf_adaptive.tasks import CausalLMCollator, builtin_suite
 
-    model, _ = build_tiny_gemma(seed=0)
+    assert not hasattr(gr, "expected_gate")
+    s = gr.resolve_settings(gr.parse_args(["--quick"]))
+    tokenizer = build_tokenizer()
+    model = gr.build_tiny_llama(tokenizer, 0, s).eval()
+    tasks = builtin_suite(s["tasks"][:1], n_train=8, n_eval=8, seed=0)
+    batches = [CausalLMCollator(tokenizer)(gr.text_rows(tasks, tokenizer, s, "eval", whole_text=True))]
+    l0 = gr.train_l0(model, batches, s["l0"] | {"steps": 2}, seed=0)
+    assert not any(type(m).__name__ == "GatedModel" for m in model.modules())
     gated = gate_model(model, mode="hard_concrete")
     with torch.no_grad():
-        gated.log_alpha.copy_(torch.linspace(-4, 4, gated.log_alpha.numel()).view_as(gated.log_alpha))
-    gated.train()
-    torch.manual_seed(0)
-    sampled = torch.stack([gated.gates() for _ in range(20000)]).mean(0)
-    expected = gr.expected_gate(gated.log_alpha.detach())
-    torch.testing.assert_close(expected, sampled, atol=0.01, rtol=0)
-    assert (expected.flatten().diff() > 0).all()  # increasing in log_alpha: top-k by E[z] = top-k by log_alpha
+        gated.log_alpha.copy_(l0["log_alpha"])
+    assert torch.equal(l0["expected"], gated.expected_gates()) and l0["expected"].shape == (s["layers"], s["heads"])
+    assert len(l0["curve"]) == 2
 
 
 def test_budget_heads_and_an_exact_controller_budget(gr):
-    """Half-up rounding, and a controller given k / n keeps exactly k heads (75 % of 270 = 202.5 as a fraction
-    would leave no integer budget)."""
+    """Half-up rounding, and a controller given min_active_heads = max_active_heads = k keeps exactly k heads
+    (75 % of 270 = 202.5 as a fraction would leave no integer budget)."""
     from hf_adaptive.control.gate_controller import GateController, GateControllerConfig
 
     assert [gr.budget_heads(f, 270) for f in BUDGETS] == [203, 135, 68]
     assert [gr.budget_heads(f, 24) for f in BUDGETS] == [18, 12, 6]
+    with pytest.raises(ValueError, match="max_active_fraction=0.75"):
+        GateController(30, 9, GateControllerConfig(min_active_fraction=0.75, max_active_fraction=0.75))
     for k in (203, 68):
-        cfg = GateControllerConfig(min_active_fraction=k / 270, max_active_fraction=k / 270, max_changes=4)
+        cfg = GateControllerConfig(min_active_heads=k, max_active_heads=k, max_changes=4)
         ctrl = GateController(30, 9, cfg)
         assert int(ctrl.act().sum()) == k
 

@@ -93,10 +93,10 @@ def test_plan_runs_a_complete_seed_0_first_then_seed_1(sr):
         ("adaptive", 1e-2, 1),
     ]
     assert {why for _, why in todo} == {"missing"}
-    # the default grid: 3 schedules x 5 LRs spanning 100x x 2 seeds
+    # the default grid: 4 schedules (the law with and without its cosine anneal) x 5 LRs spanning 100x x 2 seeds
     default = sr.Grid()
-    assert len(default.keys()) == 30 and max(default.lrs) / min(default.lrs) == pytest.approx(100)
-    assert [k[2] for k in default.keys()] == [0] * 15 + [1] * 15
+    assert len(default.keys()) == 40 and max(default.lrs) / min(default.lrs) == pytest.approx(100)
+    assert [k[2] for k in default.keys()] == [0] * 20 + [1] * 20
 
 
 def test_plan_skips_current_runs_and_redoes_stale_ones(sr, tmp_path, capsys):
@@ -184,6 +184,33 @@ def test_both_targets_met(sr):
     assert lines[1].startswith(
         "- adaptive best loss within 5 % of min(best constant, best cosine): **met** (ratio 1.04;"
     )
+
+
+def test_each_adaptive_arm_is_judged_against_the_baselines_only(sr):
+    """adaptive misses, adaptive_cosine meets both: neither arm's spread counts against the other's."""
+    losses = {name: dict(per_lr) for name, per_lr in {**MISSES, "adaptive_cosine": MEETS["adaptive"]}.items()}
+    grid = sr.Grid(("constant", "cosine", "adaptive", "adaptive_cosine"), LRS, (0, 1))
+    summary = sr.summarize(_runs(losses), grid)
+    verdicts = summary["verdicts"]
+    assert set(verdicts) == {"adaptive", "adaptive_cosine"} and summary["verdict"] == verdicts["adaptive"]
+    assert verdicts["adaptive"]["spread_smallest"] is True and verdicts["adaptive"]["within_tolerance"] is False
+    cosine_arm = verdicts["adaptive_cosine"]
+    assert cosine_arm["spread_smallest"] is True and cosine_arm["within_tolerance"] is True
+    assert cosine_arm["ratio"] == pytest.approx(1.04)
+    lines = sr.verdict_lines(summary, grid)
+    assert lines[0].startswith("- adaptive spread smallest: **met**")
+    assert lines[2].startswith("- adaptive_cosine spread smallest: **met** (spread of the seed-mean held-out loss")
+    assert lines[3].startswith("- adaptive_cosine best loss within 5 % of min(best constant, best cosine): **met**")
+    # an incomplete adaptive arm does not hold back the other's verdict
+    del losses["adaptive"][1e-2]
+    verdicts = sr.summarize(_runs(losses), grid)["verdicts"]
+    assert verdicts["adaptive"]["why"] == "no result yet at some base LR for adaptive"
+    assert verdicts["adaptive_cosine"]["within_tolerance"] is True
+
+
+def test_the_annealed_arm_sets_the_anneal_option_only(sr):
+    assert sr.ADAPTIVE == {"adaptive": {}, "adaptive_cosine": {"adaptive_anneal": "cosine"}}
+    assert sr.SCHEDULES["adaptive_cosine"] == sr.SCHEDULES["adaptive"] == "constant"
 
 
 def test_both_targets_missed_and_the_tolerance_edge(sr):
@@ -499,4 +526,17 @@ def test_report_explains_the_reachable_window_with_each_runs_cuts(sr):
     lines = "\n".join(sr.reach_lines(runs, grid))
     assert "at most 3 cuts by 0.8" in lines and "observations 9, 20, 31" in lines
     assert "[0.51, 1.78] x the base LR, a 3.5x window, against the grid's 100x range" in lines
-    assert "| adaptive/lr0.01/seed0 | 10, 21, 32 | 0.51 | 9.30 (4) |" in lines
+    assert "| adaptive/lr0.01/seed0 | 10, 21, 32 | 0 | 0.51 | 9.30 (4) |" in lines
+    # with the spike rule and an anneal: cuts and the final ratio come from the law's own LR, not the annealed one
+    config = {**config, "spike_ratio": 3.0, "spike_backoff": 0.5}
+    law = [1e-2] * 4 + [5e-3] * 28
+    runs[("adaptive_cosine", 1e-2, 0)] = {
+        **runs[("adaptive", 1e-2, 0)],
+        "schedule": "adaptive_cosine",
+        "adaptive_config": config,
+        "adaptive_events": {"spike": 1, "warmup": 3},
+        "trajectory": {"lr": [v * (1 - i / 32) for i, v in enumerate(law)], "law_lr": law, "loss": [1.0] * 32},
+    }
+    grid = sr.Grid(("adaptive", "adaptive_cosine"), (1e-4, 1e-2), (0,))
+    lines = "\n".join(sr.reach_lines(runs, grid))
+    assert "| adaptive_cosine/lr0.01/seed0 | 5 | 1 | 0.50 | 1.00 (32) |" in lines

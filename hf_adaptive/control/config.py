@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..utils.options import OptionSource
-from ..utils.validation import check_bool, check_choice, check_number, check_str_list, fail
+from ..utils.validation import check_bool, check_choice, check_number, check_order, check_str_list, fail
 
 #: gate kinds `hf_adaptive.models.gate_model` attaches (equal to `hf_adaptive.models.GATE_MODES`, checked by a test;
 #: repeated because this light module may not import the models)
@@ -66,6 +66,17 @@ class GateControllerConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gate controller: gradient clipping of the policy."})
     min_active_fraction: float = field(default=0.0, metadata={"help": "Fewest heads kept, as a fraction."})
     max_active_fraction: float = field(default=1.0, metadata={"help": "Compute budget: most heads active."})
+    min_active_heads: int | None = field(
+        default=None,
+        metadata={"help": "Fewest heads kept, as a count (>= 0; None: from min_active_fraction, which it overrides)."},
+    )
+    max_active_heads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Compute budget as a count: most heads active (>= 1; None: from max_active_fraction, which it "
+            "overrides). min = max = k keeps exactly k heads, for any k (a fraction may fall between two counts)."
+        },
+    )
     max_changes: int | None = field(
         default=None, metadata={"help": "Gate controller: most gate flips per step (None: any number)."}
     )
@@ -99,6 +110,10 @@ class GateControllerConfig:
         for name in ("value_coef", "entropy_coef", "max_grad_norm", "efficiency_factor"):
             check_number(owner, name, getattr(self, name), low=0)
         check_number(owner, "max_changes", self.max_changes, low=1, integer=True, optional=True)
+        check_number(owner, "min_active_heads", self.min_active_heads, low=0, integer=True, optional=True)
+        check_number(owner, "max_active_heads", self.max_active_heads, low=1, integer=True, optional=True)
+        if self.min_active_heads is not None and self.max_active_heads is not None:
+            check_order(owner, "min_active_heads", self.min_active_heads, "max_active_heads", self.max_active_heads)
         check_number(owner, "keep_bias", self.keep_bias)
         check_number(owner, "reward_ema", self.reward_ema, low=0, high=1, high_open=True)
         check_number(owner, "seed", self.seed, integer=True)

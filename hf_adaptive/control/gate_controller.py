@@ -98,13 +98,7 @@ class GateController:
         self.config = cfg = config or GateControllerConfig()
         self.num_layers, self.num_heads = int(num_layers), int(num_heads)
         self.n = self.num_layers * self.num_heads
-        self.min_active = math.ceil(cfg.min_active_fraction * self.n - 1e-9)
-        self.max_active = math.floor(cfg.max_active_fraction * self.n + 1e-9)
-        if self.max_active < max(self.min_active, 0) or self.max_active < 1:
-            raise ValueError(
-                f"GateControllerConfig.max_active_fraction={cfg.max_active_fraction!r} is not allowed: "
-                f"it leaves {self.max_active} of {self.n} heads (need >= 1 and >= min_active)"
-            )
+        self.min_active, self.max_active = self._budget(cfg)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -121,6 +115,61 @@ class GateController:
         self.steps = 0
         self.updates = 0
         self.adv_sq: float | None = None
+
+    def _budget(self, cfg: GateControllerConfig) -> tuple[int, int]:
+        """[min_active, max_active] in heads: the integer counts where set, else the fractions of `n` (rounded
+        inwards); refused when empty, above `n` or without any head."""
+        n = self.n
+        for name in ("min_active_heads", "max_active_heads"):
+            value = getattr(cfg, name)
+            if value is not None and value > n:
+                raise ValueError(
+                    f"GateControllerConfig.{name}={value!r} is not allowed: this controller has {n} heads "
+                    f"({self.num_layers} layers x {self.num_heads}), so at most {n}"
+                )
+        if cfg.min_active_heads is not None:
+            low, low_name = cfg.min_active_heads, f"min_active_heads={cfg.min_active_heads!r}"
+        else:
+            low = math.ceil(cfg.min_active_fraction * n - 1e-9)
+            low_name = f"min_active_fraction={cfg.min_active_fraction!r} ({low} of {n} heads)"
+        if cfg.max_active_heads is not None:
+            high, field = cfg.max_active_heads, "max_active_heads"
+        else:
+            high, field = math.floor(cfg.max_active_fraction * n + 1e-9), "max_active_fraction"
+        if high < max(low, 1):
+            raise ValueError(
+                f"GateControllerConfig.{field}={getattr(cfg, field)!r} is not allowed: it leaves {high} of {n} heads "
+                f"(need >= 1 and >= the fewest kept, {low_name})"
+            )
+        return low, high
+
+    def set_gates(self, gates: torch.Tensor | Any) -> None:
+        """Start from `gates` (a warm start, e.g. a static ranking's top-k): the next `act()` decides from them.
+
+        `gates`: 0/1 values, (num_layers, num_heads) or flat, with the active count inside the budget
+        [min_active, max_active] (the policy's masks assume a feasible start). Refused while an action awaits its
+        reward (`observe` / `feedback` first): the pending transition was taken from the gates it replaced.
+        """
+        if self.pending is not None:
+            raise RuntimeError("GateController.set_gates called between act() and observe(): give the reward first")
+        g = torch.as_tensor(gates).detach().to("cpu", torch.float32)
+        if g.shape not in ((self.num_layers, self.num_heads), (self.n,)):
+            raise ValueError(
+                f"GateController.set_gates: gates of shape {tuple(g.shape)} is not allowed: "
+                f"({self.num_layers}, {self.num_heads}) (layers, heads) or ({self.n},)"
+            )
+        bad = g[(g != 0) & (g != 1)]
+        if bad.numel():
+            raise ValueError(
+                f"GateController.set_gates: gate values {sorted(set(bad.tolist()))[:5]} are not allowed: only 0 and 1"
+            )
+        active = int(g.sum())
+        if not self.min_active <= active <= self.max_active:
+            raise ValueError(
+                f"GateController.set_gates: {active} active heads is not allowed: the budget is "
+                f"[min_active, max_active] = [{self.min_active}, {self.max_active}] of {self.n} heads"
+            )
+        self.gates = g.reshape(self.num_layers, self.num_heads).clone()
 
     # ------------------------------------------------------------------ state
     def _state(
@@ -360,6 +409,7 @@ class GateController:
         self._check_state(state)
         names = {f.name for f in fields(GateControllerConfig)}
         self.config = GateControllerConfig(**{k: v for k, v in state["config"].items() if k in names})
+        self.min_active, self.max_active = self._budget(self.config)  # the saved budget, not the one built with
         self.policy.load_state_dict(state["policy"])
         opt = state["optimizer"]
         self.optimizer.load_state_dict(

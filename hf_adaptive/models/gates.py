@@ -10,7 +10,8 @@ Gate modes:
   * ``fixed``: values set from outside (a controller, a pruning mask); a buffer, no gradient.
   * ``hard_concrete``: learnable L0 gates (Louizos et al., 2018), one `log_alpha` per head; stochastic in
     training, deterministic in eval; `expected_l0()` is the differentiable sparsity penalty, exposed to the
-    trainer by `HeadGatePlugin` as a loss term.
+    trainer by `HeadGatePlugin` as a loss term, and `expected_gates()` the mean gate E[z] (a ranking of heads
+    that accounts for the noise the gates were trained under, unlike the eval-mode gates, which saturate at 1).
 """
 
 from __future__ import annotations
@@ -24,6 +25,38 @@ from torch import nn
 
 GATE_MODES = ("fixed", "hard_concrete")
 _HC_BETA, _HC_GAMMA, _HC_ZETA = 2.0 / 3.0, -0.1, 1.1
+_QUADRATURE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _gauss_legendre(points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if points not in _QUADRATURE:
+        import numpy as np
+
+        nodes, weights = np.polynomial.legendre.leggauss(points)
+        _QUADRATURE[points] = (torch.from_numpy(nodes), torch.from_numpy(weights))
+    return _QUADRATURE[points]
+
+
+def hard_concrete_mean(log_alpha: torch.Tensor, points: int = 64) -> torch.Tensor:
+    """E[z] of hard-concrete gates z = clamp(sigmoid((logit u + log_alpha) / beta) * (zeta - gamma) + gamma, 0, 1),
+    u ~ U(0, 1), elementwise; deterministic and differentiable in `log_alpha`.
+
+    Why this way: with t = logit u (standard logistic), z is 1 above t1 = beta * logit(s1) - log_alpha and 0
+    below t0 = beta * logit(s0) - log_alpha (s0 = -gamma / (zeta - gamma), s1 = (1 - gamma) / (zeta - gamma)), so
+    E[z] = P(t > t1) + integral over [t0, t1] of z(t) p(t) dt; in x = (t + log_alpha) / beta that interval is
+    fixed, the integrand smooth, and Gauss-Legendre with `points` nodes is exact to rounding for any log_alpha.
+    """
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"hard_concrete_mean: points={points!r} is not allowed: an integer >= 2")
+    la = log_alpha.double()
+    span = _HC_ZETA - _HC_GAMMA
+    lo, hi = math.log(-_HC_GAMMA / _HC_ZETA), math.log((1 - _HC_GAMMA) / (_HC_ZETA - 1))  # logit(s0), logit(s1)
+    nodes, weights = (v.to(la.device) for v in _gauss_legendre(points))
+    x = (hi - lo) / 2 * nodes + (hi + lo) / 2  # logit of s over its open-gate range (0 < z < 1)
+    t = _HC_BETA * x - la.unsqueeze(-1)
+    density = torch.sigmoid(t) * torch.sigmoid(-t) * _HC_BETA  # logistic density of t, times dt/dx
+    inner = ((torch.sigmoid(x) * span + _HC_GAMMA) * density * weights).sum(-1) * (hi - lo) / 2
+    return (torch.sigmoid(la - _HC_BETA * hi) + inner).to(log_alpha.dtype)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -179,6 +212,13 @@ class GatedModel(nn.Module):
         else:
             with torch.no_grad():
                 self.log_alpha.copy_(torch.where(values > 0.5, 6.0, -6.0))
+
+    def expected_gates(self) -> torch.Tensor:
+        """E[z] of each gate (layers, heads), detached: the hard-concrete mean (`hard_concrete_mean`, the noise
+        of training included); for fixed gates, their values. Not affected by `per_example` or train / eval."""
+        if self.mode == "fixed":
+            return self.fixed_gates.detach().clone()
+        return hard_concrete_mean(self.log_alpha.detach())
 
     def expected_l0(self) -> torch.Tensor:
         """Differentiable expected number of non-zero gates (hard-concrete mode), divided by the head count."""

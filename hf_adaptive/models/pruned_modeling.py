@@ -2,8 +2,9 @@
 
 `save_pruned_model(..., remote_code=True)` copies this file into the checkpoint (with `_BASE` set to the
 model's architecture) and points `auto_map` at `PrunedCausalLM`, so the pruned model reloads with plain
-`AutoModelForCausalLM.from_pretrained` on a machine without hf_adaptive. It imports only torch and
-transformers. `hf_adaptive.models.pruning` uses `reshape_to_layout` from here too (one definition).
+`AutoModelForCausalLM.from_pretrained` on a machine without hf_adaptive (padding query slots included; the
+layout is described in `pruning`'s docstring). It imports only torch and transformers.
+`hf_adaptive.models.pruning` uses `reshape_to_layout` from here too (one definition).
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ def set_bookkeeping(attn: nn.Module, n_heads: int, n_kv: int) -> None:
 
 
 def reshape_to_layout(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> None:
-    """Give every attention layer the projection shapes of `layout` (weights uninitialised)."""
+    """Give every attention layer the projection shapes of `layout` (weights uninitialised): one query slot per kept
+    head and per padding slot (a layout written before padding existed has no "padding": none)."""
     for i, attn in enumerate(_attention_modules(model)):
         entry = layout.get(str(i))
         if entry is None:
             continue
         hd = int(attn.head_dim)
-        nq, nkv = len(entry["heads"]), len(entry["kv_heads"])
+        nq, nkv = len(entry["heads"]) + len(entry.get("padding") or []), len(entry["kv_heads"])
         hidden = attn.q_proj.in_features
         bias, o_bias = attn.q_proj.bias is not None, attn.o_proj.bias is not None
         dev, dt = attn.q_proj.weight.device, attn.q_proj.weight.dtype

@@ -15,7 +15,15 @@ gains in its `param_groups` from scalar feedback (the loss and an optional rewar
                  sigma <- clip(sigma * sigma_down) when unstable (worsening or noisy); off by default. After each
                  optimizer step every trainable parameter gets N(0, (sigma * rms(p))^2) noise (relative to its scale);
 * non-finite loss or gradients: the optimizer step is skipped (gradients set to None, so no parameter and no
-  optimizer buffer changes) and alpha <- clip(alpha * nan_backoff).
+  optimizer buffer changes) and alpha <- clip(alpha * nan_backoff);
+* loss spike (a finite loss above `spike_ratio` x the loss EMA, from the second observation on, warm-up included):
+  alpha <- clip(alpha * spike_backoff) at once, then `cooldown`. The patience rule alone waits `patience`
+  observations and then cuts once per `cooldown`: on SmolLM2 at a 5x too large LR the loss jumped 3x above its EMA
+  at step 3 and no cut could come before step 10 (benchmarks/scheduler_real.py). The spike enters the EMA, so a
+  lasting level shift stops counting as a spike after a cut or two;
+* anneal (optional, `anneal="cosine"` or `"linear"` over a horizon of observations): the LR in force is the law's
+  alpha times the decay factor at the current observation, like the Trainer's cosine schedule; the law goes on
+  adapting alpha underneath (a rise when the loss improves, cuts on stalls and spikes).
 
 "Improvement" and "worsening" are judged on an EMA of the loss (noisy minibatch losses would flip the laws at every
 step): improvement when the EMA beats its best value by `threshold` (relative) and by `noise_margin` standard
@@ -39,12 +47,13 @@ from .config import AdaptiveSchedulerConfig
 if TYPE_CHECKING:  # pragma: no cover
     from .freezing import Freezer
 
-EVENTS = ("warmup", "improved", "worsened", "plateau", "skipped")
+EVENTS = ("warmup", "improved", "worsened", "plateau", "skipped", "spike")
 
 
 @dataclass
 class SchedulerSnapshot:
-    """What one `step`/`observe` decided: the gains now in force and why."""
+    """What one `step`/`observe` decided: the gains now in force and why (`lr`: in force, i.e. the law's own LR
+    `law_lr` times `anneal_factor`)."""
 
     step: int
     loss: float
@@ -56,6 +65,8 @@ class SchedulerSnapshot:
     skipped: bool = False
     reward: float | None = None
     frozen_fraction: float | None = None
+    anneal_factor: float = 1.0
+    law_lr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,13 +100,28 @@ class AdaptiveScheduler:
         optimizer: torch.optim.Optimizer,
         config: AdaptiveSchedulerConfig | None = None,
         freezer: Freezer | None = None,
+        horizon: int | None = None,
     ) -> None:
+        """`horizon`: observations the anneal spans when `config.anneal_steps` is None (the callback passes the
+        Trainer's step count)."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             fail("AdaptiveScheduler", "optimizer", type(optimizer).__name__, "must be a torch.optim.Optimizer")
         self.optimizer = optimizer
         self.config = config or AdaptiveSchedulerConfig()
         self.freezer = freezer
         cfg = self.config
+        self.horizon = cfg.anneal_steps if cfg.anneal_steps is not None else horizon
+        if cfg.anneal != "none":
+            if self.horizon is None:
+                fail(
+                    "AdaptiveSchedulerConfig",
+                    "anneal_steps",
+                    None,
+                    f"must be an integer >= 1 with anneal={cfg.anneal!r} when no horizon is given (the Trainer "
+                    "callback passes its step count)",
+                )
+            if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 1:
+                fail("AdaptiveScheduler", "horizon", self.horizon, "must be an integer >= 1")
         groups = optimizer.param_groups
         self._base_lrs = [float(g["lr"]) for g in groups]
         self.lr = min(max(self._base_lrs[0], cfg.lr_bounds[0]), cfg.lr_bounds[1])
@@ -106,6 +132,7 @@ class AdaptiveScheduler:
         self.sigma = min(max(cfg.sigma, cfg.sigma_bounds[0]), cfg.sigma_bounds[1]) if cfg.dither else 0.0
         self.num_steps = 0
         self.num_skipped = 0
+        self.num_spikes = 0
         self.loss_ema: float | None = None
         self.best_ema: float | None = None
         self.last_reward: float | None = None
@@ -127,15 +154,30 @@ class AdaptiveScheduler:
                 return float(group["momentum"])
         return None
 
+    def anneal_factor(self) -> float:
+        """The decay on top of the law's LR after `num_steps` observations: 1 without an anneal."""
+        kind = self.config.anneal
+        if kind == "none" or self.horizon is None:
+            return 1.0
+        progress = min(self.num_steps, self.horizon) / self.horizon
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    def lr_in_force(self) -> float:
+        """The law's LR times the anneal factor, within `lr_bounds`: what the first param group trains with."""
+        return self._clip_lr(self.lr * self.anneal_factor())
+
     def apply_gains(self) -> None:
-        """Write the current LR (scaled per group as at construction) and momentum into the optimizer's groups."""
+        """Write the LR in force (scaled per group as at construction) and momentum into the optimizer's groups."""
+        in_force = self.lr_in_force()
         for group in self.optimizer.param_groups[len(self._base_lrs) :]:  # groups added later keep their LR ratio
             lr = float(group["lr"])
-            self._base_lrs.append(lr * self._base_lrs[0] / self.lr if self.lr > 0 else lr)
+            self._base_lrs.append(lr * self._base_lrs[0] / in_force if in_force > 0 else lr)
             self._momentum_keys.append(_momentum_key(group))
         first = self._base_lrs[0]
         for group, base, key in zip(self.optimizer.param_groups, self._base_lrs, self._momentum_keys, strict=True):
-            lr = self.lr * base / first if first > 0 and base != first else self.lr
+            lr = in_force * base / first if first > 0 and base != first else in_force
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(lr)
             else:
@@ -209,6 +251,7 @@ class AdaptiveScheduler:
             self.improve_streak = 0
             return self._finish(loss_value, reward, "skipped", skipped=True)
 
+        spike = cfg.spike_ratio > 0 and self.loss_ema is not None and loss_value > cfg.spike_ratio * self.loss_ema > 0
         self.recent.append(loss_value)
         previous = self.loss_ema
         self.loss_ema = loss_value if previous is None else cfg.ema_beta * previous + (1 - cfg.ema_beta) * loss_value
@@ -220,6 +263,15 @@ class AdaptiveScheduler:
                 reward_delta = reward - self.last_reward
             if math.isfinite(reward):
                 self.last_reward = reward
+
+        if spike:  # no patience: the step that made it was too large; hold the regular law afterwards
+            self.num_spikes += 1
+            self.lr = self._clip_lr(self.lr * cfg.spike_backoff)
+            self.cooldown_left = cfg.cooldown
+            self.bad_count = 0
+            self.improve_streak = 0
+            self.plateau_count = 0
+            return self._finish(loss_value, reward, "spike", variance=variance)
 
         if self.num_steps - self.num_skipped <= cfg.warmup or previous is None:
             self.best_ema = self.loss_ema if self.best_ema is None else min(self.best_ema, self.loss_ema)
@@ -283,7 +335,7 @@ class AdaptiveScheduler:
         self.last_snapshot = SchedulerSnapshot(
             step=self.num_steps,
             loss=loss,
-            lr=self.lr,
+            lr=self.lr_in_force(),
             momentum=self.momentum,
             sigma=self.sigma,
             variance=self.variance() if variance is None else variance,
@@ -291,6 +343,8 @@ class AdaptiveScheduler:
             skipped=skipped,
             reward=reward,
             frozen_fraction=frozen,
+            anneal_factor=self.anneal_factor(),
+            law_lr=self.lr,
         )
         return self.last_snapshot
 
@@ -313,6 +367,8 @@ class AdaptiveScheduler:
             "sigma": self.sigma,
             "num_steps": self.num_steps,
             "num_skipped": self.num_skipped,
+            "num_spikes": self.num_spikes,
+            "horizon": self.horizon,
             "loss_ema": self.loss_ema,
             "best_ema": self.best_ema,
             "last_reward": self.last_reward,
@@ -344,6 +400,9 @@ class AdaptiveScheduler:
             "cooldown_left",
         ):
             setattr(self, key, state[key])
+        self.num_spikes = int(state.get("num_spikes", 0))  # states saved before the spike rule have none
+        if state.get("horizon") is not None:
+            self.horizon = int(state["horizon"])
         self._base_lrs = [float(v) for v in state["base_lrs"]]
         self.recent = deque((float(v) for v in state["recent"]), maxlen=self.config.window)
         self.generator.set_state(state["generator"].to(torch.uint8))

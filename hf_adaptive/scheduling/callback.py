@@ -19,7 +19,8 @@ every reporting integration and `state.log_history` receive them; without one th
 the training log, seen by the callbacks after this one.
 
 Each `train()` call builds a fresh scheduler on the optimizer the Trainer created (in a task sequence every task
-starts from the configured LR); a state loaded with `load_state_dict` (a resumed checkpoint) is applied on top.
+starts from the configured LR, and an anneal spans that call's logged steps); a state loaded with `load_state_dict`
+(a resumed checkpoint) is applied on top.
 Set `logging_steps=1` for per-step control. The callback owns the learning rate, so the Trainer's schedule must be
 `lr_scheduler_type="constant"`; both are checked in `on_train_begin`, like `EarlyStoppingCallback` does.
 
@@ -30,6 +31,7 @@ and logs `frozen_fraction` the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -140,11 +142,19 @@ class AdaptiveSchedulerCallback(_LogsThroughTrainer, ContinualPlugin):
         if optimizer is None:
             raise ValueError("AdaptiveSchedulerCallback.optimizer=None is not allowed: the Trainer must pass one")
         if self.scheduler is None or self.scheduler.optimizer is not optimizer:
-            self.scheduler = AdaptiveScheduler(optimizer, self.config)
+            self.scheduler = AdaptiveScheduler(optimizer, self.config, horizon=self._horizon(args, state))
         if self._pending is not None:
             self.scheduler.load_state_dict(self._pending)
             self._pending = None
         self._follow(lr_scheduler, step=False)
+
+    @staticmethod
+    def _horizon(args: Any, state: Any) -> int:
+        """Observations in this `train()` call (one per logged training loss): the anneal's default horizon."""
+        every = getattr(state, "logging_steps", None) or args.logging_steps
+        if isinstance(every, float) and every < 1:  # a fraction of the run, as transformers reads it
+            every = math.ceil(state.max_steps * every)
+        return max(1, int(state.max_steps) // max(1, int(every)))
 
     def _follow(self, lr_scheduler: Any, step: bool) -> None:
         """Re-base the Trainer's constant schedule at the adaptive LRs now in the optimizer (public `base_lrs`), so

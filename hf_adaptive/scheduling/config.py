@@ -17,6 +17,7 @@ from ..utils.validation import check_bool, check_choice, check_number, check_str
 
 GRANULARITIES = ("parameter", "module", "layer")
 THRESHOLD_MODES = ("absolute", "relative", "change", "percentile")
+ANNEAL_MODES = ("none", "cosine", "linear")
 EARLY_STOPPING_METRICS = ("accuracy", "loss")
 
 
@@ -55,6 +56,29 @@ class AdaptiveSchedulerConfig:
     cooldown: int = field(default=5, metadata={"help": "Observations after a cut (or NaN) without LR changes."})
     warmup: int = field(default=3, metadata={"help": "First observations that only fill the statistics."})
     nan_backoff: float = field(default=0.5, metadata={"help": "LR multiplier after a non-finite loss/gradient."})
+    spike_ratio: float = field(
+        default=3.0,
+        metadata={
+            "help": "A loss above spike_ratio x the loss EMA is a spike: the LR is cut at once by spike_backoff (no "
+            "patience, warm-up included) and the spike is kept out of the EMA; 0 disables the rule."
+        },
+    )
+    spike_backoff: float = field(default=0.5, metadata={"help": "LR multiplier on a loss spike, (0, 1]."})
+    anneal: str = field(
+        default="none",
+        metadata={
+            "help": "Decay applied on top of the law's LR over the run: 'none', 'cosine' (to 0 at the horizon, like "
+            "lr_scheduler_type='cosine') or 'linear'. The law keeps adapting the LR it anneals.",
+            "choices": list(ANNEAL_MODES),
+        },
+    )
+    anneal_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Horizon of the anneal in observations (None: inside a Trainer, the training steps / "
+            "logging_steps of each train() call; standalone, required when anneal is not 'none')."
+        },
+    )
     adapt_momentum: bool = field(default=True, metadata={"help": "Adapt SGD momentum / Adam beta1."})
     momentum_step: float = field(default=0.01, metadata={"help": "Additive change of the momentum per decision."})
     momentum_bounds: tuple[float, ...] = field(default=(0.5, 0.95), metadata={"help": "(min, max) momentum."})
@@ -86,6 +110,12 @@ class AdaptiveSchedulerConfig:
         check_number(c, "cooldown", self.cooldown, 0, integer=True)
         check_number(c, "warmup", self.warmup, 0, integer=True)
         check_number(c, "nan_backoff", self.nan_backoff, 0.0, 1.0, low_open=True)
+        check_number(c, "spike_ratio", self.spike_ratio, 0.0)
+        if 0 < self.spike_ratio <= 1:
+            fail(c, "spike_ratio", self.spike_ratio, "must be 0 (off) or > 1 (a spike is above the loss EMA)")
+        check_number(c, "spike_backoff", self.spike_backoff, 0.0, 1.0, low_open=True)
+        check_choice(c, "anneal", self.anneal, ANNEAL_MODES)
+        check_number(c, "anneal_steps", self.anneal_steps, 1, integer=True, optional=True)
         check_bool(c, "adapt_momentum", self.adapt_momentum)
         check_number(c, "momentum_step", self.momentum_step, 0.0, 1.0)
         self.momentum_bounds = _check_bounds(c, "momentum_bounds", self.momentum_bounds, 0.0, 0.9999)
@@ -230,6 +260,7 @@ EARLY_STOPPING_OPTIONS = (
 
 __all__ = [
     "ADAPTIVE_SCHEDULER_OPTIONS",
+    "ANNEAL_MODES",
     "EARLY_STOPPING_METRICS",
     "EARLY_STOPPING_OPTIONS",
     "FREEZING_OPTIONS",

@@ -12,9 +12,10 @@ gradient. `release()` thaws everything: `SelectiveFreezingCallback` (in `callbac
 so the next `Trainer` (which builds its optimizer from the parameters with `requires_grad`) sees every parameter
 again.
 
-`threshold_mode="change"` is AutoFreeze's criterion: every `change_window` steps the relative change of each unit's
-EMA since the previous reading is measured, and a unit whose gradient norm has stopped moving (change < threshold)
-counts as converged, whatever its scale (the lowest layers of a pretrained LM can have the largest gradients).
+`threshold_mode="change"` measures what AutoFreeze measures: every `change_window` steps the relative change of each
+unit's EMA since the previous reading is measured, and a unit whose gradient norm has stopped moving
+(change < threshold) counts as converged, whatever its scale (the lowest layers of a pretrained LM can have the
+largest gradients).
 `threshold_mode="percentile"` is AutoFreeze's actual rule: a fixed relative threshold may never be reached in a short
 fine-tuning run (on SmolLM2, 32 LoRA steps of a task, every layer's EMA still moved 12-29 % per 4 steps, so
 `change` at 10 % froze nothing), so at each reading a unit is converged when its change is at or below the
@@ -272,13 +273,9 @@ class Freezer:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The `q`-th percentile (0-100) of `values`, linearly interpolated between the closest ranks (numpy's default,
-    `torch.quantile`'s "linear")."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """The `q`-th percentile (0-100) of `values`, linearly interpolated between the closest ranks (numpy's default),
+    in float64 so that a unit exactly at the percentile compares as equal."""
+    return torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100.0).item()
 
 
 def _detach_output(module: nn.Module, args: Any, output: Any) -> Any:

@@ -57,6 +57,8 @@ RL_OPTIONS = {
     "gate_max_changes",
     "gate_keep_bias",
     "gate_reward_ema",
+    "gate_min_active_heads",
+    "gate_max_active_heads",
 }
 
 
@@ -113,6 +115,10 @@ def test_defaults():
         (GateControllerConfig, "reward_ema", 1.0, "gate_reward_ema"),
         (GateControllerConfig, "efficiency_factor", -0.1, "gate_efficiency_factor"),
         (GateControllerConfig, "max_active_fraction", 1.5, "gate_max_active_fraction"),
+        (GateControllerConfig, "min_active_heads", -1, "gate_min_active_heads"),
+        (GateControllerConfig, "min_active_heads", 2.5, "gate_min_active_heads"),
+        (GateControllerConfig, "max_active_heads", 0, "gate_max_active_heads"),
+        (GateControllerConfig, "max_active_heads", "4", "gate_max_active_heads"),
     ],
 )
 def test_bad_value_names_the_field_and_the_option(cls, field, value, option):
@@ -132,6 +138,26 @@ def test_min_above_max_active_fraction_is_refused():
             SimpleNamespace(gate_min_active_fraction=0.8, gate_max_active_fraction=0.5),
             owner="ContinualConfig",
         )
+
+
+def test_min_above_max_active_heads_is_refused_naming_both():
+    with pytest.raises(
+        OptionError,
+        match=r"^GateControllerConfig\.min_active_heads=5 is not allowed: must be <= "
+        r"GateControllerConfig\.max_active_heads=4$",
+    ):
+        GateControllerConfig(min_active_heads=5, max_active_heads=4)
+    with pytest.raises(
+        OptionError, match=r"^ContinualConfig\.gate_min_active_heads=5 .*ContinualConfig\.gate_max_active_heads=4$"
+    ):
+        build_config(
+            GATE_CONTROLLER_SOURCE,
+            SimpleNamespace(gate_min_active_heads=5, gate_max_active_heads=4),
+            owner="ContinualConfig",
+        )
+    cfg = GateControllerConfig(min_active_heads=0, max_active_heads=1)  # the smallest budget
+    assert (cfg.min_active_heads, cfg.max_active_heads) == (0, 1)
+    assert (GateControllerConfig().min_active_heads, GateControllerConfig().max_active_heads) == (None, None)
 
 
 def test_build_config_reads_the_options():

@@ -181,3 +181,113 @@ def test_protocol_errors():
         ctrl.act(torch.ones(3))
     with pytest.raises(ValueError, match="max_active_fraction"):
         GateController(1, 2, GateControllerConfig(max_active_fraction=0.1))
+
+
+# ------------------------------------------------------------------------------- integer budgets, warm start
+def _reference_budget(n: int, cfg: GateControllerConfig) -> tuple[int, int]:
+    """The head counts a config admits, by checking every count 0..n (a count set overrides its fraction)."""
+    admitted = [
+        c
+        for c in range(n + 1)
+        if (c >= cfg.min_active_heads if cfg.min_active_heads is not None else c >= cfg.min_active_fraction * n)
+        and (c <= cfg.max_active_heads if cfg.max_active_heads is not None else c <= cfg.max_active_fraction * n)
+    ]
+    return min(admitted), max(admitted)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"min_active_fraction": 0.25, "max_active_fraction": 0.5},
+        {"min_active_heads": 5, "max_active_heads": 5},  # 5 / 16: a fraction would need to hit 0.3125 exactly
+        {"min_active_heads": 3, "max_active_fraction": 0.5},
+        {"min_active_fraction": 0.5, "max_active_heads": 11},
+        {"min_active_fraction": 0.9, "max_active_fraction": 0.9, "min_active_heads": 0, "max_active_heads": 16},
+        {"min_active_heads": 0, "max_active_heads": 1},
+    ],
+)
+def test_head_budget_against_every_count(kwargs):
+    cfg = GateControllerConfig(**kwargs)
+    ctrl = GateController(L, H, cfg)
+    assert (ctrl.min_active, ctrl.max_active) == _reference_budget(L * H, cfg)
+
+
+def test_integer_budget_holds_exactly_where_no_fraction_can():
+    """0.3 of 16 heads is 4.8: no count fits the fraction pair, while min = max = 5 heads keeps exactly 5."""
+    with pytest.raises(ValueError, match=r"max_active_fraction=0\.3 is not allowed: it leaves 4 of 16 heads"):
+        GateController(L, H, GateControllerConfig(min_active_fraction=0.3, max_active_fraction=0.3))
+    cfg = GateControllerConfig(min_active_heads=5, max_active_heads=5, max_changes=2, seed=2)
+    ctrl = GateController(L, H, cfg)
+    for _ in range(12):
+        g = ctrl.act(torch.rand(L, H, generator=torch.Generator().manual_seed(ctrl.steps)))
+        ctrl.observe(0.0)
+        assert int(g.sum()) == 5
+
+
+def test_integer_budget_refusals_name_the_field_and_the_head_count():
+    with pytest.raises(ValueError, match=r"GateControllerConfig\.max_active_heads=17 is not allowed: .* 16 heads"):
+        GateController(L, H, GateControllerConfig(max_active_heads=17))
+    with pytest.raises(ValueError, match=r"GateControllerConfig\.min_active_heads=20 is not allowed: .*at most 16"):
+        GateController(L, H, GateControllerConfig(min_active_heads=20))
+    with pytest.raises(ValueError, match=r"max_active_fraction=0\.5 is not allowed: .*min_active_heads=10"):
+        GateController(L, H, GateControllerConfig(min_active_heads=10, max_active_fraction=0.5))
+
+
+def test_set_gates_is_the_start_of_the_first_action():
+    start = torch.zeros(L, H)
+    start[0, [1, 4, 6]] = 1
+    start[1, [0, 7]] = 1
+    cfg = GateControllerConfig(min_active_heads=5, max_active_heads=5, max_changes=2, seed=5)
+    ctrl = GateController(L, H, cfg)
+    ctrl.set_gates(start)
+    assert torch.equal(ctrl.gates, start)
+    g = ctrl.act()
+    assert torch.equal(ctrl.pending["head_x"][:, 0], start.flatten())  # the state saw the warm start
+    assert int(g.sum()) == 5 and int((g != start).sum()) <= 2  # at most max_changes flips away from it
+    ctrl.observe(0.0)
+    flat = GateController(L, H, cfg)
+    flat.set_gates(start.flatten().tolist())  # flat and list forms
+    assert torch.equal(flat.gates, start)
+
+
+def test_set_gates_refusals():
+    ctrl = GateController(L, H, GateControllerConfig(min_active_heads=4, max_active_heads=8))
+    with pytest.raises(ValueError, match=r"shape \(3, 8\) is not allowed: \(2, 8\) .* or \(16,\)"):
+        ctrl.set_gates(torch.ones(3, 8))
+    for bad in (0.5, float("nan"), 2.0):
+        g = torch.zeros(L, H)
+        g[0, :4] = 1
+        g[1, 0] = bad
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            ctrl.set_gates(g)
+    with pytest.raises(ValueError, match=r"9 active heads is not allowed: .*\[4, 8\] of 16 heads"):
+        ctrl.set_gates(torch.ones(16).index_fill(0, torch.arange(7), 0))
+    with pytest.raises(ValueError, match=r"3 active heads is not allowed"):
+        ctrl.set_gates(torch.zeros(16).index_fill(0, torch.arange(3), 1))
+    ctrl.set_gates(torch.zeros(16).index_fill(0, torch.arange(4), 1))
+    assert torch.equal(ctrl.gates.flatten()[:5], torch.tensor([1.0, 1, 1, 1, 0]))  # refusals changed nothing
+    ctrl.act()
+    with pytest.raises(RuntimeError, match="observe"):
+        ctrl.set_gates(torch.zeros(16).index_fill(0, torch.arange(4), 1))
+
+
+def test_warm_start_survives_save_and_load(tmp_path):
+    cfg = GateControllerConfig(min_active_heads=6, max_active_heads=6, max_changes=2, seed=7)
+    ctrl = GateController(L, H, cfg)
+    start = torch.zeros(L, H)
+    start[:, :3] = 1
+    ctrl.set_gates(start)
+    ctrl.save(str(tmp_path))
+    resumed = GateController.load(str(tmp_path))
+    assert torch.equal(resumed.gates, start) and (resumed.min_active, resumed.max_active) == (6, 6)
+    assert resumed.config == ctrl.config
+    stats = torch.rand(L, H, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ctrl.act(stats), resumed.act(stats))
+
+
+def test_load_state_dict_takes_the_saved_budget():
+    saved = GateController(L, H, GateControllerConfig(min_active_heads=3, max_active_heads=5))
+    other = GateController(L, H)
+    other.load_state_dict(saved.state_dict())
+    assert (other.min_active, other.max_active) == (3, 5)

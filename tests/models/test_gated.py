@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -312,3 +313,69 @@ def test_models_does_not_import_plugins_or_capabilities():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+# ------------------------------------------------------------------------------------- expected gate values
+def _hc_sample(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Hard-concrete samples written out from Louizos et al. (2018): stretch the binary concrete, then clamp."""
+    beta, gamma, zeta = 2 / 3, -0.1, 1.1
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / beta)
+    return torch.clamp(s * (zeta - gamma) + gamma, 0, 1)
+
+
+def _hard_concrete_gates(tiny_model, values: torch.Tensor) -> GatedModel:
+    gated = gate_model(tiny_model, mode="hard_concrete")
+    with torch.no_grad():
+        gated.log_alpha.copy_(values.view_as(gated.log_alpha))
+    return gated
+
+
+def test_expected_gates_match_a_monte_carlo_estimate(tiny_model):
+    """E[z] against the mean of many samples (fixed generator), within 5 standard errors of that mean; the samples
+    come from the formula written out and from the gates' own training-mode sampling."""
+    gated = _hard_concrete_gates(tiny_model, torch.linspace(-3, 3, 8))
+    expected = gated.expected_gates()
+    assert expected.shape == (2, 4) and not expected.requires_grad
+    n = 40000
+    u = torch.rand(n, 2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    z = _hc_sample(gated.log_alpha.detach().double(), u)
+    se = z.std(0) / n**0.5
+    assert ((expected.double() - z.mean(0)).abs() <= 5 * se + 1e-6).all(), (expected, z.mean(0), se)
+    gated.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        own = torch.stack([gated.gates().detach() for _ in range(n)])
+    assert ((expected - own.mean(0)).abs() <= 5 * own.std(0) / n**0.5 + 1e-5).all()
+
+
+def test_expected_gates_against_slow_quadrature_and_their_limits(tiny_model):
+    """Against the midpoint rule over u with many points (the obvious reference), at 0 / 1 in the limits, strictly
+    increasing in log_alpha in between, and between P(z = 1) and P(z > 0) (`expected_l0`'s per-gate term)."""
+    from hf_adaptive.models.gates import hard_concrete_mean
+
+    la = torch.linspace(-8, 8, 161, dtype=torch.float64)
+    n = 200000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    reference = _hc_sample(la[:, None], u[None, :]).mean(-1)
+    fast = hard_concrete_mean(la)
+    torch.testing.assert_close(fast, reference, atol=1e-7, rtol=0)
+    assert (fast.diff() > 0).all()
+    extremes = hard_concrete_mean(torch.tensor([-60.0, -30.0, 30.0, 60.0]))
+    torch.testing.assert_close(extremes, torch.tensor([0.0, 0.0, 1.0, 1.0]), atol=1e-9, rtol=0)
+    shift = 2 / 3 * math.log(0.1 / 1.1)
+    p_open = torch.sigmoid(la - shift)  # P(z > 0)
+    p_one = torch.sigmoid(la - 2 / 3 * math.log(1.1 / 0.1))  # P(z = 1)
+    assert (p_one <= fast).all() and (fast <= p_open).all()
+    gated = _hard_concrete_gates(tiny_model, la[::20][:8].float())
+    torch.testing.assert_close(gated.expected_l0(), p_open[::20][:8].mean().float())  # the same P(z > 0)
+    with pytest.raises(ValueError, match="points=1 is not allowed"):
+        hard_concrete_mean(la, points=1)
+
+
+def test_expected_gates_of_fixed_gates_are_their_values(tiny_model):
+    gated = gate_model(tiny_model)
+    values = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    gated.set_gates(values)
+    assert torch.equal(gated.expected_gates(), values)
+    gated.expected_gates().zero_()  # a copy: the gates are untouched
+    assert torch.equal(gated.fixed_gates, values)

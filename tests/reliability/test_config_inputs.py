@@ -373,6 +373,10 @@ VALUES: dict[str, Any] = {
     "adaptive_cooldown": 9,
     "adaptive_warmup": 7,
     "adaptive_nan_backoff": 0.25,
+    "adaptive_spike_ratio": 5.0,
+    "adaptive_spike_backoff": 0.25,
+    "adaptive_anneal": "cosine",
+    "adaptive_anneal_steps": 12,
     "adaptive_adapt_momentum": False,
     "adaptive_momentum_step": 0.05,
     "adaptive_momentum_bounds": PAIR_FIELDS["adaptive_momentum_bounds"],
@@ -422,6 +426,8 @@ VALUES: dict[str, Any] = {
     "gate_max_grad_norm": 0.5,
     "gate_min_active_fraction": 0.25,
     "gate_max_active_fraction": 0.75,
+    "gate_min_active_heads": 2,  # of the tiny model's 8 heads (they take precedence over the fractions)
+    "gate_max_active_heads": 6,
     "gate_max_changes": 2,
     "gate_keep_bias": 1.0,
     "gate_efficiency_factor": 0.5,
@@ -489,6 +495,8 @@ ALSO_AT: dict[tuple[str, str], tuple[str, Any]] = {
     ("replay", "replay_policy"): ("memory.policy", None),
     ("feature_replay", "feature_replay_dtype"): ("feature_dtype", torch.bfloat16),
     ("ewc", "gamma_gain_lambda"): ("neuromodulation.gamma_gain_lambda", None),
+    ("gate_feedback", "gate_min_active_heads"): ("controller.min_active", None),  # the controller's head budget
+    ("gate_feedback", "gate_max_active_heads"): ("controller.max_active", None),
 }
 
 

@@ -287,3 +287,100 @@ def test_param_group_added_later_keeps_its_lr_ratio():
     _feed(sched, [2.0 * 0.9**i for i in range(10)])
     lr0, lr1 = (g["lr"] for g in sched.optimizer.param_groups)
     assert lr0 > 0.1 and lr1 == pytest.approx(lr0 / 10)
+
+
+# ----------------------------------------------------------------------------------------------- loss spikes
+def _quiet(**kw):
+    """Only the rule under test acts: no momentum, no rises, no patience cuts unless asked."""
+    base = {"warmup": 1, "adapt_momentum": False, "lr_up": 1.0, "patience": 1000, "cooldown": 3}
+    return AdaptiveSchedulerConfig(**{**base, **kw})
+
+
+def test_a_spike_cuts_at_once_then_holds():
+    sched = AdaptiveScheduler(_sgd(lr=0.1), _quiet(spike_ratio=3.0, spike_backoff=0.5))
+    snaps = _feed(sched, [1.0, 0.95, 0.9])
+    ema = 1.0
+    for v in (0.95, 0.9):
+        ema = 0.9 * ema + 0.1 * v
+    assert all(s.event != "spike" for s in snaps) and sched.lr == 0.1
+    spike = sched.observe(3.05 * ema)  # just above 3x the EMA before it
+    assert spike.event == "spike" and spike.lr == pytest.approx(0.05) and sched.num_spikes == 1
+    assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert sched.cooldown_left == 3
+
+
+def test_below_the_ratio_is_not_a_spike_and_zero_disables_the_rule():
+    for ratio, loss, expected in ((3.0, 2.9, "worsened"), (0.0, 50.0, "worsened")):
+        sched = AdaptiveScheduler(_sgd(lr=0.1), _quiet(spike_ratio=ratio, warmup=0))
+        _feed(sched, [1.0, 1.0])
+        assert sched.observe(loss).event == expected and sched.lr == 0.1 and sched.num_spikes == 0
+
+
+def test_spike_counts_during_warmup_but_not_on_the_first_observation():
+    sched = AdaptiveScheduler(_sgd(lr=0.1), _quiet(warmup=5))
+    assert sched.observe(100.0).event == "warmup"  # no EMA yet: nothing to compare with
+    assert sched.observe(400.0).event == "spike" and sched.lr == pytest.approx(0.05)
+
+
+def test_a_lasting_level_shift_stops_counting_as_a_spike():
+    """The spike enters the EMA: a loss that stays 4x higher cuts a couple of times, not at every observation."""
+    sched = AdaptiveScheduler(_sgd(lr=0.1), _quiet())
+    snaps = _feed(sched, [1.0] * 5 + [4.0] * 30)
+    ema, cuts = 1.0, 0
+    for v in [1.0] * 4 + [4.0] * 30:  # slow reference of the EMA and of the rule
+        cuts += v > 3.0 * ema
+        ema = 0.9 * ema + 0.1 * v
+    assert sched.num_spikes == cuts == sum(s.event == "spike" for s in snaps) == 2
+    assert sched.lr == pytest.approx(0.1 * 0.5**2)
+
+
+# ------------------------------------------------------------------------------------------------- annealing
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_anneal_scales_the_law_lr_by_the_decay_of_the_observation(kind):
+    horizon = 10
+    sched = AdaptiveScheduler(_sgd(lr=0.2), _quiet(anneal=kind, anneal_steps=horizon, spike_ratio=0.0))
+    assert sched.optimizer.param_groups[0]["lr"] == 0.2  # nothing observed yet: factor 1
+    for n in range(1, 14):
+        snap = sched.observe(1.0)
+        p = min(n, horizon) / horizon
+        factor = 0.5 * (1 + math.cos(math.pi * p)) if kind == "cosine" else 1 - p
+        assert snap.anneal_factor == pytest.approx(factor, abs=1e-12)
+        expected = max(0.2 * factor, sched.config.lr_bounds[0])
+        assert snap.lr == pytest.approx(expected) and sched.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+        assert sched.lr == 0.2  # the law's own LR is not annealed
+
+
+def test_the_law_keeps_adapting_under_the_anneal():
+    cfg = AdaptiveSchedulerConfig(warmup=1, adapt_momentum=False, noise_margin=0.0, anneal="cosine", anneal_steps=40)
+    sched = AdaptiveScheduler(_sgd(lr=0.1), cfg)
+    snaps = _feed(sched, [2.0 * 0.9**i for i in range(20)])
+    assert sched.lr > 0.1  # rises on improvement as without the anneal
+    assert snaps[-1].lr == pytest.approx(sched.lr * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
+
+
+def test_anneal_needs_a_horizon():
+    with pytest.raises(ValueError, match=r"AdaptiveSchedulerConfig\.anneal_steps=None"):
+        AdaptiveScheduler(_sgd(), AdaptiveSchedulerConfig(anneal="cosine"))
+    assert AdaptiveScheduler(_sgd(), AdaptiveSchedulerConfig(anneal="cosine"), horizon=7).horizon == 7
+    assert AdaptiveScheduler(_sgd(), AdaptiveSchedulerConfig(anneal="cosine", anneal_steps=3), horizon=7).horizon == 3
+
+
+def test_spike_and_anneal_state_round_trip(tmp_path):
+    cfg = _quiet(anneal="linear")
+    a = AdaptiveScheduler(_sgd(lr=0.1), cfg, horizon=20)
+    _feed(a, [1.0, 1.0, 5.0, 1.0])
+    save_state(tmp_path / "s", a.state_dict())
+    b = AdaptiveScheduler(_sgd(lr=0.1), cfg, horizon=99)
+    b.load_state_dict(load_state(tmp_path / "s"))
+    assert (b.num_spikes, b.horizon, b.lr, b.num_steps) == (1, 20, a.lr, 4)
+    assert b.optimizer.param_groups[0]["lr"] == pytest.approx(a.optimizer.param_groups[0]["lr"])
+    assert [b.observe(v).lr for v in (1.0, 0.9)] == [a.observe(v).lr for v in (1.0, 0.9)]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("spike_ratio", 0.5), ("spike_ratio", -1.0), ("spike_backoff", 0.0), ("anneal", "step"), ("anneal_steps", 0)],
+)
+def test_spike_and_anneal_options_are_checked(field, value):
+    with pytest.raises(ValueError, match=rf"AdaptiveSchedulerConfig\.{field}="):
+        AdaptiveSchedulerConfig(**{field: value})

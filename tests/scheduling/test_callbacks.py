@@ -87,6 +87,48 @@ def test_adaptive_callback_controls_the_trainer_lr(tiny_model, tokenizer, rows, 
     assert sched.optimizer.param_groups[0]["betas"][0] == sched.momentum
 
 
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_cosine_anneal_with_a_still_law_is_the_trainers_cosine_schedule(
+    tiny_model, tokenizer, rows, tmp_path, logging_steps
+):
+    """With the law held still (no rise, no cut, no spike), the anneal reproduces transformers' cosine schedule:
+    the horizon is the train() call's number of observations, taken from the Trainer."""
+    used: list[float] = []
+
+    class Spy(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            used.append(optimizer.param_groups[0]["lr"])
+
+    steps, lr = 8, 5e-3
+    trainer = Trainer(
+        model=tiny_model,
+        args=_args(tmp_path, max_steps=steps, learning_rate=lr, logging_steps=logging_steps),
+        train_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+        callbacks=[Spy()],
+    )
+    still = AdaptiveSchedulerConfig(lr_up=1.0, patience=10**6, spike_ratio=0.0, adapt_momentum=False, anneal="cosine")
+    cb = AdaptiveSchedulerCallback(still, trainer=trainer)
+    trainer.add_callback(cb)
+    trainer.train()
+    horizon = steps // logging_steps
+    assert cb.scheduler.horizon == horizon
+    # the decision after observation n (at step n * logging_steps) is in force from the next step on
+    expected = [lr * 0.5 * (1 + math.cos(math.pi * ((t // logging_steps) / horizon))) for t in range(steps)]
+    assert used == pytest.approx(expected, rel=1e-9)
+    if logging_steps == 1:  # transformers' own cosine schedule, no warm-up: the same LRs
+        from transformers import get_cosine_schedule_with_warmup
+
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        ref = get_cosine_schedule_with_warmup(opt, 0, steps)
+        reference = []
+        for _ in range(steps):
+            reference.append(opt.param_groups[0]["lr"])
+            opt.step()
+            ref.step()
+        assert used == pytest.approx(reference, rel=1e-9)
+
+
 def test_without_a_trainer_decisions_go_into_the_logs_of_later_callbacks(tiny_model, tokenizer, rows, tmp_path):
     seen: list[dict] = []
 

@@ -235,12 +235,19 @@ def _drive(freezer: Freezer, norms: list[float]) -> None:
     freezer.update()
 
 
-def test_percentile_reference_is_numpys_linear_interpolation():
-    values = torch.rand(11, generator=torch.Generator().manual_seed(0)).tolist()
-    for q in (0.0, 12.5, 50.0, 90.0, 100.0):
-        expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100).item()
+def test_percentile_is_linear_interpolation_between_ranks():
+    """Hand-computed: position (n - 1) q / 100 in the sorted values, interpolated linearly."""
+    cases = [
+        ([1.0, 2.0, 3.0, 4.0], 50.0, 2.5),
+        ([0.0, 10.0], 25.0, 2.5),
+        ([5.0, 1.0, 3.0], 100.0, 5.0),
+        ([5.0, 1.0, 3.0], 0.0, 1.0),
+        ([1.0, 2.0, 3.0, 4.0, 5.0], 90.0, 4.6),
+        ([3.0, 1.0], 50.0, 2.0),
+        ([4.0], 50.0, 4.0),
+    ]
+    for values, q, expected in cases:
         assert percentile(values, q) == pytest.approx(expected, rel=1e-12)
-    assert percentile([3.0, 1.0], 50.0) == 2.0 and percentile([4.0], 50.0) == 4.0
 
 
 def test_percentile_mode_freezes_the_prefix_below_the_median_change_at_readings_only():
