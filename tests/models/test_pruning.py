@@ -25,6 +25,17 @@ from hf_adaptive.models.pruning import (
 )
 
 
+def _assert_same_logits(model, ref, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """The pruned model computes what the gated reference computes, padded rows included."""
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits,
+            ref(input_ids=ids, attention_mask=mask).logits,
+            atol=2e-6,
+            rtol=0,
+        )
+
+
 def _ids(n: int = 3, t: int = 10) -> torch.Tensor:
     return torch.randint(4, 60, (n, t), generator=torch.Generator().manual_seed(0))
 
@@ -57,13 +68,7 @@ def test_pruned_equals_gated(tokenizer, impl, pattern):
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[1, -4:] = 0
-    with torch.no_grad():
-        torch.testing.assert_close(
-            model(input_ids=ids, attention_mask=mask).logits,
-            ref(input_ids=ids, attention_mask=mask).logits,
-            atol=2e-6,
-            rtol=0,
-        )
+    _assert_same_logits(model, ref, ids, mask)
 
 
 def test_pruned_generate_equals_gated_generate(tokenizer):
@@ -344,13 +349,7 @@ def test_gqa_pruned_equals_gated_with_the_cheaper_layout(impl, drop):
     ref = _gqa_reference(model, pattern)
     prune_heads(model, pattern)
     ids, mask = _gqa_ids()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            model(input_ids=ids, attention_mask=mask).logits,
-            ref(input_ids=ids, attention_mask=mask).logits,
-            atol=2e-6,
-            rtol=0,
-        )
+    _assert_same_logits(model, ref, ids, mask)
     layout = current_layout(model)
     want_weights = 0
     for layer, dropped in pattern.items():
