@@ -12,7 +12,7 @@ the choice of heads alone:
   * l0: hard-concrete L0 gates (`gate_model(mode="hard_concrete")` + `HeadGatePlugin`'s penalty): only the gates'
     log_alpha train, briefly (`l0.steps` Adam steps on the validation batches, the model frozen), then the top-k
     heads by each gate's expected value E[z] (`GatedModel.expected_gates()`; E[z] rises with log_alpha);
-  * controller_<algorithm>[_warm]: `GateController` (PPO by default, `--algorithm reinforce,a2c,ppo` runs others)
+  * controller_<algorithm>[_warm|_best]: `GateController` (PPO by default, `--algorithm reinforce,a2c,ppo` runs others)
     with min_active_heads = max_active_heads = k (the exact budget, whatever k; swaps of at most `max_changes`
     flips per step), its state fed
     Michel importance and attention entropy of one spread-out stats batch measured under the current gates (what the
@@ -20,7 +20,10 @@ the choice of heads alone:
     (efficiency factor 0: the budget is fixed), `--controller-steps` steps, then the best validated gates (lowest
     validation loss among the archived points with k heads). `--controller-init`: `cold` starts, as the package does,
     from all heads on (its first action prunes to the budget almost at random); `michel` starts from Michel's top-k
-    (`GateController.set_gates`, a warm start checked against the budget), so it can only refine a static ranking.
+    (`GateController.set_gates`, a warm start checked against the budget), so it can only refine a static ranking;
+    `best` starts from the static ranking (magnitude, Michel, L0) with the lowest validation loss at the budget
+    (`best_static`: the issue's "warm start from the best static ranking"; the first SmolLM2 run, session 10, had
+    cold and michel only, and L0 was the best ranking at every budget).
   * michel_kv_groups (at 50 % only): whole KV groups (all 3 query heads of a group) ranked by their summed Michel
     importance (`kv_group_gates`), so that pruning shrinks the K/V projections and the KV cache too.
 
@@ -96,7 +99,11 @@ SCRIPTS = tuple(
     Path(__file__).resolve().with_name(n)
     for n in ("gates_real.py", "common.py", "compression.py", "gate_control.py", "cl_real.py")
 )
-INITS = ("cold", "michel")
+INITS = ("cold", "michel", "best")
+#: run-name suffix of each controller start
+INIT_SUFFIX = {"cold": "", "michel": "_warm", "best": "_best"}
+#: the static rankings a `best` start chooses from (by validation loss at the budget; random is not a ranking)
+RANKINGS = ("magnitude", "michel", "l0")
 STATIC = ("random", "magnitude", "michel", "l0")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -443,6 +450,13 @@ def run_controller(model, gated, val_batches, stats_batches, cfg, steps: int, st
     return ctrl
 
 
+def best_static(rows: list[dict[str, Any]]) -> str:
+    """The static ranking (`RANKINGS`) with the lowest validation loss among `rows` of one budget: what a `best`
+    controller start refines (the issue: a warm start from the best static ranking, chosen without the test half)."""
+    ranked = [r for r in rows if r["strategy"] in RANKINGS and r.get("val_loss") is not None]
+    return min(ranked, key=lambda r: r["val_loss"])["strategy"]
+
+
 def curve_summary(log: list[dict[str, Any]], heads: int) -> dict[str, Any]:
     """A controller run's reward curve in numbers: mean reward over the first and last quarter of the steps, the
     validation loss at the start and after the first action, and, over the steps at the budget (`heads` active),
@@ -602,13 +616,14 @@ def budget_rows(b: Bench, frac: float, scores: dict[str, torch.Tensor], chosen: 
     runs = []
     for algorithm in b.s["algorithms"]:
         for init in b.s["inits"]:
-            name = f"controller_{algorithm}" + ("_warm" if init == "michel" else "")
+            name = f"controller_{algorithm}{INIT_SUFFIX[init]}"
             # the budget in heads: 75 % of 270 is 202.5 heads, which no pair of fractions can hold
             cfg = GateControllerConfig(
                 algorithm=algorithm, min_active_heads=k, max_active_heads=k, seed=b.s["seed"], **b.s["controller"]
             )
             t = time.perf_counter()
-            start = chosen[("michel", frac)] if init == "michel" else None
+            source = best_static(rows) if init == "best" else ("michel" if init == "michel" else None)
+            start = chosen[(source, frac)] if source else None
             ctrl = run_controller(b.model, b.gated, b.val_batches, b.stats_batches, cfg, b.s["controller_steps"], start)
             best = min((pt for pt in ctrl.archive.points if pt.active_heads == k), key=lambda pt: pt.loss)
             g = chosen[(name, frac)] = best.gates.view(L, H)
@@ -628,6 +643,7 @@ def budget_rows(b: Bench, frac: float, scores: dict[str, torch.Tensor], chosen: 
                     "strategy": name,
                     "algorithm": algorithm,
                     "init": init,
+                    "start": source,
                     "fraction": frac,
                     "heads": k,
                     "seconds": round(time.perf_counter() - t, 1),
@@ -835,7 +851,8 @@ def markdown(result: dict[str, Any], png: str) -> str:
         f"{s['seeds']} (std in brackets). L0: {s['l0']['steps']} Adam steps (lr {s['l0']['lr']}, penalty weight "
         f"{s['l0']['weight']}) on the gates alone, top-k by expected gate. Controllers: {s['controller_steps']} steps "
         f"per budget, min = max = the budget, at most {s['controller']['max_changes']} flips per step, rollouts of "
-        f"{s['controller']['rollout_steps']}; `_warm` starts from Michel's top-k. Dense: validation "
+        f"{s['controller']['rollout_steps']}; `_warm` starts from Michel's top-k, `_best` from the "
+        "static ranking with the lowest validation loss at the budget. Dense: validation "
         f"{_f(dense['val_loss'])}, test {_f(dense['test_loss'])}.",
         "",
         "| kept | heads | strategy | val loss | test loss | test - dense |",
@@ -865,7 +882,8 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "## Controller reward curves",
         "",
         "Reward = tanh(relative validation-loss change) per step (efficiency factor 0). Columns: mean reward over the "
-        "first and last quarter of the steps, validation loss at the start (cold: all heads; warm: Michel's top-k), "
+        "first and last quarter of the steps, validation loss at the start (cold: all heads; _warm: Michel's "
+        "top-k; _best: the static ranking with the lowest validation loss at the budget), "
         "after the first action, best, and the step of the best.",
         "",
         "| kept | run | reward first 1/4 | reward last 1/4 | start val | first action val | best val | best step | s |",
@@ -879,12 +897,12 @@ def markdown(result: dict[str, Any], png: str) -> str:
             f"{c['seconds']} |"
         )
     l0 = result["l0"]["curve"]
-    warm = [c for c in result["controllers"] if c["init"] == "michel"]
+    warm = [c for c in result["controllers"] if c["init"] != "cold"]
     cold = [c for c in result["controllers"] if c["init"] == "cold"]
     lines.append("")
     if warm:
         better = sum(c["best_step"] > 0 for c in warm)
-        lines += [f"Warm runs that found gates better on validation than their Michel start: {better} of {len(warm)}."]
+        lines += [f"Warm runs that found gates better on validation than their start: {better} of {len(warm)}."]
     if cold:
         worse = sum(c["first_action_val_loss"] > c["best_val_loss"] for c in cold)
         lines += [

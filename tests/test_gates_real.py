@@ -133,6 +133,31 @@ def test_controllers_curves_warm_start_and_best_validated_gates(gr, quick):
     assert "## Controller reward curves" in md
 
 
+def test_best_static_picks_the_lowest_validation_loss_ranking(gr):
+    rows = [
+        {"strategy": "random", "test_loss": 1.0},  # no validation loss: never a start
+        {"strategy": "magnitude", "val_loss": 9.0},
+        {"strategy": "michel", "val_loss": 4.1},
+        {"strategy": "l0", "val_loss": 3.8},
+        {"strategy": "controller_ppo", "val_loss": 0.1},  # not a static ranking
+    ]
+    assert gr.best_static(rows) == "l0"
+    assert gr.best_static([r for r in rows if r["strategy"] != "l0"]) == "michel"
+
+
+def test_a_best_start_refines_the_best_validated_static_ranking(gr, tmp_path):
+    out = tmp_path / "best"
+    assert gr.main(["--quick", "--out", str(out), "--budgets", "0.5", "--controller-init", "best"]) == 0
+    result = json.loads((out / "gates_real.json").read_text())
+    (c,) = result["controllers"]
+    statics = [r for r in result["results"] if r["strategy"] in gr.RANKINGS]
+    best = min(statics, key=lambda r: r["val_loss"])
+    assert c["strategy"] == "controller_ppo_best" and c["init"] == "best" and c["start"] == best["strategy"]
+    assert c["curve"][0]["loss"] == pytest.approx(best["val_loss"], abs=1e-6)  # starts from its heads
+    (row,) = _rows(result, "controller_ppo_best")
+    assert row["val_loss"] <= best["val_loss"] + 1e-6  # the best validated gates can only improve on the start
+
+
 def test_pruned_models_match_the_gated_ones_and_reload(quick):
     result, md, _ = quick
     p = result["pruning"]
