@@ -27,14 +27,17 @@ g_{t+1}. Every arm keeps exactly k heads:
     most `max_changes` flips per step), warm-started from the static gates, its state fed the importance and
     attention entropy of x_t under its gates. Its reward is paired: the loss of x_t under the gates it just chose
     against the loss of x_t under the gates that served it (`RewardTracker.previous_loss` set to the served loss
-    before `feedback`), so a harder batch is not mistaken for a worse action.
+    before `feedback`), so a harder batch is not mistaken for a worse action;
+  * controller_prior: the same controller with the importance prior (`hf_adaptive.control.importance_prior`,
+    `prior_strength`): its policy starts as the greedy swap rule (flips go to heads across the top-k cut of the
+    importance it is fed) and PPO refines it. Added after the first SmolLM2 run, where the plain controller drifted.
 
 Report: per phase, each arm's mean online loss over the phase's second half (after adapting) and its paired
 difference to static (mean and standard error over those batches), the share of the static-to-oracle gap each
 tracker closes, the held-out loss of each arm's gates at the phase's end, and per step the overlap of each tracker's
 heads with the current phase's oracle set (the tracking, `stream_tracking.png`). Verdict per shifted phase: the
 controller "tracks" when its second-half online loss is below static's by more than two standard errors of the
-paired difference.
+paired difference, "worse" when above it by as much, else "no better than static" (per controller arm).
 
     python benchmarks/gates_stream.py                # SmolLM2 (~30-40 min on 2 cores): docs/results/gates_stream.*
     python benchmarks/gates_stream.py --quick [--out DIR]   # tiny GQA Llama, seconds, a temporary folder
@@ -76,10 +79,11 @@ SCRIPTS = tuple(
     for n in ("gates_stream.py", "gates_real.py", "common.py", "compression.py", "gate_control.py", "cl_real.py")
 )
 PHASES = ("natural", "repeated")
-ARMS = ("dense", "static", "oracle", "michel_online", "controller")
-TRACKERS = ("michel_online", "controller")
+CONTROLLERS = ("controller", "controller_prior")
+ARMS = ("dense", "static", "oracle", "michel_online", *CONTROLLERS)
+TRACKERS = ("michel_online", *CONTROLLERS)
 #: one colour per arm in both panels of the plot
-COLORS = dict(zip(ARMS, ("0.4", "tab:orange", "tab:green", "tab:blue", "tab:purple"), strict=True))
+COLORS = dict(zip(ARMS, ("0.4", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:red"), strict=True))
 
 SETTINGS: dict[str, Any] = {
     "model": "smollm2-135m",
@@ -111,6 +115,7 @@ SETTINGS: dict[str, Any] = {
         "keep_bias": 1.0,
         "efficiency_factor": 0.0,
     },
+    "prior_strength": 50.0,
 }
 QUICK_SETTINGS: dict[str, Any] = SETTINGS | dict(
     model="tiny-llama-gqa", task_source="builtin", tasks=["first_color", "last_color", "has_cat"],
@@ -227,6 +232,14 @@ def controller_step(ctrl, model, gated, batch: dict, served_loss: float, step: i
     return new
 
 
+def verdict(diff: dict[str, float]) -> str:
+    """'tracks' (below static by more than 2 standard errors of the paired difference), 'worse' (above by more),
+    else 'no better than static'."""
+    if diff["mean"] < -2 * diff["se"]:
+        return "tracks"
+    return "no better than static" if diff["mean"] <= 2 * diff["se"] else "worse"
+
+
 def phase_spans(s: dict[str, Any]) -> list[tuple[int, str, int, int]]:
     """(index, phase, first step, end step) of every phase of the stream (steps counted from 0)."""
     n = s["phase_steps"]
@@ -253,10 +266,7 @@ def summarize(log: list[dict[str, Any]], s: dict[str, Any], heldout: dict[int, d
             a: {"first": log[start]["overlap"][a], "last": log[end - 1]["overlap"][a]} for a in TRACKERS + ("static",)
         }
         row["heldout_loss"] = heldout[index]
-        d = row["vs_static"]["controller"]
-        row["controller_verdict"] = (
-            "tracks" if d["mean"] < -2 * d["se"] else ("no better than static" if d["mean"] <= 2 * d["se"] else "worse")
-        )
+        row["verdicts"] = {a: verdict(row["vs_static"][a]) for a in CONTROLLERS}
         out.append(row)
     return out
 
@@ -265,6 +275,7 @@ def summarize(log: list[dict[str, Any]], s: dict[str, Any], heldout: dict[int, d
 def run(s: dict[str, Any], data: Path) -> dict[str, Any]:
     from hf_adaptive.control.config import GateControllerConfig
     from hf_adaptive.control.gate_controller import GateController
+    from hf_adaptive.control.importance_prior import ImportancePriorConfig, PriorGateController
     from hf_adaptive.models import gate_model
     from hf_adaptive.tasks import CausalLMCollator
 
@@ -301,8 +312,12 @@ def run(s: dict[str, Any], data: Path) -> dict[str, Any]:
     print(f"loaded and ranked in {time.perf_counter() - started:.0f}s; shift: {shift}", flush=True)
 
     cfg = GateControllerConfig(min_active_heads=k, max_active_heads=k, seed=s["seed"], **s["controller"])
-    ctrl = GateController(L, H, cfg)
-    ctrl.set_gates(oracle["natural"])
+    ctrls = {
+        "controller": GateController(L, H, cfg),
+        "controller_prior": PriorGateController(L, H, cfg, ImportancePriorConfig(strength=s["prior_strength"])),
+    }
+    for ctrl in ctrls.values():
+        ctrl.set_gates(oracle["natural"])
     michel = MichelTracker(oracle["natural"], k, s["michel_decay"])
     stream = stream_batches(rows["stream"], s, collate)
     log: list[dict[str, Any]] = []
@@ -315,7 +330,7 @@ def run(s: dict[str, Any], data: Path) -> dict[str, Any]:
             "static": oracle["natural"],
             "oracle": oracle[phase],
             "michel_online": michel.gates.clone(),
-            "controller": ctrl.gates.clone(),
+            **{a: c.gates.clone() for a, c in ctrls.items()},
         }
         online = online_losses(model, gated, gates, batch)
         log.append(
@@ -328,11 +343,12 @@ def run(s: dict[str, Any], data: Path) -> dict[str, Any]:
             }
         )
         michel.update(importance_under(model, gated, gates["michel_online"], [batch]))
-        controller_step(ctrl, model, gated, batch, online["controller"], step)
-        log[-1]["reward"] = ctrl.log[-1]["reward"]
+        for a, c in ctrls.items():
+            controller_step(c, model, gated, batch, online[a], step)
+        log[-1]["reward"] = {a: c.log[-1]["reward"] for a, c in ctrls.items()}
         ends = next((i for i, _, _, end in spans if end == step + 1), None)
         if ends is not None:  # the gates each arm would serve next, on the phase's held-out rows
-            after = {**gates, "michel_online": michel.gates, "controller": ctrl.gates}
+            after = {**gates, "michel_online": michel.gates, **{a: c.gates for a, c in ctrls.items()}}
             heldout[ends] = {a: loss_under(model, gated, g, held[phase]) for a, g in after.items()}
             print(f"phase {ends} ({phase}) done at {time.perf_counter() - t0:.0f}s: {heldout[ends]}", flush=True)
     gated.remove()
@@ -351,7 +367,7 @@ def run(s: dict[str, Any], data: Path) -> dict[str, Any]:
             "shift": shift,
             "phases": phases,
             "log": log,
-            "controller_updates": len(ctrl.log),
+            "controller_updates": {a: c.updates for a, c in ctrls.items()},
         }
     )
 
@@ -384,19 +400,33 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "",
         "## Tracking (online loss, second half of each phase; paired difference to static: mean ± s.e.)",
         "",
-        "| phase | " + " | ".join(ARMS) + " | michel_online − static | controller − static | gap closed "
-        "(michel_online / controller) | controller overlap with oracle (first → last) | verdict |",
-        "|---" * (len(ARMS) + 6) + "|",
+        "| phase | "
+        + " | ".join(ARMS)
+        + " | "
+        + " | ".join(f"{a} − static" for a in TRACKERS)
+        + " | gap closed ("
+        + " / ".join(TRACKERS)
+        + ") | overlap with oracle, first → last ("
+        + " / ".join(CONTROLLERS)
+        + ") | verdict ("
+        + " / ".join(CONTROLLERS)
+        + ") |",
+        "|---" * (len(ARMS) + len(TRACKERS) + 4) + "|",
     ]
     for p in result["phases"]:
-        vs, gc, ov = p["vs_static"], p["gap_closed"], p["overlap_with_oracle"]["controller"]
+        vs, gc, ov = p["vs_static"], p["gap_closed"], p["overlap_with_oracle"]
         lines.append(
             f"| {p['index']} {p['phase']} | "
             + " | ".join(_f(p["online_loss"][a]) for a in ARMS)
-            + f" | {vs['michel_online']['mean']:+.3f} ± {vs['michel_online']['se']:.3f}"
-            + f" | {vs['controller']['mean']:+.3f} ± {vs['controller']['se']:.3f}"
-            + f" | {_f(gc['michel_online'], 2)} / {_f(gc['controller'], 2)}"
-            + f" | {ov['first']:.2f} → {ov['last']:.2f} | {p['controller_verdict']} |"
+            + " | "
+            + " | ".join(f"{vs[a]['mean']:+.3f} ± {vs[a]['se']:.3f}" for a in TRACKERS)
+            + " | "
+            + " / ".join(_f(gc[a], 2) for a in TRACKERS)
+            + " | "
+            + " / ".join(f"{ov[a]['first']:.2f} → {ov[a]['last']:.2f}" for a in CONTROLLERS)
+            + " | "
+            + " / ".join(p["verdicts"][a] for a in CONTROLLERS)
+            + " |"
         )
     lines += [
         "",

@@ -33,7 +33,7 @@ def test_quick_run_writes_its_files_and_says_it_is_quick(quick):
     assert result["meta"]["quick"] is True and result["meta"]["code_version"]
 
 
-def test_every_arm_serves_every_step_at_its_budget(quick):
+def test_every_arm_serves_every_step_at_its_budget(gs, quick):
     result, _, _ = quick
     s, k = result["meta"]["settings"], result["meta"]["heads_kept"]
     n = s["layers"] * s["heads"]
@@ -42,9 +42,17 @@ def test_every_arm_serves_every_step_at_its_budget(quick):
     assert [r["step"] for r in log] == list(range(len(s["phases"]) * s["phase_steps"]))
     assert [r["phase"] for r in log] == [p for p in s["phases"] for _ in range(s["phase_steps"])]
     for r in log:
-        assert r["kept"] == {"dense": n, "static": k, "oracle": k, "michel_online": k, "controller": k}
+        assert r["kept"] == {
+            "dense": n,
+            "static": k,
+            "oracle": k,
+            "michel_online": k,
+            "controller": k,
+            "controller_prior": k,
+        }
         assert all(math.isfinite(v) for v in r["online"].values())
-        assert r["reward"] is not None and -1 < r["reward"] < 1  # paired from the first step on
+        assert set(r["reward"]) == set(gs.CONTROLLERS)
+        assert all(v is not None and -1 < v < 1 for v in r["reward"].values())  # paired from the first step on
     # static never changes; the oracle is the static set on natural text (both are Michel's natural top-k)
     for r in log:
         assert r["overlap"]["static"] == (
@@ -52,7 +60,10 @@ def test_every_arm_serves_every_step_at_its_budget(quick):
         )
         if r["phase"] == "natural":
             assert r["online"]["oracle"] == r["online"]["static"]
-    assert log[0]["overlap"]["controller"] == 1.0 and log[0]["overlap"]["michel_online"] == 1.0  # warm starts
+    assert all(log[0]["overlap"][a] == 1.0 for a in gs.TRACKERS)  # warm starts from the static gates
+    assert result["controller_updates"] == dict.fromkeys(
+        gs.CONTROLLERS, (len(log) - 1) // s["controller"]["rollout_steps"]
+    )
 
 
 def test_phase_summary_is_read_from_the_log(gs, quick):
@@ -175,12 +186,12 @@ def test_summarize_against_hand_computation(gs):
     arms = gs.ARMS
 
     def entry(step, phase, static, oracle, michel, ctrl):
-        online = dict(zip(arms, (0.0, static, oracle, michel, ctrl), strict=True))
+        online = dict(zip(arms, (0.0, static, oracle, michel, ctrl, static + 1.0), strict=True))
         return {
             "step": step,
             "phase": phase,
             "online": online,
-            "overlap": {"michel_online": 0.5, "controller": step / 10, "static": 1.0},
+            "overlap": {"michel_online": 0.5, "controller": step / 10, "controller_prior": 0.9, "static": 1.0},
         }
 
     log = [entry(i, "natural", 2.0, 2.0, 2.0, 2.0) for i in range(4)]
@@ -188,14 +199,14 @@ def test_summarize_against_hand_computation(gs):
     log += [entry(6, "repeated", 5.0, 3.0, 4.0, 4.5), entry(7, "repeated", 6.0, 4.0, 5.0, 5.3)]  # the second half
     held = {0: dict.fromkeys(arms, 1.0), 1: dict.fromkeys(arms, 2.0)}
     natural, repeated = gs.summarize(log, s, held)
-    assert natural["static_oracle_gap"] == 0 and natural["gap_closed"] == {"michel_online": None, "controller": None}
-    assert natural["controller_verdict"] == "no better than static"
+    assert natural["static_oracle_gap"] == 0 and natural["gap_closed"] == dict.fromkeys(gs.TRACKERS)
+    assert natural["verdicts"] == {"controller": "no better than static", "controller_prior": "worse"}
     assert repeated["online_loss"]["static"] == 5.5 and repeated["online_loss"]["oracle"] == 3.5
     assert repeated["gap_closed"]["michel_online"] == pytest.approx(1.0 / 2.0)
     assert repeated["gap_closed"]["controller"] == pytest.approx((5.5 - 4.9) / 2.0)
     d = repeated["vs_static"]["controller"]
     assert d["mean"] == pytest.approx(-0.6) and d["se"] == pytest.approx(statistics.stdev([-0.5, -0.7]) / math.sqrt(2))
-    assert repeated["controller_verdict"] == "tracks"  # -0.6 < -2 x 0.1
+    assert repeated["verdicts"]["controller"] == "tracks"  # -0.6 < -2 x 0.1
     assert repeated["overlap_with_oracle"]["controller"] == {"first": 0.4, "last": 0.7}
     assert repeated["heldout_loss"] == held[1]
 
