@@ -20,6 +20,14 @@ from hf_adaptive.utils.io import StateLoadError
 L, H = 2, 8
 
 
+def _half_on(ctrl: GateController) -> GateController:
+    """`ctrl` started from the first half of every layer's heads (8 of 16: inside the tests' exact budget)."""
+    start = torch.zeros(L, H)
+    start[:, : H // 2] = 1
+    ctrl.set_gates(start)
+    return ctrl
+
+
 def _reference_margins(imp: list[float], gates: list[int]) -> list[float]:
     """Slow reference: the cut of k active heads is the midpoint of the k-th and (k+1)-th largest importances."""
     k = sum(gates)
@@ -57,12 +65,8 @@ def test_prior_logits_push_heads_across_the_cut_and_hold_the_rest():
 
 def test_strength_zero_is_the_plain_controller():
     cfg = GateControllerConfig(min_active_heads=8, max_active_heads=8, max_changes=4, seed=2)
-    plain = GateController(L, H, cfg)
-    prior = PriorGateController(L, H, cfg, ImportancePriorConfig(strength=0.0))
-    start = torch.zeros(L, H)
-    start[:, :4] = 1
-    for ctrl in (plain, prior):
-        ctrl.set_gates(start)
+    plain = _half_on(GateController(L, H, cfg))
+    prior = _half_on(PriorGateController(L, H, cfg, ImportancePriorConfig(strength=0.0)))
     stats = torch.Generator().manual_seed(0)
     for step in range(6):
         imp = torch.rand(L, H, generator=stats)
@@ -93,10 +97,7 @@ def test_the_prior_is_inside_the_stored_log_probability():
     """PPO's ratio needs the log-probability recomputed from the stored state to equal the one the action was
     sampled with: it does, and it differs from the plain policy's, so the prior is really part of it."""
     cfg = GateControllerConfig(min_active_heads=8, max_active_heads=8, max_changes=4, seed=1)
-    ctrl = PriorGateController(L, H, cfg, ImportancePriorConfig(strength=20.0))
-    start = torch.zeros(L, H)
-    start[:, :4] = 1
-    ctrl.set_gates(start)
+    ctrl = _half_on(PriorGateController(L, H, cfg, ImportancePriorConfig(strength=20.0)))
     ctrl.act(torch.rand(L, H, generator=torch.Generator().manual_seed(3)))
     tr = ctrl.pending
     with torch.no_grad():
@@ -113,10 +114,7 @@ def test_learning_still_moves_the_taken_action_with_its_advantage():
         lr=1e-3, seed=0,
     )  # fmt: skip
     for sign in (1.0, -1.0):
-        ctrl = PriorGateController(L, H, cfg, ImportancePriorConfig(strength=5.0))
-        start = torch.zeros(L, H)
-        start[:, :4] = 1
-        ctrl.set_gates(start)
+        ctrl = _half_on(PriorGateController(L, H, cfg, ImportancePriorConfig(strength=5.0)))
         ctrl.act(torch.rand(L, H, generator=torch.Generator().manual_seed(0)))
         tr = ctrl.pending
         ctrl.observe(float(tr["value"]) + sign)
