@@ -12,6 +12,12 @@ the choice of heads alone:
   * l0: hard-concrete L0 gates (`gate_model(mode="hard_concrete")` + `HeadGatePlugin`'s penalty): only the gates'
     log_alpha train, briefly (`l0.steps` Adam steps on the validation batches, the model frozen), then the top-k
     heads by each gate's expected value E[z] (`GatedModel.expected_gates()`; E[z] rises with log_alpha);
+  * michel_iterated: Michel importance re-measured under the gates it chose (`iterate_importance`): from Michel's
+    top-k, each of `iterated.rounds` rounds measures the importance on the validation half with the current gates
+    (a pruned head's |dL/dgate| says what bringing it back would change), folds it into an exponential average
+    (`iterated.decay`) and keeps the top-k of the average; the round with the lowest validation loss wins. Not one of
+    the issue's four baselines: added because the greedy rule it is (the `michel_online` tracker of gates_stream.py)
+    beat every static ranking there, so a controller must beat it too to be worth its cost;
   * controller_<algorithm>[_warm|_best]: `GateController` (PPO by default, `--algorithm reinforce,a2c,ppo` runs others)
     with min_active_heads = max_active_heads = k (the exact budget, whatever k; swaps of at most `max_changes`
     flips per step), its state fed
@@ -21,9 +27,12 @@ the choice of heads alone:
     validation loss among the archived points with k heads). `--controller-init`: `cold` starts, as the package does,
     from all heads on (its first action prunes to the budget almost at random); `michel` starts from Michel's top-k
     (`GateController.set_gates`, a warm start checked against the budget), so it can only refine a static ranking;
-    `best` starts from the static ranking (magnitude, Michel, L0) with the lowest validation loss at the budget
-    (`best_static`: the issue's "warm start from the best static ranking"; the first SmolLM2 run, session 10, had
-    cold and michel only, and L0 was the best ranking at every budget).
+    `best` starts from the static ranking (magnitude, Michel, L0, michel_iterated) with the lowest validation loss
+    at the budget (`best_static`: the issue's "warm start from the best static ranking"; the first SmolLM2 run,
+    session 10, had cold and michel only, and L0 was the best ranking at every budget). `--controller-prior`:
+    `none` is the plain `GateController`; `importance` (run name `_prior`) is `PriorGateController`, whose policy
+    adds the importance prior (`hf_adaptive.control.importance_prior`, strength `prior_strength`) to its logits: it
+    starts as the greedy swap rule on the state's importance and PPO refines it.
   * michel_kv_groups (at 50 % only): whole KV groups (all 3 query heads of a group) ranked by their summed Michel
     importance (`kv_group_gates`), so that pruning shrinks the K/V projections and the KV cache too.
 
@@ -51,7 +60,8 @@ after a short LoRA adaptation (r=8 on q/k/v/o, `lora.steps` steps of 8 answer-la
 chosen gates fixed, for the dense model and each strategy's heads (random: its first seed).
 
     python benchmarks/gates_real.py [--budgets 0.75,0.5,0.25] [--controller-steps 40] [--algorithm ppo]
-                                    [--controller-init cold,michel] [--seeds 0,1,2] [--lora-accuracy]
+                                    [--controller-init best] [--controller-prior none,importance]
+                                    [--seeds 0,1,2] [--lora-accuracy]
     python benchmarks/gates_real.py --quick [--out DIR]    # tiny GQA Llama + built-in tasks, seconds
 
 Real mode writes docs/results/gates_real.{md,json} and docs/results/gates_real_pareto.png; --quick writes to --out
@@ -61,12 +71,13 @@ groups of 3 like SmolLM2) trained briefly on three built-in tasks' whole text.
 Estimated real-mode cost on 2 CPU cores (`estimated_seconds`, also printed at the start and stored in the JSON;
 estimates from unit costs, not measurements: a SmolLM2 forward of 8 rows x ~90 tokens ~0.7 s on 2 threads, a
 forward + backward of 8 rows ~2.4 s like a LoRA training step, Michel importance one such pass per 8 validation
-rows). Defaults (63 validation + 63 test rows, 3 budgets, 3 random seeds, 40 L0 steps, PPO cold + warm, 40 steps
-each): loading ~0.5 min; dense, random, magnitude, Michel and L0 ~5 min; the controller ~8.9 s per step (importance
-2.4 + entropy 0.9 + validation 8 x 0.7) x 40 steps x 2 inits x 3 budgets ~37 min; pruning, save / reload and
-latency ~1.5 min; about 44 min in all (40 controller steps rather than ~60 so that both starts fit in the hour).
-The controller dominates: `--controller-init cold` gives ~25 min, `--controller-steps 60` with both inits ~61 min,
-all three algorithms ~117 min; `--lora-accuracy` adds ~1.1 min per arm (24 steps + scoring) x 20 arms ~22 min.
+rows). Defaults (63 validation + 63 test rows, 3 budgets, 3 random seeds, 40 L0 steps, 4 iterated rounds, PPO
+from the best static ranking with and without the prior, 40 steps each): loading ~0.5 min; dense, random,
+magnitude, Michel and L0 ~5 min; michel_iterated ~4.5 min (a round: importance 8 x 2.4 + validation 8 x 0.7 s);
+the controller ~8.9 s per step (importance 2.4 + entropy 0.9 + validation 8 x 0.7) x 40 steps x 2 arms x 3
+budgets ~37 min; pruning, save / reload and latency ~1.5 min; about 48 min in all. The controller dominates: one
+arm gives ~30 min, `--controller-steps 60` ~67 min, `--controller-init cold,michel,best` ~104 min;
+`--lora-accuracy` adds ~1.1 min per arm (24 steps + scoring) x 20 arms ~22 min.
 """
 
 from __future__ import annotations
@@ -74,6 +85,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import math
 import random
 import statistics
@@ -102,9 +114,14 @@ SCRIPTS = tuple(
 INITS = ("cold", "michel", "best")
 #: run-name suffix of each controller start
 INIT_SUFFIX = {"cold": "", "michel": "_warm", "best": "_best"}
+#: the controller's policy: plain, or with the importance prior (`PriorGateController`)
+PRIORS = ("none", "importance")
+PRIOR_SUFFIX = {"none": "", "importance": "_prior"}
 #: the static rankings a `best` start chooses from (by validation loss at the budget; random is not a ranking)
-RANKINGS = ("magnitude", "michel", "l0")
-STATIC = ("random", "magnitude", "michel", "l0")
+RANKINGS = ("magnitude", "michel", "l0", "michel_iterated")
+#: the issue's static baselines, and every static baseline the verdicts compare against
+ISSUE_STATIC = ("random", "magnitude", "michel", "l0")
+STATIC = (*ISSUE_STATIC, "michel_iterated")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 #: real mode: SmolLM2-135M on three cl_benchmark tasks (`rows_per_task` eval rows per half and task)
@@ -127,7 +144,9 @@ SETTINGS: dict[str, Any] = {
     "controller_steps": 40,
     "prune_fraction": 0.5,
     "l0": {"steps": 40, "weight": 1.0, "lr": 0.05, "init_log_alpha": 1.0},
+    "iterated": {"rounds": 4, "decay": 0.5},
     "controller": {"max_changes": 4, "rollout_steps": 4, "keep_bias": 1.0, "efficiency_factor": 0.0},
+    "prior_strength": 50.0,
     "latency": {"batch": 4, "prompt_tokens": 64, "warmup": 3, "reps": 20},
     "lora": {"steps": 24, "batch": 8, "lr": 2e-3, "r": 8, "alpha": 16},
 }
@@ -159,7 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="random-strategy seeds, comma-separated integers >= 0")
     p.add_argument("--controller-steps", default=None, help="controller steps per budget and run (real 40)")
     p.add_argument("--algorithm", default="ppo", help=f"controller algorithms, comma-separated, from {ALGORITHMS}")
-    p.add_argument("--controller-init", default="cold,michel", help=f"controller starts, comma-separated, {INITS}")
+    p.add_argument("--controller-init", default="best", help=f"controller starts, comma-separated, {INITS}")
+    p.add_argument("--controller-prior", default="none,importance", help=f"controller policies, comma-sep., {PRIORS}")
     p.add_argument("--l0-steps", default=None, help="Adam steps of the L0 gates (real 40)")
     p.add_argument("--rows-per-task", default=None, help="eval rows per task in each half (real 21)")
     p.add_argument("--lora-accuracy", action="store_true", help="task accuracy after a short LoRA (minutes per arm)")
@@ -190,6 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option, attr, choices in (
         ("--algorithm", "algorithm", ALGORITHMS),
         ("--controller-init", "controller_init", INITS),
+        ("--controller-prior", "controller_prior", PRIORS),
     ):
         names = _split(getattr(args, attr))
         if not all(n in choices for n in names) or len(set(names)) != len(names):
@@ -228,6 +249,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         seeds=list(args.seeds),
         algorithms=list(args.algorithm),
         inits=list(args.controller_init),
+        priors=list(args.controller_prior),
         lora_accuracy=bool(args.lora_accuracy),
     )
     return s
@@ -238,7 +260,7 @@ def real_settings(s: dict[str, Any]) -> dict[str, Any]:
     records what the same options would cost on SmolLM2."""
     if s["model"] == SETTINGS["model"]:
         return s
-    keys = ("budgets", "seeds", "algorithms", "inits", "lora_accuracy")
+    keys = ("budgets", "seeds", "algorithms", "inits", "priors", "lora_accuracy")
     return {**copy.deepcopy(SETTINGS), **{k: s[k] for k in keys}}
 
 
@@ -285,7 +307,7 @@ def estimated_seconds(s: dict[str, Any]) -> dict[str, float]:
     rows = s["rows_per_task"] * len(s["tasks"])
     vb = tb = math.ceil(rows / s["batch_size"])
     budgets, seeds = len(s["budgets"]), len(s["seeds"])
-    runs = len(s["algorithms"]) * len(s["inits"])
+    runs = len(s["algorithms"]) * len(s["inits"]) * len(s["priors"])
     step = BACKWARD_8 + ENTROPY_8 + vb * FORWARD_8
     lat = s["latency"]
     one_round = 2 * (lat["batch"] * lat["prompt_tokens"] / (8 * 90) * FORWARD_8 + 0.05)
@@ -297,6 +319,9 @@ def estimated_seconds(s: dict[str, Any]) -> dict[str, float]:
         + s["l0"]["steps"] * BACKWARD_8
         + budgets * (seeds * tb + 3 * (vb + tb)) * FORWARD_8
         + (vb + tb) * FORWARD_8,
+        # per budget: the start's validation, then per round importance + validation, and the winner's test loss
+        "michel_iterated": budgets
+        * (vb * FORWARD_8 + s["iterated"]["rounds"] * vb * (BACKWARD_8 + FORWARD_8) + tb * FORWARD_8),
         # per run: its steps, the start's validation, the best gates' test loss
         "controller": budgets * runs * (s["controller_steps"] * step + vb * FORWARD_8 + tb * FORWARD_8),
         "pruning_latency": 2 * (20.0 + tb * FORWARD_8) + 3 * (lat["warmup"] + lat["reps"]) * one_round,
@@ -431,14 +456,47 @@ def train_l0(model, val_batches, l0: dict[str, Any], seed: int) -> dict[str, Any
     return {"log_alpha": log_alpha, "expected": expected, "curve": curve}
 
 
-def run_controller(model, gated, val_batches, stats_batches, cfg, steps: int, start: torch.Tensor | None):
+def iterate_importance(model, gated, val_batches, start: torch.Tensor, k: int, it: dict[str, Any]) -> dict[str, Any]:
+    """The `michel_iterated` ranking: from the top-k of `start` (Michel importance with every head on), `it["rounds"]`
+    rounds of: importance on `val_batches` under the current gates, folded into an exponential average (weight
+    `it["decay"]` on the old average), top-k of the average. Returns the gates of the round with the lowest
+    validation loss (round 0: the start's top-k), that loss, the round, and every round's validation loss."""
+    from hf_adaptive.control.feedback import validation_loss
+    from hf_adaptive.models import head_importance
+
+    decay = it["decay"]
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"iterate_importance: decay={decay!r} is not allowed: a number in [0, 1)")
+    average = start.float()
+    gates = gate_control.top_k_gates(average, k)
+    gated.set_gates(gates)
+    losses = [validation_loss(model, val_batches)]
+    best = 0, gates
+    for r in range(1, it["rounds"] + 1):
+        average = decay * average + (1 - decay) * head_importance(model, val_batches).float()  # under `gates`
+        gates = gate_control.top_k_gates(average, k)
+        gated.set_gates(gates)
+        losses.append(validation_loss(model, val_batches))
+        if losses[-1] < losses[best[0]]:
+            best = r, gates
+    return {"gates": best[1], "val_loss": losses[best[0]], "best_round": best[0], "round_val_losses": losses}
+
+
+def run_controller(
+    model, gated, val_batches, stats_batches, cfg, steps: int, start: torch.Tensor | None, prior_strength: float = 0.0
+):
     """`steps` rounds of act (from importance and entropy under the current gates) -> validation loss -> reward;
-    `start`: gates to begin from (None: the controller's own all-on start)."""
+    `start`: gates to begin from (None: the controller's own all-on start); `prior_strength` > 0: a
+    `PriorGateController` with that importance prior (0: the plain `GateController`)."""
     from hf_adaptive.control.feedback import validation_loss
     from hf_adaptive.control.gate_controller import GateController
+    from hf_adaptive.control.importance_prior import ImportancePriorConfig, PriorGateController
     from hf_adaptive.models import attention_entropy, head_importance
 
-    ctrl = GateController(gated.num_layers, gated.num_heads, cfg)
+    if prior_strength:
+        ctrl = PriorGateController(gated.num_layers, gated.num_heads, cfg, ImportancePriorConfig(prior_strength))
+    else:
+        ctrl = GateController(gated.num_layers, gated.num_heads, cfg)
     if start is not None:
         ctrl.set_gates(start)  # the warm start: the first act() decides from these gates
     gated.set_gates(ctrl.gates)
@@ -613,44 +671,61 @@ def budget_rows(b: Bench, frac: float, scores: dict[str, torch.Tensor], chosen: 
     for name, score in scores.items():
         g = chosen[(name, frac)] = gate_control.top_k_gates(score, k)
         rows.append({"strategy": name, "fraction": frac, "heads": k, **b.scored(g), "kept": kept_ids(g)})
+    t = time.perf_counter()
+    it = iterate_importance(b.model, b.gated, b.val_batches, scores["michel"], k, b.s["iterated"])
+    g = chosen[("michel_iterated", frac)] = it.pop("gates")
+    rows.append(
+        {
+            "strategy": "michel_iterated",
+            "fraction": frac,
+            "heads": k,
+            **it,
+            **b.scored(g, with_val=False),
+            "kept": kept_ids(g),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+    )
     runs = []
-    for algorithm in b.s["algorithms"]:
-        for init in b.s["inits"]:
-            name = f"controller_{algorithm}{INIT_SUFFIX[init]}"
-            # the budget in heads: 75 % of 270 is 202.5 heads, which no pair of fractions can hold
-            cfg = GateControllerConfig(
-                algorithm=algorithm, min_active_heads=k, max_active_heads=k, seed=b.s["seed"], **b.s["controller"]
-            )
-            t = time.perf_counter()
-            source = best_static(rows) if init == "best" else ("michel" if init == "michel" else None)
-            start = chosen[(source, frac)] if source else None
-            ctrl = run_controller(b.model, b.gated, b.val_batches, b.stats_batches, cfg, b.s["controller_steps"], start)
-            best = min((pt for pt in ctrl.archive.points if pt.active_heads == k), key=lambda pt: pt.loss)
-            g = chosen[(name, frac)] = best.gates.view(L, H)
-            rows.append(
-                {
-                    "strategy": name,
-                    "fraction": frac,
-                    "heads": k,
-                    "val_loss": best.loss,
-                    **b.scored(g, with_val=False),
-                    "kept": kept_ids(g),
-                    "best_step": best.step,
-                }
-            )
-            runs.append(
-                {
-                    "strategy": name,
-                    "algorithm": algorithm,
-                    "init": init,
-                    "start": source,
-                    "fraction": frac,
-                    "heads": k,
-                    "seconds": round(time.perf_counter() - t, 1),
-                    "curve": [{key: r[key] for key in ("step", "loss", "reward", "active_heads")} for r in ctrl.log],
-                    **curve_summary(ctrl.log, k),
-                }
-            )
+    for algorithm, prior, init in itertools.product(b.s["algorithms"], b.s["priors"], b.s["inits"]):
+        name = f"controller_{algorithm}{PRIOR_SUFFIX[prior]}{INIT_SUFFIX[init]}"
+        # the budget in heads: 75 % of 270 is 202.5 heads, which no pair of fractions can hold
+        cfg = GateControllerConfig(
+            algorithm=algorithm, min_active_heads=k, max_active_heads=k, seed=b.s["seed"], **b.s["controller"]
+        )
+        t = time.perf_counter()
+        source = best_static(rows) if init == "best" else ("michel" if init == "michel" else None)
+        start = chosen[(source, frac)] if source else None
+        strength = b.s["prior_strength"] if prior == "importance" else 0.0
+        ctrl = run_controller(
+            b.model, b.gated, b.val_batches, b.stats_batches, cfg, b.s["controller_steps"], start, strength
+        )
+        best = min((pt for pt in ctrl.archive.points if pt.active_heads == k), key=lambda pt: pt.loss)
+        g = chosen[(name, frac)] = best.gates.view(L, H)
+        rows.append(
+            {
+                "strategy": name,
+                "fraction": frac,
+                "heads": k,
+                "val_loss": best.loss,
+                **b.scored(g, with_val=False),
+                "kept": kept_ids(g),
+                "best_step": best.step,
+            }
+        )
+        runs.append(
+            {
+                "strategy": name,
+                "algorithm": algorithm,
+                "init": init,
+                "prior": prior,
+                "start": source,
+                "fraction": frac,
+                "heads": k,
+                "seconds": round(time.perf_counter() - t, 1),
+                "curve": [{key: r[key] for key in ("step", "loss", "reward", "active_heads")} for r in ctrl.log],
+                **curve_summary(ctrl.log, k),
+            }
+        )
     return rows, runs
 
 
@@ -797,13 +872,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def verdicts(rows: list[dict[str, Any]], s: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per budget: the winner on test loss, the best static baseline, each controller's verdict against it."""
+    """Per budget: the winner on test loss, the best static baseline (of all, `STATIC`, and of the issue's four,
+    `ISSUE_STATIC`), each controller's verdict against both."""
     out = []
     for frac in s["budgets"]:
         at = [r for r in rows if r["fraction"] == frac]
-        static = [r for r in at if r["strategy"] in STATIC]
-        best = min(static, key=lambda r: r["test_loss"])
+        best = min((r for r in at if r["strategy"] in STATIC), key=lambda r: r["test_loss"])
+        issue = min((r for r in at if r["strategy"] in ISSUE_STATIC), key=lambda r: r["test_loss"])
         spread = next(r["test_loss_std"] for r in at if r["strategy"] == "random")
+        ctrls = [r for r in at if r["strategy"].startswith("controller")]
         out.append(
             {
                 "fraction": frac,
@@ -811,11 +888,12 @@ def verdicts(rows: list[dict[str, Any]], s: dict[str, Any]) -> list[dict[str, An
                 "winner": min(at, key=lambda r: r["test_loss"])["strategy"],
                 "best_static": best["strategy"],
                 "best_static_test_loss": best["test_loss"],
+                "best_issue_static": issue["strategy"],
+                "best_issue_static_test_loss": issue["test_loss"],
                 "random_std": spread,
-                "controllers": {
-                    r["strategy"]: verdict(r["test_loss"], best["test_loss"], spread)
-                    for r in at
-                    if r["strategy"].startswith("controller")
+                "controllers": {r["strategy"]: verdict(r["test_loss"], best["test_loss"], spread) for r in ctrls},
+                "controllers_vs_issue_static": {
+                    r["strategy"]: verdict(r["test_loss"], issue["test_loss"], spread) for r in ctrls
                 },
             }
         )
@@ -852,7 +930,10 @@ def markdown(result: dict[str, Any], png: str) -> str:
         f"{s['l0']['weight']}) on the gates alone, top-k by expected gate. Controllers: {s['controller_steps']} steps "
         f"per budget, min = max = the budget, at most {s['controller']['max_changes']} flips per step, rollouts of "
         f"{s['controller']['rollout_steps']}; `_warm` starts from Michel's top-k, `_best` from the "
-        "static ranking with the lowest validation loss at the budget. Dense: validation "
+        "static ranking with the lowest validation loss at the budget; `_prior`: `PriorGateController` (importance "
+        f"prior, strength {s['prior_strength']}). michel_iterated: {s['iterated']['rounds']} rounds of Michel "
+        f"importance under its own gates (average decay {s['iterated']['decay']}), the best validated round. "
+        "Dense: validation "
         f"{_f(dense['val_loss'])}, test {_f(dense['test_loss'])}.",
         "",
         "| kept | heads | strategy | val loss | test loss | test - dense |",
@@ -865,33 +946,43 @@ def markdown(result: dict[str, Any], png: str) -> str:
             f"{r['test_loss'] - dense['test_loss']:+.4f} |"
         )
     lines += ["", "## Verdicts (test loss)", ""]
-    missed = []
+    missed: dict[str, list[str]] = {"all": [], "issue": []}
     for v in result["verdicts"]:
         ctrl = ", ".join(f"{name} {word}" for name, word in v["controllers"].items())
+        issue = ", ".join(f"{name} {word}" for name, word in v["controllers_vs_issue_static"].items())
         lines.append(
             f"* {v['fraction']:.0%} ({v['heads']} heads): winner **{v['winner']}**; best static baseline "
             f"{v['best_static']} ({_f(v['best_static_test_loss'])}); random-seed std {_f(v['random_std'])}; "
-            f"controllers vs it: {ctrl}."
+            f"controllers vs it: {ctrl}. Best of the issue's four ({', '.join(ISSUE_STATIC)}): "
+            f"{v['best_issue_static']} ({_f(v['best_issue_static_test_loss'])}); controllers vs it: {issue}."
         )
-        missed += [f"{name} at {v['fraction']:.0%}" for name, word in v["controllers"].items() if word == "loses"]
+        for key, field in (("all", "controllers"), ("issue", "controllers_vs_issue_static")):
+            missed[key] += [f"{name} at {v['fraction']:.0%}" for name, word in v[field].items() if word == "loses"]
+
+    def target(names: list[str]) -> str:
+        return "met at every budget." if not names else f"**missed** for {', '.join(names)}."
+
     lines += [
         "",
-        "Target (the controller beats or matches the best static baseline within the random-seed spread): "
-        + ("met at every budget." if not missed else f"**missed** for {', '.join(missed)}."),
+        "Target (the controller beats or matches the best static baseline within the random-seed spread): against "
+        f"the issue's four, {target(missed['issue'])} Against every static baseline (michel_iterated included), "
+        f"{target(missed['all'])}",
         "",
         "## Controller reward curves",
         "",
         "Reward = tanh(relative validation-loss change) per step (efficiency factor 0). Columns: mean reward over the "
         "first and last quarter of the steps, validation loss at the start (cold: all heads; _warm: Michel's "
-        "top-k; _best: the static ranking with the lowest validation loss at the budget), "
+        "top-k; _best: the static ranking with the lowest validation loss at the budget, named in `start`), "
         "after the first action, best, and the step of the best.",
         "",
-        "| kept | run | reward first 1/4 | reward last 1/4 | start val | first action val | best val | best step | s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kept | run | start | reward first 1/4 | reward last 1/4 | start val | first action val | best val "
+        "| best step | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["controllers"]:
         lines.append(
-            f"| {c['fraction']:.2f} | {c['strategy']} | {_f(c['first_quarter_reward'], 3)} | "
+            f"| {c['fraction']:.2f} | {c['strategy']} | {c['start'] or 'all heads'} | "
+            f"{_f(c['first_quarter_reward'], 3)} | "
             f"{_f(c['last_quarter_reward'], 3)} | {_f(c['start_val_loss'])} | {_f(c['first_action_val_loss'])} | "
             f"{_f(c['best_val_loss'])} | {c['best_step']} | "
             f"{c['seconds']} |"
@@ -908,7 +999,17 @@ def markdown(result: dict[str, Any], png: str) -> str:
         lines += [
             f"Cold runs whose best gates beat their first (near-random) pruning on validation: {worse} of {len(cold)}."
         ]
+    iterated = [r for r in result["results"] if r["strategy"] == "michel_iterated"]
     lines += [
+        "",
+        "michel_iterated, validation loss per round (round 0: Michel's top-k): "
+        + "; ".join(
+            f"{r['fraction']:.0%}: "
+            + " -> ".join(_f(x) for x in r["round_val_losses"])
+            + f" (best round {r['best_round']})"
+            for r in iterated
+        )
+        + ".",
         "",
         f"L0 gates: {len(l0)} steps in {result['l0']['seconds']} s; expected L0 (mean open fraction) "
         f"{_f(l0[0]['expected_l0'], 3)} -> {_f(l0[-1]['expected_l0'], 3)}, LM loss {_f(l0[0]['lm_loss'])} -> "
@@ -934,6 +1035,8 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "",
         "* Warm start: `GateController.set_gates` (the `_warm` runs start from Michel's top-k, checked against the "
         "budget).",
+        "* `PriorGateController` (`hf_adaptive.control.importance_prior`): the `_prior` runs' policy, the greedy swap "
+        "rule on the state's importance as a prior on the logits.",
         "* Head budgets as counts: `GateControllerConfig(min_active_heads=k, max_active_heads=k)` (75 % of 270 heads "
         "is 202.5, which no pair of fractions can hold).",
         "* `GatedModel.expected_gates()`: the E[z] the L0 strategy ranks heads by.",

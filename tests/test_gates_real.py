@@ -13,6 +13,8 @@ import torch
 from benchmark_loader import load_benchmark
 
 BUDGETS = (0.75, 0.5, 0.25)
+#: every controller run of the quick fixture: PPO, plain and with the prior, from each start
+CONTROLLERS = [f"controller_ppo{p}{i}" for p in ("", "_prior") for i in ("", "_warm", "_best")]
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +24,10 @@ def gr():
 
 @pytest.fixture(scope="module")
 def quick(gr, tmp_path_factory):
-    """One quick run with the default options (3 budgets, 3 seeds, PPO cold + warm): (result JSON, markdown, dir)."""
+    """One quick run with every controller start (3 budgets, 3 seeds, PPO with and without the prior, cold + warm +
+    best): (result JSON, markdown, dir)."""
     out = tmp_path_factory.mktemp("gates_real")
-    assert gr.main(["--quick", "--out", str(out)]) == 0
+    assert gr.main(["--quick", "--out", str(out), "--controller-init", "cold,michel,best"]) == 0
     return json.loads((out / "gates_real.json").read_text()), (out / "gates_real.md").read_text(), out
 
 
@@ -47,7 +50,7 @@ def test_every_strategy_keeps_exactly_its_budget(gr, quick):
     result, _, _ = quick
     s = result["meta"]["settings"]
     n = s["layers"] * s["heads"]
-    strategies = ["random", "magnitude", "michel", "l0", "controller_ppo", "controller_ppo_warm"]
+    strategies = ["random", "magnitude", "michel", "l0", "michel_iterated", *CONTROLLERS]
     for frac in BUDGETS:
         k = gr.budget_heads(frac, n)
         at = {r["strategy"]: r for r in result["results"] if r["fraction"] == frac}
@@ -100,11 +103,15 @@ def test_verdicts_follow_the_rows(gr, quick):
         at = [r for r in result["results"] if r["fraction"] == v["fraction"]]
         static = [r for r in at if r["strategy"] in gr.STATIC]
         best = min(static, key=lambda r: r["test_loss"])
-        assert v["best_static"] == best["strategy"]
+        issue = min((r for r in static if r["strategy"] != "michel_iterated"), key=lambda r: r["test_loss"])
+        assert v["best_static"] == best["strategy"] and v["best_issue_static"] == issue["strategy"]
         assert v["winner"] == min(at, key=lambda r: r["test_loss"])["strategy"]
+        assert sorted(v["controllers"]) == sorted(v["controllers_vs_issue_static"]) == sorted(CONTROLLERS)
         for r in at:
             if r["strategy"].startswith("controller"):
-                assert v["controllers"][r["strategy"]] == gr.verdict(r["test_loss"], best["test_loss"], v["random_std"])
+                name, loss, std = r["strategy"], r["test_loss"], v["random_std"]
+                assert v["controllers"][name] == gr.verdict(loss, best["test_loss"], std)
+                assert v["controllers_vs_issue_static"][name] == gr.verdict(loss, issue["test_loss"], std)
         assert f"winner **{v['winner']}**" in md
 
 
@@ -113,8 +120,9 @@ def test_controllers_curves_warm_start_and_best_validated_gates(gr, quick):
     s = result["meta"]["settings"]
     n = s["layers"] * s["heads"]
     michel = {r["fraction"]: r for r in _rows(result, "michel")}
-    assert len(result["controllers"]) == len(BUDGETS) * 2
+    assert len(result["controllers"]) == len(BUDGETS) * len(CONTROLLERS)
     for c in result["controllers"]:
+        assert c["prior"] == ("importance" if "_prior" in c["strategy"] else "none")
         k = gr.budget_heads(c["fraction"], n)
         curve = c["curve"]
         assert [r["step"] for r in curve] == list(range(s["controller_steps"] + 1))
@@ -128,6 +136,12 @@ def test_controllers_curves_warm_start_and_best_validated_gates(gr, quick):
             assert curve[0]["active_heads"] == k
             assert curve[0]["loss"] == pytest.approx(michel[c["fraction"]]["val_loss"], abs=1e-6)
             assert row["val_loss"] <= michel[c["fraction"]]["val_loss"] + 1e-6
+        elif c["init"] == "best":  # the static ranking with the lowest validation loss at the budget
+            statics = [r for r in result["results"] if r["fraction"] == c["fraction"] and r["strategy"] in gr.RANKINGS]
+            start = min(statics, key=lambda r: r["val_loss"])
+            assert c["start"] == start["strategy"] and curve[0]["active_heads"] == k
+            assert curve[0]["loss"] == pytest.approx(start["val_loss"], abs=1e-6)
+            assert row["val_loss"] <= start["val_loss"] + 1e-6  # the best validated gates only improve on it
         else:
             assert curve[0]["active_heads"] == n
     assert "## Controller reward curves" in md
@@ -145,17 +159,79 @@ def test_best_static_picks_the_lowest_validation_loss_ranking(gr):
     assert gr.best_static([r for r in rows if r["strategy"] != "l0"]) == "michel"
 
 
-def test_a_best_start_refines_the_best_validated_static_ranking(gr, tmp_path):
-    out = tmp_path / "best"
-    assert gr.main(["--quick", "--out", str(out), "--budgets", "0.5", "--controller-init", "best"]) == 0
-    result = json.loads((out / "gates_real.json").read_text())
-    (c,) = result["controllers"]
-    statics = [r for r in result["results"] if r["strategy"] in gr.RANKINGS]
-    best = min(statics, key=lambda r: r["val_loss"])
-    assert c["strategy"] == "controller_ppo_best" and c["init"] == "best" and c["start"] == best["strategy"]
-    assert c["curve"][0]["loss"] == pytest.approx(best["val_loss"], abs=1e-6)  # starts from its heads
-    (row,) = _rows(result, "controller_ppo_best")
-    assert row["val_loss"] <= best["val_loss"] + 1e-6  # the best validated gates can only improve on the start
+def test_the_default_run_is_the_best_start_with_and_without_the_prior(gr, tmp_path):
+    s = gr.resolve_settings(gr.parse_args(["--data", str(tmp_path)]))
+    assert s["inits"] == ["best"] and s["priors"] == ["none", "importance"] and s["prior_strength"] > 0
+
+
+def test_michel_iterated_rounds(gr, quick):
+    """Round 0 is Michel's top-k (same validation loss); the row keeps the best validated round."""
+    result, md, _ = quick
+    s = result["meta"]["settings"]
+    michel = {r["fraction"]: r for r in _rows(result, "michel")}
+    for r in _rows(result, "michel_iterated"):
+        losses = r["round_val_losses"]
+        assert len(losses) == s["iterated"]["rounds"] + 1
+        assert losses[0] == pytest.approx(michel[r["fraction"]]["val_loss"], abs=1e-6)
+        assert r["val_loss"] == min(losses) == losses[r["best_round"]]
+        assert r["best_round"] == losses.index(min(losses))  # the first of equal rounds
+    assert "michel_iterated, validation loss per round" in md
+
+
+def test_iterate_importance_against_a_hand_loop(gr):
+    """Each round: importance under the gates of the round before, averaged, top-k; the best validated round wins."""
+    from hf_adaptive.control.feedback import validation_loss
+    from hf_adaptive.models import build_tokenizer, gate_model, head_importance
+    from hf_adaptive.tasks import CausalLMCollator, builtin_suite
+
+    s = gr.resolve_settings(gr.parse_args(["--quick"]))
+    tokenizer = build_tokenizer()
+    model = gr.build_tiny_llama(tokenizer, 0, s).eval()
+    tasks = builtin_suite(s["tasks"][:2], n_train=8, n_eval=8, seed=0)
+    batches = [CausalLMCollator(tokenizer)(gr.text_rows(tasks, tokenizer, s, "eval", whole_text=True))]
+    gated = gate_model(model)
+    n, k, decay = s["layers"] * s["heads"], 9, 0.25
+    start = head_importance(model, batches)
+    out = gr.iterate_importance(model, gated, batches, start, k, {"rounds": 3, "decay": decay})
+    average, gates, rounds = start.clone(), None, []
+    for _ in range(4):  # round 0, then 3 rounds
+        if gates is not None:
+            gated.set_gates(gates)
+            average = decay * average + (1 - decay) * head_importance(model, batches)
+        order = sorted(range(n), key=lambda i: -float(average.flatten()[i]))
+        gates = torch.zeros(n)
+        gates[order[:k]] = 1
+        gates = gates.view(s["layers"], s["heads"])
+        gated.set_gates(gates)
+        rounds.append((validation_loss(model, batches), gates))
+    assert out["round_val_losses"] == pytest.approx([loss for loss, _ in rounds], abs=1e-6)
+    best = min(range(4), key=lambda i: rounds[i][0])
+    assert out["best_round"] == best and torch.equal(out["gates"], rounds[best][1])
+    assert int(out["gates"].sum()) == k
+    with pytest.raises(ValueError, match="decay=1.0"):
+        gr.iterate_importance(model, gated, batches, start, k, {"rounds": 1, "decay": 1.0})
+
+
+def test_the_prior_arm_runs_the_prior_controller(gr):
+    """`prior_strength` > 0 builds a `PriorGateController` with that strength; 0 the plain `GateController`."""
+    from hf_adaptive.control.config import GateControllerConfig
+    from hf_adaptive.control.importance_prior import PriorGateController
+    from hf_adaptive.models import build_tokenizer, gate_model
+    from hf_adaptive.tasks import CausalLMCollator, builtin_suite
+
+    s = gr.resolve_settings(gr.parse_args(["--quick"]))
+    tokenizer = build_tokenizer()
+    model = gr.build_tiny_llama(tokenizer, 0, s).eval()
+    tasks = builtin_suite(s["tasks"][:1], n_train=8, n_eval=8, seed=0)
+    batches = [CausalLMCollator(tokenizer)(gr.text_rows(tasks, tokenizer, s, "eval", whole_text=True))]
+    gated = gate_model(model)
+    cfg = GateControllerConfig(min_active_heads=12, max_active_heads=12, max_changes=2)
+    start = gr.random_gates(s["layers"], s["heads"], 12, 0)
+    prior = gr.run_controller(model, gated, batches, batches, cfg, 2, start, prior_strength=7.0)
+    plain = gr.run_controller(model, gated, batches, batches, cfg, 2, start)
+    assert isinstance(prior, PriorGateController) and prior.prior.strength == 7.0 and prior.policy.strength == 7.0
+    assert not isinstance(plain, PriorGateController)
+    assert len(prior.log) == len(plain.log) == 3 and prior.log[0]["loss"] == pytest.approx(plain.log[0]["loss"])
 
 
 def test_pruned_models_match_the_gated_ones_and_reload(quick):
@@ -206,6 +282,8 @@ def test_pruned_models_match_the_gated_ones_and_reload(quick):
         (["--algorithm", "dqn"], "--algorithm"),
         (["--algorithm", "ppo,ppo"], "--algorithm"),
         (["--controller-init", "warm"], "--controller-init"),
+        (["--controller-prior", "greedy"], "--controller-prior"),
+        (["--controller-prior", "none,none"], "--controller-prior"),
         (["--controller-steps", "0"], "--controller-steps"),
         (["--l0-steps", "x"], "--l0-steps"),
         (["--rows-per-task", "1"], "--rows-per-task"),
@@ -235,8 +313,9 @@ def test_real_mode_estimate_fits_the_hour(gr, tmp_path):
     s = gr.resolve_settings(gr.parse_args(["--data", str(tmp_path)]))
     est = gr.estimated_seconds(s)
     assert est["total"] <= 3600 and est["controller"] > est["total"] / 2
-    cold = gr.estimated_seconds({**s, "inits": ["cold"]})
-    assert cold["controller"] == pytest.approx(est["controller"] / 2, rel=1e-3)
+    plain = gr.estimated_seconds({**s, "priors": ["none"]})
+    assert plain["controller"] == pytest.approx(est["controller"] / 2, rel=1e-3)
+    assert 0 < est["michel_iterated"] < est["controller"]
     assert "lora" in gr.estimated_seconds({**s, "lora_accuracy": True})
 
 
