@@ -85,18 +85,12 @@ TRACKERS = ("michel_online", *CONTROLLERS)
 #: one colour per arm in both panels of the plot
 COLORS = dict(zip(ARMS, ("0.4", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:red"), strict=True))
 
+#: the model, its shape, the tasks and their prompts: gates_real's (the same SmolLM2 heads)
+MODEL_KEYS = ("model", "task_source", "tasks", "layers", "heads", "kv_heads", "threads", "seed", "data_seed")
 SETTINGS: dict[str, Any] = {
-    "model": "smollm2-135m",
-    "task_source": "cl_benchmark",
-    "tasks": ["SST-2", "BoolQA", "MNLI"],
-    "layers": 30,
-    "heads": 9,
-    "kv_heads": 3,
-    "threads": 2,
-    "seed": 0,
-    "data_seed": 0,
-    "prompt_max_length": 96,
-    "prompt_format": "plain",
+    **{key: gates_real.SETTINGS[key] for key in MODEL_KEYS},
+    "prompt_max_length": gates_real.SETTINGS["prompt_max_length"],
+    "prompt_format": gates_real.SETTINGS["prompt_format"],
     "train_rows_per_task": 8,
     "pretrain_steps": 0,
     "batch_size": 8,
@@ -227,8 +221,8 @@ def controller_step(ctrl, model, gated, batch: dict, served_loss: float, step: i
     gated.set_gates(ctrl.gates)
     imp, ent = head_importance(model, [batch]), attention_entropy(model, [batch])
     new = ctrl.act(imp, ent)
-    ctrl.tracker.previous_loss = served_loss  # the paired baseline: the same batch under the serving gates
-    ctrl.feedback(loss_under(model, gated, new, [batch]), step=step)
+    # the paired baseline: the same batch under the serving gates
+    ctrl.feedback(loss_under(model, gated, new, [batch]), step=step, reference_loss=served_loss)
     return new
 
 
@@ -348,8 +342,14 @@ def run(s: dict[str, Any], data: Path) -> dict[str, Any]:
         log[-1]["reward"] = {a: c.log[-1]["reward"] for a, c in ctrls.items()}
         ends = next((i for i, _, _, end in spans if end == step + 1), None)
         if ends is not None:  # the gates each arm would serve next, on the phase's held-out rows
-            after = {**gates, "michel_online": michel.gates, **{a: c.gates for a, c in ctrls.items()}}
-            heldout[ends] = {a: loss_under(model, gated, g, held[phase]) for a, g in after.items()}
+            fixed = shift["heldout_loss"][f"{phase}_text"]  # the fixed arms' gates: measured before the stream
+            after = {"michel_online": michel.gates, **{a: c.gates for a, c in ctrls.items()}}
+            heldout[ends] = {
+                "dense": fixed["dense"],
+                "static": fixed["natural_top_k"],
+                "oracle": fixed[f"{phase}_top_k"],
+                **{a: loss_under(model, gated, g, held[phase]) for a, g in after.items()},
+            }
             print(f"phase {ends} ({phase}) done at {time.perf_counter() - t0:.0f}s: {heldout[ends]}", flush=True)
     gated.remove()
     phases = summarize(log, s, heldout)

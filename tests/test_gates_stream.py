@@ -76,6 +76,11 @@ def test_phase_summary_is_read_from_the_log(gs, quick):
     for p in result["phases"]:
         assert set(p["heldout_loss"]) == set(gs.ARMS)
         assert f"| {p['index']} {p['phase']} |" in md
+        # the fixed arms' gates never change: their held-out losses are the shift table's, measured before the stream
+        fixed = result["shift"]["heldout_loss"][f"{p['phase']}_text"]
+        assert p["heldout_loss"]["dense"] == fixed["dense"]
+        assert p["heldout_loss"]["static"] == fixed["natural_top_k"]
+        assert p["heldout_loss"]["oracle"] == fixed[f"{p['phase']}_top_k"]
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -102,7 +102,7 @@ class GateController:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.policy = GatePolicy(self.n, 4 + 3 * cfg.history, 3 + cfg.history, cfg)
+            self.policy = self._make_policy(cfg)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
         self.gates = torch.ones(self.num_layers, self.num_heads)
         self.action_history: deque[torch.Tensor] = deque(maxlen=max(cfg.history, 1))
@@ -115,6 +115,10 @@ class GateController:
         self.steps = 0
         self.updates = 0
         self.adv_sq: float | None = None
+
+    def _make_policy(self, cfg: GateControllerConfig) -> GatePolicy:
+        """The policy network (built under the config's seed); a subclass may return a `GatePolicy` subclass."""
+        return GatePolicy(self.n, 4 + 3 * cfg.history, 3 + cfg.history, cfg)
 
     def _budget(self, cfg: GateControllerConfig) -> tuple[int, int]:
         """[min_active, max_active] in heads: the integer counts where set, else the fractions of `n` (rounded
@@ -279,14 +283,17 @@ class GateController:
         self.reward_history.append(float(reward))
         self.pending = None
 
-    def feedback(self, loss: float, step: int = -1) -> float | None:
+    def feedback(self, loss: float, step: int = -1, reference_loss: float | None = None) -> float | None:
         """Turn a validation loss measured under the current gates into a reward (and a Pareto point).
 
-        Returns the smoothed reward given to the last action, or None for the very first loss.
+        `reference_loss`: the loss of the gates that served before the last action, on the same data as `loss`;
+        the reward then compares the two (paired) instead of `loss` with the previous feedback's loss, so that on a
+        stream a harder batch does not count as a worse action. Returns the smoothed reward given to the last
+        action, or None when there is nothing to compare with (the very first loss, without a reference).
         """
         active = int((self.gates > 0.5).sum())
         self.archive.add(loss, active, self.gates, step)
-        reward = self.tracker.observe(loss, 1.0 - active / self.n)
+        reward = self.tracker.observe(loss, 1.0 - active / self.n, reference_loss)
         if reward is not None and self.pending is not None:
             self.observe(reward)
         self.log.append(
@@ -464,6 +471,11 @@ class GateController:
         save_state(directory, self.state_dict())
 
     @classmethod
+    def _for_state(cls, state: dict[str, Any], config: GateControllerConfig) -> GateController:
+        """A controller built to receive `state` (a subclass reads its own extra entries here)."""
+        return cls(*state["shape"], config)
+
+    @classmethod
     def load(cls, directory: str) -> GateController:
         from ..utils.io import StateLoadError, load_state
 
@@ -471,7 +483,7 @@ class GateController:
         names = {f.name for f in fields(GateControllerConfig)}
         try:
             config = GateControllerConfig(**{k: v for k, v in state["config"].items() if k in names})
-            ctrl = cls(*state["shape"], config)
+            ctrl = cls._for_state(state, config)
             ctrl.load_state_dict(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as err:  # StateLoadError is a ValueError
             detail = f"missing key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"

@@ -92,7 +92,9 @@ class PriorGatePolicy(GatePolicy):
 
 class PriorGateController(GateController):
     """A `GateController` whose policy starts from the greedy swap rule (`ImportancePriorConfig`). It needs the
-    importance in `act(importance, ...)`: without it the margins are 0 and it acts as the plain controller."""
+    importance in `act(importance, ...)` (`FeedbackCallback` passes it when `statistics` holds 'importance'):
+    without it the margins are 0 and it acts as the plain controller. Its initial weights are the plain
+    controller's (same seed), and its state holds the prior, restored by `load` and `load_state_dict`."""
 
     def __init__(
         self,
@@ -101,31 +103,33 @@ class PriorGateController(GateController):
         config: GateControllerConfig | None = None,
         prior: ImportancePriorConfig | None = None,
     ) -> None:
-        super().__init__(num_layers, num_heads, config)
+        if prior is not None and not isinstance(prior, ImportancePriorConfig):
+            raise TypeError(f"PriorGateController: prior={prior!r} is not allowed: an ImportancePriorConfig or None")
         self.prior = prior or ImportancePriorConfig()
-        cfg = self.config
-        plain = self.policy
-        with torch.random.fork_rng(devices=[]):  # the same initial weights as the plain controller's
-            torch.manual_seed(cfg.seed)
-            self.policy = PriorGatePolicy(
-                self.n, 4 + 3 * cfg.history, 3 + cfg.history, cfg, strength=self.prior.strength
-            )
-        self.policy.load_state_dict(plain.state_dict())
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
+        super().__init__(num_layers, num_heads, config)
+
+    def _make_policy(self, cfg: GateControllerConfig) -> PriorGatePolicy:
+        return PriorGatePolicy(self.n, 4 + 3 * cfg.history, 3 + cfg.history, cfg, strength=self.prior.strength)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "prior": asdict(self.prior)}
 
-    @classmethod
-    def load(cls, directory: str) -> PriorGateController:
-        from ..utils.io import StateLoadError, load_state
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prior = _saved_prior(state)
+        self.policy.strength = self.prior.strength
+        super().load_state_dict(state)
 
-        state = load_state(directory)
-        try:
-            prior = ImportancePriorConfig(**state["prior"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise StateLoadError(f"the importance prior saved in {directory} cannot be loaded: {err}") from err
-        ctrl = super().load(directory)  # builds cls(shape, config): the default prior, replaced below
-        ctrl.prior = prior
-        ctrl.policy.strength = prior.strength
-        return ctrl
+    @classmethod
+    def _for_state(cls, state: dict[str, Any], config: GateControllerConfig) -> PriorGateController:
+        return cls(*state["shape"], config, _saved_prior(state))
+
+
+def _saved_prior(state: dict[str, Any]) -> ImportancePriorConfig:
+    """The prior of a saved `PriorGateController` state; a state without a valid one is refused."""
+    from ..utils.io import StateLoadError
+
+    try:
+        return ImportancePriorConfig(**state["prior"])
+    except (KeyError, TypeError, ValueError) as err:
+        detail = "no 'prior' entry (saved by a plain GateController?)" if isinstance(err, KeyError) else str(err)
+        raise StateLoadError(f"PriorGateController state: the importance prior cannot be loaded: {detail}") from err

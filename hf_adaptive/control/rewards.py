@@ -9,6 +9,10 @@ same trade-off whether the loss is 3.0 early in training or 0.05 late: a 1% loss
 number of pruned heads at any scale. `tanh` keeps rewards in (-1, 1) so that value targets and advantages
 stay in a stable range; the exponential moving average damps the noise of a small validation subset.
 An `ema_decay` of 0 disables the smoothing.
+
+A paired reward (`observe(..., reference_loss=)`) compares with a loss measured on the same data under the gates
+that were serving before the action, instead of the previous loss: on a stream whose batches differ in difficulty,
+a harder batch then does not count as a worse action.
 """
 
 from __future__ import annotations
@@ -48,10 +52,15 @@ class RewardTracker:
         self.last_raw = float(reward)
         return self.ema
 
-    def observe(self, loss: float, pruned_fraction: float) -> float | None:
-        """Record a new loss; the smoothed reward, or None for the first loss (nothing to compare with)."""
+    def observe(self, loss: float, pruned_fraction: float, reference_loss: float | None = None) -> float | None:
+        """Record a new loss; the smoothed reward, or None for the first loss (nothing to compare with).
+        `reference_loss`: compare with it instead of the previous loss (a paired reward, see the module doc)."""
         check_number("RewardTracker.observe", "loss", loss)
+        if reference_loss is not None:
+            check_number("RewardTracker.observe", "reference_loss", reference_loss)
         previous, self.previous_loss = self.previous_loss, float(loss)
+        if reference_loss is not None:
+            previous = float(reference_loss)
         if previous is None:
             return None
         return self.smooth(gate_reward(previous, loss, pruned_fraction, self.efficiency_factor))

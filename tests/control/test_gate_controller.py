@@ -291,3 +291,15 @@ def test_load_state_dict_takes_the_saved_budget():
     other = GateController(L, H)
     other.load_state_dict(saved.state_dict())
     assert (other.min_active, other.max_active) == (3, 5)
+
+
+def test_feedback_with_a_reference_loss_gives_the_paired_reward():
+    """`feedback(loss, reference_loss=)`: the reward of the last action compares `loss` with the reference (the
+    serving gates on the same data), whatever the previous feedback's loss was."""
+    cfg = GateControllerConfig(efficiency_factor=0.0, reward_ema=0.0, min_active_heads=4, max_active_heads=4, seed=0)
+    ctrl = GateController(2, 4, cfg)
+    assert ctrl.feedback(100.0, step=0) is None  # a loss from another batch: not the baseline of the next reward
+    ctrl.act()
+    reward = ctrl.feedback(3.0, step=1, reference_loss=4.0)
+    assert reward == pytest.approx(math.tanh((4.0 - 3.0) / 4.0))
+    assert ctrl.buffer[-1]["reward"] == pytest.approx(reward) and ctrl.log[-1]["reward"] == pytest.approx(reward)

@@ -12,6 +12,7 @@ from hf_adaptive.control.gate_controller import PRUNE, REGROW, GateController, G
 from hf_adaptive.control.importance_prior import (
     ImportancePriorConfig,
     PriorGateController,
+    PriorGatePolicy,
     prior_logits,
     swap_margins,
 )
@@ -154,7 +155,78 @@ def test_save_and_load_keep_the_prior_and_continue_identically(tmp_path):
         assert torch.equal(p, q)
 
 
+def test_in_memory_resume_restores_the_prior():
+    """`load_state_dict` into a controller built with another prior takes the saved one (a Trainer resume)."""
+    cfg = GateControllerConfig(min_active_heads=8, max_active_heads=8, max_changes=4, seed=3)
+    ctrl = _half_on(PriorGateController(L, H, cfg, ImportancePriorConfig(strength=40.0)))
+    stats = torch.Generator().manual_seed(2)
+    ctrl.act(torch.rand(L, H, generator=stats))
+    ctrl.observe(0.3)
+    other = PriorGateController(L, H, cfg, ImportancePriorConfig(strength=1.0))
+    other.load_state_dict(ctrl.state_dict())
+    assert other.prior.strength == other.policy.strength == 40.0
+    for _ in range(3):
+        imp = torch.rand(L, H, generator=stats)
+        assert torch.equal(ctrl.act(imp), other.act(imp))
+        ctrl.observe(0.1)
+        other.observe(0.1)
+
+
+def test_the_prior_controller_starts_from_the_plain_controllers_weights_and_checks_its_prior():
+    cfg = GateControllerConfig(seed=4)
+    plain, prior = GateController(L, H, cfg), PriorGateController(L, H, cfg)
+    assert isinstance(prior.policy, PriorGatePolicy) and prior.prior == ImportancePriorConfig()
+    for p, q in zip(plain.policy.parameters(), prior.policy.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert [g["params"] for g in prior.optimizer.param_groups][0] == list(prior.policy.parameters())
+    with pytest.raises(TypeError, match="prior=50"):
+        PriorGateController(L, H, cfg, 50)
+
+
 def test_a_plain_controllers_state_is_refused_with_the_folder_named(tmp_path):
     GateController(L, H, GateControllerConfig(seed=0)).save(str(tmp_path))
-    with pytest.raises(StateLoadError, match=f"importance prior saved in {tmp_path}"):
+    with pytest.raises(StateLoadError, match=f"saved in {tmp_path}.*importance prior cannot be loaded"):
         PriorGateController.load(str(tmp_path))
+    with pytest.raises(StateLoadError, match="importance prior cannot be loaded: no 'prior' entry"):
+        PriorGateController(L, H).load_state_dict(GateController(L, H).state_dict())
+
+
+def test_feedback_callback_drives_the_prior_controller_in_a_trainer(tmp_path, tiny_model, tokenizer, small_tasks):
+    """Reachable from a Trainer: `FeedbackCallback(controller=PriorGateController(...))` hands it the head importance
+    it measures each round (the prior's input), and applies its gates."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_adaptive.control.feedback import FeedbackCallback, FeedbackConfig
+    from hf_adaptive.models.gates import gate_model
+    from hf_adaptive.tasks import CausalLMCollator, tokenize_task
+
+    rows = tokenize_task(small_tasks[0], tokenizer)
+    gated = gate_model(tiny_model)
+    cfg = GateControllerConfig(min_active_heads=4, max_active_heads=4, max_changes=2, rollout_steps=1, seed=0)
+    ctrl = PriorGateController(2, 4, cfg, ImportancePriorConfig(strength=30.0))
+    seen: list[torch.Tensor | None] = []
+    act = ctrl.act
+
+    def recording_act(importance=None, entropy=None):
+        seen.append(importance)
+        return act(importance, entropy)
+
+    ctrl.act = recording_act
+    cb = FeedbackCallback(
+        FeedbackConfig(eval_every=2, eval_size=16, eval_batch_size=8, statistics=("importance",)),
+        controller=ctrl,
+        eval_dataset=rows,
+        data_collator=CausalLMCollator(tokenizer),
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=tiny_model, args=args, train_dataset=rows, data_collator=CausalLMCollator(tokenizer), callbacks=[cb]
+    )
+    cb.bind(trainer)
+    trainer.train()
+    assert len(seen) == 3 and all(x is not None and x.shape == (2, 4) for x in seen)  # after each round
+    assert [e["step"] for e in ctrl.log] == [0, 2, 4] and ctrl.updates >= 1
+    assert int(ctrl.gates.sum()) == 4 and torch.equal(gated.fixed_gates, ctrl.gates)

@@ -58,6 +58,19 @@ def _brute_front(points: list[tuple[float, int]]) -> set[tuple[float, int]]:
     return front
 
 
+def test_a_paired_reward_compares_with_the_reference_loss():
+    """With `reference_loss` the reward compares the new loss with it (the same data under the serving gates), not
+    with the previous loss; the first loss already gets a reward, and the previous loss is still recorded."""
+    tracker = RewardTracker(efficiency_factor=0.2, ema_decay=0.0)
+    assert tracker.observe(4.0, 0.5, reference_loss=5.0) == pytest.approx(math.tanh((5.0 - 4.0) / 5.0 + 0.1))
+    assert tracker.previous_loss == 4.0
+    # a harder batch (9 under the new gates, 10 under the serving ones) is a better action, not a worse one
+    assert tracker.observe(9.0, 0.5, reference_loss=10.0) == pytest.approx(math.tanh(0.1 + 0.1))
+    assert tracker.observe(8.0, 0.5) == pytest.approx(math.tanh((9.0 - 8.0) / 9.0 + 0.1))  # unpaired again
+    with pytest.raises(ValueError, match="reference_loss"):
+        tracker.observe(1.0, 0.5, reference_loss=float("nan"))
+
+
 def test_pareto_archive_matches_brute_force():
     rng = random.Random(0)
     for _ in range(20):
