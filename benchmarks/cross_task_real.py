@@ -75,9 +75,14 @@ replay 12.2, EWC + replay 12.7-14.3, one LoRA per task 9.9; 2-4x that when other
 Total: ~165 min per seed, ~5.5 h for the 18 runs on 2 quiet cores (11-22 h under load); `--all` runs seed 0 of every
 method first (the cheap ones first, the Reptile runs last), so a partial run already has one seed of most.
 
-Caveat (not tuned, stated): every method trains with the recipe's learning rate 2e-3, chosen for LoRA. OSF trains full
-matrices' low singular directions, for which full fine-tuning rates are usually far smaller; if OSF lands near zero-
-shot accuracy, this learning rate is the first suspect, and a learning-rate choice for OSF a separate question.
+OSF's learning rate (`--osf-lr-probe`): every other method trains with the recipe's learning rate 2e-3, chosen for
+LoRA. OSF trains full matrices' low singular directions, for which full fine-tuning rates are usually far smaller,
+and its first run at 2e-3 ended at zero-shot accuracy (0.504) with a first-task training loss of 1.01 where LoRA
+reaches 0.47. The probe trains OSF on the first task alone (SST-2, seed 0, the recipe otherwise) at each of
+`OSF_LR_CANDIDATES` (the recipe's 2e-3, then a decade and two decades below: 2e-5 is TRL's SFT default for full
+fine-tuning) and picks the lowest mean training loss: the training data only, never the evaluation rows (their
+accuracy is printed beside it, not used). `OSF_LEARNING_RATE` holds the probe's choice (a test checks it against the
+committed `cross_task_real_osf_lr_probe.json`); ~3 min per candidate.
 Seeds: the training seed (LoRA initialisation, data order, replay draws); the router's, signature's and Reptile's own
 seeds keep their default 0 (as in cl_real's expert_routing), and the data subsets are the same for every seed.
 """
@@ -122,12 +127,16 @@ OLORA = {"adapter_strategy": "full", "olora_orth_lambda": 0.5, "olora_l2_lambda"
 #: task, +10 % per later task (what the finished tasks use joins the frozen part), capped at 90 %, reached exactly at
 #: the 5th task; `project_updates` keeps the factors orthogonal to the frozen directions after every Adam step (peft
 #: projects only the gradients, which Adam's per-entry scaling leaks: the help says True makes the protection exact)
+#: OSF's learning rate, chosen by `--osf-lr-probe` (the module docstring; None: the recipe's, until the probe ran)
+OSF_LEARNING_RATE: float | None = None
+OSF_LR_CANDIDATES = (2e-3, 2e-4, 2e-5)
 OSF = {
     "adapter_strategy": "osf",
     "osf_effective_rank": 0.5,
     "osf_rank_step": 0.1,
     "osf_max_effective_rank": 0.9,
     "osf_project_updates": True,
+    **({"learning_rate": OSF_LEARNING_RATE} if OSF_LEARNING_RATE is not None else {}),
 }
 #: LwF (Li & Hoiem 2016): the teacher is the model at the previous task's end (a snapshot of the LoRA tensors only),
 #: forward KL(teacher || model) at the positions that predict an answer token (the positions the task loss trains;
@@ -586,6 +595,50 @@ def build_report(
     return markdown
 
 
+# ------------------------------------------------------------------------------------------------ OSF's LR probe
+def osf_lr_probe(settings: dict[str, Any], data: Path, seed: int = 0, smoke: bool = False) -> dict[str, Any]:
+    """OSF on the first task alone at each of `OSF_LR_CANDIDATES`; the lowest mean training loss is chosen (the
+    module docstring). Each candidate is a cl_real run (`run_one`) of one task."""
+    first = {**settings, "tasks": settings["tasks"][:1]}
+    rows = []
+    for lr in OSF_LR_CANDIDATES:
+        name = f"osf_lr_probe_{lr:g}"
+        with cl_real_knows({name: Method((), {**OSF, "learning_rate": lr})}):
+            record = cl_real.run_one(name, seed, first, data, smoke)
+        rows.append(
+            {
+                "learning_rate": lr,
+                "train_loss": record["extra"]["train_loss"][0],
+                "accuracy": record["matrix"][-1][0],
+                "wall_seconds": record["wall_seconds"],
+            }
+        )
+        print(f"OSF at lr {lr:g}: {rows[-1]}", flush=True)
+    chosen = min(rows, key=lambda r: r["train_loss"])["learning_rate"]
+    return {"task": first["tasks"][0], "seed": seed, "rows": rows, "chosen": chosen, "smoke": smoke}
+
+
+def osf_lr_probe_markdown(probe: dict[str, Any]) -> str:
+    lines = [
+        "# OSF's learning rate on the real model (cross_task_real.py --osf-lr-probe)",
+        "",
+        f"OSF alone on the first task ({probe['task']}, seed {probe['seed']}, cl_real's recipe otherwise: 256 rows, "
+        "1 epoch, batches of 8) at each candidate learning rate; the lowest mean training loss is chosen (training "
+        "data only: the accuracy on the task's evaluation rows is shown, not used).",
+        "",
+        "| learning rate | mean training loss | accuracy (not used) | wall (min) |",
+        "|---|---|---|---|",
+        *(
+            f"| {r['learning_rate']:g}{' (chosen)' if r['learning_rate'] == probe['chosen'] else ''} | "
+            f"{r['train_loss']:.4f} | {r['accuracy']:.3f} | {r['wall_seconds'] / 60:.1f} |"
+            for r in probe["rows"]
+        ),
+        "",
+        f"Chosen: {probe['chosen']:g} (`OSF_LEARNING_RATE` in the script).",
+    ]
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------------------------- main
 def _inside(path: Path, folder: Path) -> bool:
     return Path(path).resolve().is_relative_to(Path(folder).resolve())
@@ -599,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-runs", type=int, default=None, help="with --all: stop after this many runs")
     parser.add_argument("--plan", action="store_true", help="print what --all would run and exit")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the stored runs")
+    parser.add_argument("--osf-lr-probe", action="store_true", help="choose OSF's learning rate (module docstring)")
     parser.add_argument("--smoke", action="store_true", help="the pipeline on a tiny model, 2 tasks x 16 rows")
     parser.add_argument("--data", type=Path, default=cl_real.DEFAULT_DATA, help="the CL benchmark folder")
     parser.add_argument("--results", type=Path, default=None, help="folder of the per-run JSON files")
@@ -624,6 +678,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"code version {version}; {len(todo)} run(s) to do (of {len(wanted_runs())}), ~{total:.0f} min:")
         for (method, seed), why in todo:
             print(f"  {method} seed {seed} ({why}; ~{EST_MINUTES[method]:g} min)")
+        return 0
+    if ns.osf_lr_probe:
+        probe = osf_lr_probe(settings, ns.data, smoke=ns.smoke)
+        write_results(f"{NAME}_osf_lr_probe", probe, osf_lr_probe_markdown(probe), out=out)
         return 0
     if (ns.method or ns.all or ns.smoke) and not ns.report:
         missing = [t for t in settings["tasks"] if not (ns.data / t).is_dir()]

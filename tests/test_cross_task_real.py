@@ -209,3 +209,28 @@ def test_smoke_never_writes_into_docs_results(ct, capsys):
         ct.main(["--smoke", "--out", str(target)])
     assert f"--out {target} is not allowed with --smoke" in capsys.readouterr().err
     assert not target.exists()
+
+
+# ------------------------------------------------------------------------------------------------ OSF's LR probe
+def test_osf_lr_probe_trains_the_first_task_at_each_rate_and_picks_the_lowest_training_loss(ct, bench, tmp_path):
+    out = tmp_path / "probe"
+    assert ct.main(["--smoke", "--osf-lr-probe", "--data", str(bench), "--out", str(out)]) == 0
+    probe = json.loads((out / "cross_task_real_osf_lr_probe.json").read_text())
+    assert [r["learning_rate"] for r in probe["rows"]] == list(ct.OSF_LR_CANDIDATES)
+    assert probe["task"] == "SST-2" and probe["smoke"] is True
+    assert probe["chosen"] == min(probe["rows"], key=lambda r: r["train_loss"])["learning_rate"]
+    losses = [r["train_loss"] for r in probe["rows"]]
+    assert len(set(losses)) == len(losses)  # the rate really reached the trainer
+    assert "(chosen)" in (out / "cross_task_real_osf_lr_probe.md").read_text()
+    assert set(ct.cl_real.METHODS).isdisjoint(f"osf_lr_probe_{lr:g}" for lr in ct.OSF_LR_CANDIDATES)
+
+
+def test_osf_runs_at_the_committed_probes_choice(ct):
+    """`OSF_LEARNING_RATE` is the committed probe's choice (or None, the recipe's, while no probe is committed)."""
+    path = ct.RESULTS / "cross_task_real_osf_lr_probe.json"
+    if not path.exists():
+        assert ct.OSF_LEARNING_RATE is None and "learning_rate" not in ct.OSF
+        return
+    probe = json.loads(path.read_text())
+    assert probe["smoke"] is False and ct.OSF_LEARNING_RATE == probe["chosen"]
+    assert ct.METHODS["osf"].options["learning_rate"] == ct.METHODS["osf_replay"].options["learning_rate"]
