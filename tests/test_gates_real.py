@@ -178,18 +178,25 @@ def test_michel_iterated_rounds(gr, quick):
     assert "michel_iterated, validation loss per round" in md
 
 
-def test_iterate_importance_against_a_hand_loop(gr):
-    """Each round: importance under the gates of the round before, averaged, top-k; the best validated round wins."""
-    from hf_adaptive.control.feedback import validation_loss
-    from hf_adaptive.models import build_tokenizer, gate_model, head_importance
+def _tiny_gated(gr, tasks: int):
+    """The quick settings, an untrained tiny GQA Llama with fixed gates, and one batch of `tasks` built-in tasks."""
+    from hf_adaptive.models import build_tokenizer, gate_model
     from hf_adaptive.tasks import CausalLMCollator, builtin_suite
 
     s = gr.resolve_settings(gr.parse_args(["--quick"]))
     tokenizer = build_tokenizer()
     model = gr.build_tiny_llama(tokenizer, 0, s).eval()
-    tasks = builtin_suite(s["tasks"][:2], n_train=8, n_eval=8, seed=0)
-    batches = [CausalLMCollator(tokenizer)(gr.text_rows(tasks, tokenizer, s, "eval", whole_text=True))]
-    gated = gate_model(model)
+    data = builtin_suite(s["tasks"][:tasks], n_train=8, n_eval=8, seed=0)
+    batches = [CausalLMCollator(tokenizer)(gr.text_rows(data, tokenizer, s, "eval", whole_text=True))]
+    return s, model, gate_model(model), batches
+
+
+def test_iterate_importance_against_a_hand_loop(gr):
+    """Each round: importance under the gates of the round before, averaged, top-k; the best validated round wins."""
+    from hf_adaptive.control.feedback import validation_loss
+    from hf_adaptive.models import head_importance
+
+    s, model, gated, batches = _tiny_gated(gr, tasks=2)
     n, k, decay = s["layers"] * s["heads"], 9, 0.25
     start = head_importance(model, batches)
     out = gr.iterate_importance(model, gated, batches, start, k, {"rounds": 3, "decay": decay})
@@ -216,15 +223,8 @@ def test_the_prior_arm_runs_the_prior_controller(gr):
     """`prior_strength` > 0 builds a `PriorGateController` with that strength; 0 the plain `GateController`."""
     from hf_adaptive.control.config import GateControllerConfig
     from hf_adaptive.control.importance_prior import PriorGateController
-    from hf_adaptive.models import build_tokenizer, gate_model
-    from hf_adaptive.tasks import CausalLMCollator, builtin_suite
 
-    s = gr.resolve_settings(gr.parse_args(["--quick"]))
-    tokenizer = build_tokenizer()
-    model = gr.build_tiny_llama(tokenizer, 0, s).eval()
-    tasks = builtin_suite(s["tasks"][:1], n_train=8, n_eval=8, seed=0)
-    batches = [CausalLMCollator(tokenizer)(gr.text_rows(tasks, tokenizer, s, "eval", whole_text=True))]
-    gated = gate_model(model)
+    s, model, gated, batches = _tiny_gated(gr, tasks=1)
     cfg = GateControllerConfig(min_active_heads=12, max_active_heads=12, max_changes=2)
     start = gr.random_gates(s["layers"], s["heads"], 12, 0)
     prior = gr.run_controller(model, gated, batches, batches, cfg, 2, start, prior_strength=7.0)
