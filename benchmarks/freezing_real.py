@@ -287,12 +287,14 @@ def time_ratio(arm: dict, unfrozen: dict) -> float:
 
 
 def report(meta: dict, speed_out: dict | None, runs: list[dict]) -> str:
+    # the run's own threads make a load of about `threads`: more than that, other jobs shared the cores
+    busy = "; other jobs shared the cores" if max(meta["load_start"], meta["load_end"]) > meta["threads"] + 0.5 else ""
     lines = [
         "# Layer-prefix freezing on SmolLM2-135M",
         "",
         f"Produced by `python benchmarks/freezing_real.py{' --quick' if meta['quick'] else ''}` in "
         f"{meta['wall_s'] / 60:.1f} min on {meta['threads']} threads (load average {meta['load_start']:.1f} at the "
-        f"start, {meta['load_end']:.1f} at the end; other jobs shared the 2 cores). Model `{meta['model']}`, "
+        f"start, {meta['load_end']:.1f} at the end{busy}). Model `{meta['model']}`, "
         f"{meta['layers']} layers, {meta['half']} frozen in the half arms.",
         "",
     ]
