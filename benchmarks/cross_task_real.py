@@ -127,8 +127,9 @@ OLORA = {"adapter_strategy": "full", "olora_orth_lambda": 0.5, "olora_l2_lambda"
 #: task, +10 % per later task (what the finished tasks use joins the frozen part), capped at 90 %, reached exactly at
 #: the 5th task; `project_updates` keeps the factors orthogonal to the frozen directions after every Adam step (peft
 #: projects only the gradients, which Adam's per-entry scaling leaks: the help says True makes the protection exact)
-#: OSF's learning rate, chosen by `--osf-lr-probe` (the module docstring; None: the recipe's, until the probe ran)
-OSF_LEARNING_RATE: float | None = None
+#: OSF's learning rate, chosen by `--osf-lr-probe` (the module docstring; None: the recipe's): session 12's probe,
+#: mean first-task training loss 1.017 at 2e-3, 0.546 at 2e-4, 0.535 at 2e-5 (cross_task_real_osf_lr_probe.md)
+OSF_LEARNING_RATE: float | None = 2e-5
 OSF_LR_CANDIDATES = (2e-3, 2e-4, 2e-5)
 OSF = {
     "adapter_strategy": "osf",
