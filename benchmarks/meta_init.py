@@ -13,7 +13,12 @@ from the same fresh initialisation as (a) (the global seed is reset before each 
 with the same recipe (AdamW, learning rate, batch, steps, data order), and its accuracy on the new task's eval split
 is measured at step 0 and every `eval_every` steps: the steps to reach `target` (the first evaluation at or above
 it; None: never within the budget), the final accuracy, and the seconds the initialisation cost. Writes
-`<out>/meta_init.md|json` (`common.write_results`; default `docs/results/`).
+`<out>/meta_init.md|json` (tiny mode) or `<out>/meta_init_real.md|json` (`--real`), through `common.write_results`
+(default `docs/results/`), so neither mode overwrites the other's numbers. Each finished seed is first stored on its
+own (`<out>/<name>/seed<k>.json`, written atomically and stamped with cl_real's `CodeVersion`: the manifest of the
+package files it loaded, this script, cl_real.py, common.py and the settings), and a later call reuses every stored
+seed that is still current and covers the requested starts: a run stopped between seeds (a real seed costs about an
+hour on 2 cores) resumes at the next seed.
 
     python benchmarks/meta_init.py --quick --out /tmp/meta_init    # smoke: the whole pipeline in seconds
     python benchmarks/meta_init.py                                 # tiny Gemma, built-in tasks, 2 seeds
@@ -37,11 +42,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402, I001  (first: sets the single-threaded, offline environment)
 
+import cl_real  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cl_benchmark"
 STARTS = ("fresh", "fork", "reptile", "fomaml", "reptile_experts")
+SCRIPTS = (Path(__file__).resolve(), Path(cl_real.__file__).resolve(), Path(__file__).resolve().with_name("common.py"))
 
 #: the settings of each mode (the meta-init ones are `MetaInitConfig` fields)
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -60,6 +67,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "eval_every": 10,
         "target": 0.8,
         "seeds": [0, 1],
+        "threads": 1,
         "meta": {
             "inner_steps": 5,
             "inner_lr": 0.05,
@@ -85,6 +93,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "eval_every": 8,
         "target": 0.75,
         "seeds": [0, 1],
+        "threads": 2,  # cl_real's: the real model on both cores
         "meta": {
             "inner_steps": 3,
             "inner_lr": 0.05,
@@ -251,6 +260,30 @@ def run_seed(settings: dict[str, Any], data: Path, seed: int, starts: list[str])
     return out
 
 
+def seed_version(settings: dict[str, Any], seed: int) -> cl_real.CodeVersion:
+    """The code version of one seed's record: cl_real's file manifest over this mode's settings and seed."""
+    return cl_real.CodeVersion({**settings, "seeds": [seed]}, scripts=SCRIPTS)
+
+
+def run_or_load(settings: dict[str, Any], data: Path, seed: int, starts: list[str], folder: Path) -> dict[str, Any]:
+    """Seed `seed`'s run: the stored record `<folder>/seed<seed>.json` when it is current (same code files and
+    settings) and holds every start of `starts` (only those are returned), else a new run, stored before returning."""
+    import json
+
+    path = folder / f"seed{seed}.json"
+    version = seed_version(settings, seed)
+    if path.exists():
+        record = json.loads(path.read_text())
+        if version.matches(record) and set(starts) <= set(record.get("starts", {})):
+            print(f"seed {seed}: stored run reused ({path})", flush=True)
+            kept = {k: v for k, v in record.items() if k != "code_files"}  # the manifest stays in the seed's file
+            return {**kept, "starts": {k: record["starts"][k] for k in starts}}
+        print(f"seed {seed}: stored run {path} is stale or lacks a start; running it again", flush=True)
+    out = run_seed(settings, data, seed, starts)
+    cl_real.write_stamped(path, out, version)
+    return out
+
+
 def summarize(runs: list[dict[str, Any]], starts: list[str], settings: dict[str, Any]) -> tuple[dict, list[str]]:
     """Per start: mean final accuracy and steps to target over seeds (None counts as not reached), and the verdicts
     computed from them (nothing asserted ahead of the numbers)."""
@@ -337,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS), help="starts to compare")
     parser.add_argument("--target", type=float, default=None, help="target accuracy (default: the mode's)")
     args = parser.parse_args(argv)
-    name = "real" if args.real else "tiny"
-    settings = {**SETTINGS[name], **(QUICK if args.quick else {})}
+    mode_name = "real" if args.real else "tiny"
+    settings = {**SETTINGS[mode_name], **(QUICK if args.quick else {})}
     if args.seeds is not None:
         settings["seeds"] = args.seeds
     if args.target is not None:
@@ -349,11 +382,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--data={args.data} is not allowed: it holds no {settings['new_task']} folder (CL benchmark)")
     if "fork" in args.starts and len(settings["sources"]) == 0:
         parser.error("--starts fork needs at least one source task")
-    runs = [run_seed(settings, args.data, seed, list(args.starts)) for seed in settings["seeds"]]
+    torch.set_num_threads(settings["threads"])
+    name = "meta_init_real" if args.real else "meta_init"
+    t0 = time.perf_counter()
+    runs = [run_or_load(settings, args.data, seed, list(args.starts), args.out / name) for seed in settings["seeds"]]
     summary, verdicts = summarize(runs, list(args.starts), settings)
-    label = f"{name}{' (quick)' if args.quick else ''}"
-    data = {"mode": label, "settings": settings, "runs": runs, "summary": summary, "verdicts": verdicts}
-    write_results("meta_init", data, markdown(settings, runs, summary, verdicts, label), out=args.out)
+    label = f"{mode_name}{' (quick)' if args.quick else ''}"
+    wall_s = time.perf_counter() - t0
+    data = {"mode": label, "settings": settings, "runs": runs, "summary": summary, "verdicts": verdicts,
+            "wall_s": wall_s}  # fmt: skip
+    text = markdown(settings, runs, summary, verdicts, label) + f"\n\nWall time: {wall_s / 60:.1f} min.\n"
+    write_results(name, data, text, out=args.out)
 
 
 if __name__ == "__main__":
