@@ -17,8 +17,8 @@ it; None: never within the budget), the final accuracy, and the seconds the init
 (default `docs/results/`), so neither mode overwrites the other's numbers. Each finished seed is first stored on its
 own (`<out>/<name>/seed<k>.json`, written atomically and stamped with cl_real's `CodeVersion`: the manifest of the
 package files it loaded, this script, cl_real.py, common.py and the settings), and a later call reuses every stored
-seed that is still current and covers the requested starts: a run stopped between seeds (a real seed costs about an
-hour on 2 cores) resumes at the next seed.
+seed that is still current and covers the requested starts: a run stopped between seeds (a real seed took 79 min on
+2 cores) resumes at the next seed.
 
     python benchmarks/meta_init.py --quick --out /tmp/meta_init    # smoke: the whole pipeline in seconds
     python benchmarks/meta_init.py                                 # tiny Gemma, built-in tasks, 2 seeds
@@ -33,6 +33,7 @@ SST-2, MNLI, WiC; new task IMDB, which shares SST-2's skill and label words, so 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -267,9 +268,8 @@ def seed_version(settings: dict[str, Any], seed: int) -> cl_real.CodeVersion:
 
 def run_or_load(settings: dict[str, Any], data: Path, seed: int, starts: list[str], folder: Path) -> dict[str, Any]:
     """Seed `seed`'s run: the stored record `<folder>/seed<seed>.json` when it is current (same code files and
-    settings) and holds every start of `starts` (only those are returned), else a new run, stored before returning."""
-    import json
-
+    settings) and holds every start of `starts` (only those are returned), else a new run (its seconds in `wall_s`),
+    stored before returning."""
     path = folder / f"seed{seed}.json"
     version = seed_version(settings, seed)
     if path.exists():
@@ -279,7 +279,9 @@ def run_or_load(settings: dict[str, Any], data: Path, seed: int, starts: list[st
             kept = {k: v for k, v in record.items() if k != "code_files"}  # the manifest stays in the seed's file
             return {**kept, "starts": {k: record["starts"][k] for k in starts}}
         print(f"seed {seed}: stored run {path} is stale or lacks a start; running it again", flush=True)
+    t0 = time.perf_counter()
     out = run_seed(settings, data, seed, starts)
+    out["wall_s"] = time.perf_counter() - t0
     cl_real.write_stamped(path, out, version)
     return out
 
@@ -384,14 +386,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--starts fork needs at least one source task")
     torch.set_num_threads(settings["threads"])
     name = "meta_init_real" if args.real else "meta_init"
-    t0 = time.perf_counter()
     runs = [run_or_load(settings, args.data, seed, list(args.starts), args.out / name) for seed in settings["seeds"]]
     summary, verdicts = summarize(runs, list(args.starts), settings)
     label = f"{mode_name}{' (quick)' if args.quick else ''}"
-    wall_s = time.perf_counter() - t0
+    wall_s = sum(r["wall_s"] for r in runs)  # the seeds' own run times, a reused seed's included
     data = {"mode": label, "settings": settings, "runs": runs, "summary": summary, "verdicts": verdicts,
             "wall_s": wall_s}  # fmt: skip
-    text = markdown(settings, runs, summary, verdicts, label) + f"\n\nWall time: {wall_s / 60:.1f} min.\n"
+    seed_minutes = ", ".join(f"seed {r['seed']} {r['wall_s'] / 60:.1f}" for r in runs)
+    text = (
+        markdown(settings, runs, summary, verdicts, label) + f"\n\nRun time: {wall_s / 60:.1f} min ({seed_minutes}).\n"
+    )
     write_results(name, data, text, out=args.out)
 
 

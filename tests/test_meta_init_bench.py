@@ -19,7 +19,7 @@ def test_seed_records_are_stored_and_reused(mi, tmp_path, monkeypatch):
     mi.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--starts", "fresh", "reptile"])
     record = json.loads((tmp_path / "meta_init" / "seed0.json").read_text())
     assert set(record["starts"]) == {"fresh", "reptile"}
-    assert record["code_files"] and record["code_version"]
+    assert record["code_files"] and record["code_version"] and record["wall_s"] > 0
     first = json.loads((tmp_path / "meta_init.json").read_text())
 
     def no_run(*args, **kwargs):
