@@ -144,6 +144,21 @@ def objective_rows(grads: Mapping[str, Sequence[torch.Tensor | None]], params: S
     return torch.stack(rows)
 
 
+def per_parameter(
+    flat: torch.Tensor, grads: Mapping[str, Sequence[torch.Tensor | None]], params: Sequence[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """`flat` (a row of `objective_rows`) cut back into one gradient per parameter, in its dtype; None for a
+    parameter that no objective of `grads` reached (it gets no gradient, as with the summed loss)."""
+    out: list[torch.Tensor | None] = []
+    offset = 0
+    for k, p in enumerate(params):
+        n = p.numel()
+        reached = any(row[k] is not None for row in grads.values())
+        out.append(flat[offset : offset + n].view_as(p).to(p.dtype) if reached else None)
+        offset += n
+    return out
+
+
 class GradAggregationPlugin(ContinualPlugin):
     """Combines the gradients of the task loss and of the loss terms with a torchjd aggregator (module docstring).
 
@@ -219,14 +234,7 @@ class GradAggregationPlugin(ContinualPlugin):
         combined = self.aggregate(jacobian)
         finished = _now(cuda)
         self._record(jacobian, computed - started, finished - computed)
-        out: list[torch.Tensor | None] = []
-        offset = 0
-        for k, p in enumerate(params):
-            n = p.numel()
-            reached = any(row[k] is not None for row in grads.values())
-            out.append(combined[offset : offset + n].view_as(p).to(p.dtype) if reached else None)
-            offset += n
-        return out
+        return per_parameter(combined, grads, params)
 
     # ------------------------------------------------------------------------------------------- reporting
     @staticmethod

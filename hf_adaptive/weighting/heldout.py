@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..aggregation.plugin import objective_gradients, objective_rows
+from ..aggregation.plugin import objective_gradients, objective_rows, per_parameter
 from ..plugins import ContinualPlugin, TaskContext
 from ..replay._common import answer_loss, collate, configure, run_seed, select_rows, task_row_indices, trainer_tokenizer
 from ..replay.buffer import ReplayMemory
@@ -221,15 +221,7 @@ class HeldOutWeightingPlugin(ContinualPlugin):
             hyper = self._all_processes_mean(hyper)
             self.update(hyper)
             self._record(trainer, heldout_value.item(), cosine, hyper)
-        combined = self.weighted_sum(rows)
-        out: list[torch.Tensor | None] = []
-        offset = 0
-        for k, p in enumerate(params):
-            n = p.numel()
-            reached = any(row[k] is not None for row in grads.values())
-            out.append(combined[offset : offset + n].view_as(p).to(p.dtype) if reached else None)
-            offset += n
-        return out
+        return per_parameter(self.weighted_sum(rows), grads, params)
 
     @staticmethod
     def _all_processes_mean(hyper: dict[str, float]) -> dict[str, float]:
