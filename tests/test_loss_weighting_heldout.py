@@ -29,27 +29,36 @@ def _record(method, seed, acc, stamp):
 def test_verdict_against_the_best_median_and_default_cells(hw):
     lw = hw.lw
     ref_stamp = lw.code_version(lw.REAL).stamp()
-    reference = {}
+    runs = {}
     for i, name in enumerate(lw.build_arms(lw.REAL)):
         if name in lw.LEARNED:
             continue
         for seed in (0, 1):
-            reference[(name, seed)] = _record(name, seed, 0.60 + 0.01 * i, ref_stamp)
-    best = max(reference.values(), key=lambda r: r["metrics"]["avg_acc"])  # ewc1000_replay1: 0.68
-    assert best["method"] == "ewc1000_replay1"
-    stamp = hw.code_version(lw.REAL).stamp()
-    runs = {("heldout", 0): _record("heldout", 0, 0.675, stamp), ("heldout", 1): _record("heldout", 1, 0.665, stamp)}
-    summary = hw.compare(runs, reference, lw.REAL)
-    verdict = summary["verdict"]
+            runs[(name, seed)] = _record(name, seed, 0.60 + 0.01 * i, ref_stamp)
+    assert max(runs.values(), key=lambda r: r["metrics"]["avg_acc"])["method"] == "ewc1000_replay1"  # 0.68
+    reference = hw.reference_summary(runs, lw.REAL)
+    stamp = hw.code_version("heldout_alignment", lw.REAL).stamp()
+    runs = {
+        ("heldout_alignment", 0): _record("heldout_alignment", 0, 0.675, stamp),
+        ("heldout_alignment", 1): _record("heldout_alignment", 1, 0.665, stamp),
+    }
+    arm = hw.compare(runs, reference, "heldout_alignment", lw.REAL)
+    verdict = arm["verdict"]
     assert verdict["difference_points"] == pytest.approx(-1.0) and verdict["met"] and verdict["all_seeds"]
     assert verdict["vs_median_points"] == pytest.approx(100 * (0.67 - 0.64))
     assert verdict["vs_default_points"] == pytest.approx(100 * (0.67 - 0.65))  # ewc100_replay1, the 6th cell
-    runs[("heldout", 1)]["metrics"]["avg_acc"] = 0.664
-    assert not hw.compare(runs, reference, lw.REAL)["verdict"]["met"]  # 1.1 points below
-    del runs[("heldout", 1)]
-    partial = hw.compare(runs, reference, lw.REAL)
+    assert arm["stale"] == [False, False] and arm["settings"]["hypergradient"] == "alignment"
+    # a run of the other arm is stale for this arm's version (other plugin settings)
+    assert hw.compare({("heldout", 0): _record("heldout", 0, 0.6, stamp)}, reference, "heldout", lw.REAL)["stale"] == [
+        True
+    ]
+    runs[("heldout_alignment", 1)]["metrics"]["avg_acc"] = 0.664
+    assert not hw.compare(runs, reference, "heldout_alignment", lw.REAL)["verdict"]["met"]  # 1.1 points below
+    del runs[("heldout_alignment", 1)]
+    partial = hw.compare(runs, reference, "heldout_alignment", lw.REAL)
     assert not partial["verdict"]["all_seeds"]
-    assert "provisional" in hw.report_markdown(partial, lw.REAL)
+    markdown = hw.report_markdown({"reference": reference, "arms": [partial]}, lw.REAL)
+    assert "provisional" in markdown and "heldout_alignment (alignment)" in markdown
 
 
 def test_the_plugin_is_added_to_the_built_plugins_and_the_registry_is_restored(hw, make_args, tmp_path):
@@ -72,15 +81,18 @@ def test_quick_run_end_to_end(hw, tmp_path, capsys):
         hw.main(["--quick", "--out", str(hw.RESULTS / "heldout_quick_should_not_exist")])
     assert "is not allowed with --quick" in capsys.readouterr().err
     assert hw.main(["--quick", "--data", str(data), "--out", str(out)]) == 0
-    record = json.loads((out / "runs" / "heldout_seed0.json").read_text())
-    assert record["task_names"] == ["SST-2", "WiC"] and record["total_steps"] == 6  # (16 - 4) rows, batches of 4
-    assert record["plugins"] == ["ewc", "replay", "heldout_weighting"]
-    assert "hf_adaptive/weighting/heldout.py" in record["code_files"]
-    assert "benchmarks/loss_weighting_heldout.py" in record["code_files"]
-    per_task = record["heldout_weighting"]["per_task"]
-    assert [row["updates"] for row in per_task] == [0, 3]  # nothing to weigh during the first task
-    final = record["heldout_weighting"]["final"]
-    assert set(final) == {"ewc", "replay"} and max(abs(w - 1.0) for w in final.values()) > 1e-3
-    assert hw.plan(hw.cl_real.load_results(out / "runs"), hw.code_version(hw.lw.QUICK), hw.lw.QUICK) == []
+    for arm, mode in (("heldout", "first_order"), ("heldout_alignment", "alignment")):
+        record = json.loads((out / "runs" / f"{arm}_seed0.json").read_text())
+        assert record["task_names"] == ["SST-2", "WiC"] and record["total_steps"] == 6  # (16 - 4) rows, batches of 4
+        assert record["plugins"] == ["ewc", "replay", "heldout_weighting"]
+        assert record["heldout_weighting"]["settings"]["hypergradient"] == mode
+        assert "hf_adaptive/weighting/heldout.py" in record["code_files"]
+        assert "benchmarks/loss_weighting_heldout.py" in record["code_files"]
+        per_task = record["heldout_weighting"]["per_task"]
+        assert [row["updates"] for row in per_task] == [0, 3]  # nothing to weigh during the first task
+        final = record["heldout_weighting"]["final"]
+        assert set(final) == {"ewc", "replay"} and max(abs(w - 1.0) for w in final.values()) > 1e-3
+    assert hw.plan(hw.cl_real.load_results(out / "runs"), hw.lw.QUICK) == []
     markdown = (out / "loss_weighting_heldout.md").read_text()
-    assert "| held-out weighting |" in markdown and "Verdict: not measured yet." in markdown
+    assert "| heldout_alignment (alignment), seeds [0] |" in markdown
+    assert "- heldout: not measured yet." in markdown

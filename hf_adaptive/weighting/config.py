@@ -10,7 +10,11 @@ import math
 from dataclasses import dataclass, field
 
 from ..utils.options import OptionSource
-from ..utils.validation import check_number, fail
+from ..utils.validation import check_choice, check_number, fail
+
+#: what the log-weights descend: minus the cosine between the step and the held-out gradient, or the first-order
+#: change of the held-out loss (which also rewards a larger step: see `heldout`)
+HYPERGRADIENTS = ("alignment", "first_order")
 
 
 @dataclass
@@ -38,6 +42,16 @@ class HeldOutWeightingConfig:
             "held-out loss is the mean over tasks of each task's mean answer loss."
         },
     )
+    hypergradient: str = field(
+        default="alignment",
+        metadata={
+            "help": "What the weights follow: 'alignment' (the derivative of the cosine between the step and the "
+            "held-out gradient: a term gains weight only when it turns the step towards the held-out loss's descent) "
+            "or 'first_order' (the derivative of the held-out loss after the step, to first order: it also rewards "
+            "a larger step, so every term that agrees with the held-out gradient gains weight).",
+            "choices": list(HYPERGRADIENTS),
+        },
+    )
     every: int = field(default=1, metadata={"help": "Optimizer steps between two weight updates (>= 1)."})
     lr: float = field(
         default=0.1,
@@ -61,6 +75,7 @@ class HeldOutWeightingConfig:
         owner = type(self).__name__
         for name in ("holdout_rows", "buffer_size", "batch_size", "every"):
             check_number(owner, name, getattr(self, name), low=1, integer=True)
+        check_choice(owner, "hypergradient", self.hypergradient, HYPERGRADIENTS)
         check_number(owner, "lr", self.lr, low=0, low_open=True)
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else self.betas
         if not isinstance(betas, tuple) or len(betas) != 2:
@@ -79,4 +94,4 @@ class HeldOutWeightingConfig:
 #: seeds the held-out rows (not an option of its own, as for replay)
 HELDOUT_WEIGHTING_OPTIONS = (OptionSource(HeldOutWeightingConfig, "heldout_weighting_", exclude=("seed",)),)
 
-__all__ = ["HELDOUT_WEIGHTING_OPTIONS", "HeldOutWeightingConfig"]
+__all__ = ["HELDOUT_WEIGHTING_OPTIONS", "HYPERGRADIENTS", "HeldOutWeightingConfig"]

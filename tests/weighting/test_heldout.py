@@ -31,9 +31,10 @@ def test_adam_step_equals_torch_adam():
         assert value == pytest.approx(param.item(), rel=1e-12, abs=1e-12)
 
 
-def test_hypergradient_is_the_derivative_of_the_heldout_loss_after_one_step():
-    """h_i * |g_val| |g| * lr == d L_val(theta - lr * (g_task + sum_j w_j g_j)) / d log w_i, to first order in lr:
-    checked by central differences on three random quadratics."""
+@pytest.mark.parametrize("mode", ["first_order", "alignment"])
+def test_hypergradient_is_the_derivative_of_its_objective(mode):
+    """first_order: h_i * |g_val| |g| * lr == d L_val(theta - lr * (g_task + sum_j w_j g_j)) / d log w_i, to first
+    order in lr; alignment: h_i == -d cos(g, g_val) / d log w_i. Both by central differences on random quadratics."""
     torch.manual_seed(0)
     n = 6
     theta = torch.randn(n, dtype=torch.float64)
@@ -47,7 +48,7 @@ def test_hypergradient_is_the_derivative_of_the_heldout_loss_after_one_step():
     def grad(kind, x):
         return mats[kind] @ (x - centers[kind])
 
-    plugin = HeldOutWeightingPlugin()
+    plugin = HeldOutWeightingPlugin(hypergradient=mode)
     plugin.log_weights = {"ewc": math.log(0.5), "replay": math.log(3.0)}
     rows = {k: grad(k, theta) for k in ("task", "ewc", "replay")}
     heldout = grad("val", theta)
@@ -57,31 +58,65 @@ def test_hypergradient_is_the_derivative_of_the_heldout_loss_after_one_step():
     lr, eps = 1e-6, 1e-4
     for name in ("ewc", "replay"):
 
-        def after(shift, name=name):
+        def objective(shift, name=name):
             w = {k: math.exp(v + (shift if k == name else 0.0)) for k, v in plugin.log_weights.items()}
-            return loss("val", theta - lr * (rows["task"] + w["ewc"] * rows["ewc"] + w["replay"] * rows["replay"]))
+            g = rows["task"] + w["ewc"] * rows["ewc"] + w["replay"] * rows["replay"]
+            if mode == "alignment":
+                return -float(heldout @ g / (heldout.norm() * g.norm()))
+            return loss("val", theta - lr * g)
 
-        numeric = (after(eps) - after(-eps)) / (2 * eps)
-        analytic = hyper[name] * float(heldout.norm() * step.norm()) * lr
+        numeric = (objective(eps) - objective(-eps)) / (2 * eps)
+        analytic = hyper[name] * (float(heldout.norm() * step.norm()) * lr if mode == "first_order" else 1.0)
         assert analytic == pytest.approx(float(numeric), rel=1e-3)
         assert analytic != 0
 
 
+def test_alignment_ignores_the_length_of_the_step():
+    """Terms parallel to the step only lengthen it: no alignment push; first_order pushes them up."""
+    step_dir = torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)
+    rows = {"task": step_dir, "replay": 0.5 * step_dir}
+    heldout = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    aligned, _ = HeldOutWeightingPlugin(hypergradient="alignment").hypergradients(rows, heldout)
+    first, _ = HeldOutWeightingPlugin(hypergradient="first_order").hypergradients(rows, heldout)
+    assert aligned["replay"] == pytest.approx(0.0, abs=1e-12) and first["replay"] < 0
+
+
+def test_alignment_raises_a_term_that_turns_the_step_towards_the_heldout_descent():
+    """The held-out gradient lies between the task's and `toward`'s: `toward` gains weight (h < 0), `away` (its
+    opposite) loses it, whatever their lengths."""
+    rows = {
+        "task": torch.tensor([1.0, 0.0], dtype=torch.float64),
+        "toward": torch.tensor([0.0, 0.1], dtype=torch.float64),
+        "away": torch.tensor([0.0, -3.0], dtype=torch.float64),
+    }
+    heldout = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    plugin = HeldOutWeightingPlugin()
+    hyper, _ = plugin.hypergradients(rows, heldout)
+    assert hyper["toward"] < 0 < hyper["away"]
+    plugin.update(hyper)
+    assert plugin.weight("toward") > 1 > plugin.weight("away")
+
+
 class _Fixed(ContinualPlugin):
-    """Two terms on a fixed batch of rows: `pro` (their loss) and `anti` (minus the task loss of the batch)."""
+    """Terms on fixed batches of rows (`batches`: name -> rows, each its answer loss), and with `anti` the term
+    `anti`: minus the task loss of the batch."""
 
     name = "fixed_terms"
 
-    def __init__(self, rows):
-        self.rows = rows
+    def __init__(self, batches, anti=False):
+        self.batches, self.anti = batches, anti
 
     @property
     def term_names(self):
-        return ("pro", "anti")
+        return (*self.batches, *(("anti",) if self.anti else ()))
 
     def loss_terms(self, trainer, model, inputs, outputs):
-        batch = collate(self.rows, trainer.processing_class, next(model.parameters()).device)
-        return [LossTerm("pro", answer_loss(trainer, model, batch), 0.5), LossTerm("anti", -outputs.loss, 1.0)]
+        device = next(model.parameters()).device
+        terms = [
+            LossTerm(name, answer_loss(trainer, model, collate(rows, trainer.processing_class, device)), 0.5)
+            for name, rows in self.batches.items()
+        ]
+        return terms + ([LossTerm("anti", -outputs.loss, 1.0)] if self.anti else [])
 
 
 def _fake_trainer(tokenizer, step=0, task=0):
@@ -96,7 +131,7 @@ def test_combined_gradient_uses_the_updated_weights(tokenizer, small_tasks, tiny
     micro-batch of the same step does not update and hands back the same weighted sum's gradient."""
     model = tiny_model
     rows = tokenize_task(small_tasks[0], tokenizer)
-    plugin = HeldOutWeightingPlugin(holdout_rows=4, batch_size=4, lr=0.2)
+    plugin = HeldOutWeightingPlugin(holdout_rows=4, batch_size=4, lr=0.2, hypergradient="first_order")
     plugin.memory.add("first_color", [rows[i] for i in range(4)])
     trainer = _fake_trainer(tokenizer, step=3)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,27 +232,30 @@ def test_held_out_rows_are_never_trained_on_nor_replayed(tmp_path, tokenizer, sm
     assert logged, "the weights are logged"
 
 
-def test_a_term_that_hurts_the_heldout_loss_loses_weight(tmp_path, tokenizer, small_tasks, make_args, test_seed):
+def test_first_order_lowers_a_term_against_the_task_and_raises_one_with_it(
+    tmp_path, tokenizer, small_tasks, make_args, test_seed
+):
     """`anti` (minus the task loss) pushes against every row of the task; `pro` (the loss of other rows of the
-    task) pulls with them: on held-out rows of the same task the first must lose weight, the second gain it."""
+    task) pulls with them: on held-out rows of the same task the first loses weight, the second gains it."""
     rows = tokenize_task(small_tasks[0], tokenizer)
 
     def plugins(args):
-        return [_Fixed([rows[i] for i in range(4)]), HeldOutWeightingPlugin.from_config(args)]
+        fixed = _Fixed({"pro": [rows[i] for i in range(4)]}, anti=True)
+        return [fixed, HeldOutWeightingPlugin.from_config(args, hypergradient="first_order")]
 
-    trainer = _sequence_trainer(
-        tmp_path,
-        tokenizer,
-        make_args,
-        plugins,
-        seed=test_seed,
-        gradient_accumulation_steps=2,
-        per_device_train_batch_size=4,
-    )
-    heldout = trainer.plugins[1]
-    trainer.train_sequence(small_tasks[:1], evaluate_baseline=False)
-    assert len(heldout.history) == 6  # accumulation: one update per optimizer step, not per micro-batch
+    heldout = _train_first_task(tmp_path, tokenizer, small_tasks, make_args, plugins, test_seed)
     assert heldout.weight("anti") < 0.8 < 1.25 < heldout.weight("pro")
+
+
+def _train_first_task(tmp_path, tokenizer, small_tasks, make_args, plugins, seed):
+    """The first task alone, batches of 4 accumulated twice; the held-out plugin (one update per optimizer step)."""
+    trainer = _sequence_trainer(
+        tmp_path, tokenizer, make_args, plugins, seed=seed, gradient_accumulation_steps=2, per_device_train_batch_size=4
+    )
+    trainer.train_sequence(small_tasks[:1], evaluate_baseline=False)
+    heldout = trainer.plugins[1]
+    assert len(heldout.history) == 6  # accumulation: one update per optimizer step, not per micro-batch
+    return heldout
 
 
 def test_state_round_trip_and_bad_states(tmp_path, tokenizer, small_tasks):
