@@ -11,6 +11,7 @@ is measured against noise. This script measures it from the stored runs (no mode
   at least as much as the grid's (a large share: the cells are not told apart);
 * how far the best cell's mean is above the mean of the cells, against the excess the best of that many *equal*
   cells has by chance alone (E[max of k standard normals], simulated, times the standard error);
+* each level of each factor (EWC lambda, replay alpha): the mean over its cells and seeds, with its standard error;
 * every other arm (the learned ones of loss_weighting_real.py, the held-out ones of loss_weighting_heldout.py): its
   seed mean against the best cell and the mean of the cells, in points and in standard errors.
 
@@ -110,6 +111,13 @@ def analyse(reference: dict[tuple[str, int], dict], others: dict[tuple[str, int]
             row["vs_grid_mean_points"] = 100 * (mean - statistics.mean(means.values()))
             row["vs_grid_mean_in_se"] = (mean - statistics.mean(means.values())) / se if se else None
         rows.append(row)
+    arms = lw.build_arms(lw.REAL)
+    margins: dict[str, dict[str, Any]] = {}
+    for factor in ("ewc_lambda", "replay_alpha"):
+        for level in sorted({getattr(arms[n], factor) for n in cells}):
+            values = [x for n, v in cells.items() if getattr(arms[n], factor) == level for x in v]
+            se = noise["within_cell_sd"] / math.sqrt(len(values)) if noise else None
+            margins[f"{factor}={level:g}"] = {"runs": len(values), "mean": statistics.mean(values), "se": se}
     stale = sorted({m for (m, _), d in reference.items() if not cl_real.is_current(d, lw.code_version(lw.REAL))})
     return {
         "noise": noise,
@@ -117,6 +125,7 @@ def analyse(reference: dict[tuple[str, int], dict], others: dict[tuple[str, int]
         "best_cell": best,
         "grid_mean": statistics.mean(means.values()) if means else None,
         "arms": rows,
+        "margins": margins,
         "stale_reference_arms": stale,
     }
 
@@ -149,6 +158,16 @@ def report_markdown(summary: dict[str, Any]) -> str:
             f"| {row['arm']} | {row['seeds']} | {cl_real.spread(row['avg_acc'])} | {row['vs_best_points']:+.1f} | "
             f"{row['vs_grid_mean_points']:+.1f} | {'n/a' if se is None else f'{se:+.2f}'} |"
         )
+    lines += [
+        "",
+        "Each factor of the grid on its own (every cell and seed at that level; the standard error from the pooled "
+        "seed noise; read after looking at the grid, so a post-hoc comparison):",
+        "",
+        "| level | runs | mean avg acc | standard error |",
+        "|---|---|---|---|",
+    ]
+    for level, margin in summary["margins"].items():
+        lines.append(f"| {level} | {margin['runs']} | {margin['mean']:.3f} | {100 * margin['se']:.1f} points |")
     lines += ["", "| grid cell | avg acc per seed | mean |", "|---|---|---|"]
     for name, cell in summary["cells"].items():
         lines.append(f"| {name} | {', '.join(f'{a:.3f}' for a in cell['avg_acc'])} | {cell['mean']:.3f} |")

@@ -52,5 +52,9 @@ def test_analyse_sets_every_other_arm_against_the_best_cell_and_the_mean(noise):
     assert rows["heldout"]["vs_best_points"] == pytest.approx(100 * (0.70 - 0.69))
     assert rows["heldout"]["vs_grid_mean_points"] == pytest.approx(5.0)
     assert summary["stale_reference_arms"] == sorted(lw.build_arms(lw.REAL))  # "x" is no current version
+    # replay alpha 1 (cells 3, 6, 9: 0.62, 0.65, 0.68 + 0.02 * seed) against alpha 0.1 (cells 1, 4, 7)
+    assert summary["margins"]["replay_alpha=1"]["mean"] == pytest.approx(0.66)
+    assert summary["margins"]["replay_alpha=0.1"]["mean"] == pytest.approx(0.64)
+    assert summary["margins"]["ewc_lambda=10"]["runs"] == 6
     markdown = noise.report_markdown(summary)
     assert "| heldout | [0] | 0.700 | +1.0 | +5.0 |" in markdown
