@@ -149,7 +149,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"points above the mean of the cells ({summary['grid_mean']:.3f}); the best of {noise['cells']} equal cells "
         f"is {100 * noise['best_minus_mean_by_chance']:.1f} points above it by chance alone.",
         "",
-        "| arm | seeds | avg acc | vs best cell (points) | vs mean of the cells (points) | in standard errors |",
+        "| arm | seeds | avg acc | vs best cell (points) | vs cells' mean (points) | same, in s.e. of its mean |",
         "|---|---|---|---|---|---|",
     ]
     for row in summary["arms"]:
