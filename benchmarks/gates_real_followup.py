@@ -236,11 +236,11 @@ def run_lora_part(bench: gr.Bench, kept: list[int], strategy: str, fraction: flo
 
 def run_parts(base: dict[str, Any], data: Path, results_dir: Path, max_parts: int | None) -> int:
     """Run the plan's parts in order (at most `max_parts`), storing each as it finishes; returns how many ran."""
-    todo = plan(base, load_records(results_dir))[:max_parts]
+    records = load_records(results_dir)
+    todo = plan(base, records)[:max_parts]
     if not todo:
         return 0
     bench = build_bench(base, data)
-    records = load_records(results_dir)
     for part, why in todo:
         name = part["name"]
         print(f"=== {name} ({why})", flush=True)
