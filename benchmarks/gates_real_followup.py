@@ -381,9 +381,61 @@ def report_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merged_result(base: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The base's result with the new controllers' rows and runs added: what `gates_real.plot` draws, so the
+    Pareto plot has every method (PPO from the base, REINFORCE and A2C from here) on one figure."""
+    new = [records[name] for name in sorted(records) if records[name].get("kind") == "controller"]
+    return {
+        **base,
+        "results": [*base["results"], *(r["row"] for r in new)],
+        "controllers": [*base["controllers"], *(r["run"] for r in new)],
+    }
+
+
+def plot_accuracy(path: Path, summary: dict[str, Any]) -> None:
+    """LoRA accuracy against the fraction of heads kept, per strategy, with each point's binomial standard error
+    (the band the accuracy verdicts use) and the dense model's accuracy as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_test = summary["base"]["test_rows"]
+    points: dict[str, list[tuple[float, float]]] = {}
+    for b in summary["budgets"]:
+        for r in b["rows"]:
+            if r["lora_accuracy"] is not None:
+                points.setdefault(r["strategy"], []).append((b["fraction"], r["lora_accuracy"]))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for name, pts in sorted(points.items()):
+        pts.sort()
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        marker = "D" if name == "michel_kv_groups" else ("o" if name.startswith("controller") else "s")
+        ax.errorbar(xs, ys, yerr=[_se(y, n_test) for y in ys], marker=marker, capsize=3, lw=1, label=name)
+    if summary["dense_lora_accuracy"] is not None:
+        ax.axhline(summary["dense_lora_accuracy"], color="k", ls="--", lw=1, label="dense")
+    ax.set(xlabel="fraction of query heads kept", ylabel=f"accuracy after the short LoRA ({n_test} test rows)",
+           title="Heads kept vs accuracy (bars: binomial standard error)")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def build_report(base: dict[str, Any], results_dir: Path, out: Path) -> str:
-    summary = summarize(base, load_records(results_dir))
-    markdown = report_markdown(summary)
+    """The summary, its markdown and two plots: every method's test loss and the controllers' reward curves
+    (`<name>_pareto.png`, gates_real's plot) and the LoRA accuracies (`<name>_accuracy.png`)."""
+    records = load_records(results_dir)
+    summary = summarize(base, records)
+    pngs = {"pareto": f"{NAME}_pareto.png", "accuracy": f"{NAME}_accuracy.png"}
+    gr.plot(Path(out) / pngs["pareto"], merged_result(base, records))
+    plot_accuracy(Path(out) / pngs["accuracy"], summary)
+    markdown = report_markdown(summary) + (
+        f"\nPlots: [{pngs['pareto']}]({pngs['pareto']}) (test loss vs heads kept for every method, the base's PPO "
+        f"and these controllers' reward and best validated loss per step), [{pngs['accuracy']}]({pngs['accuracy']}) "
+        "(LoRA accuracy vs heads kept).\n"
+    )
     write_results(NAME, cl_real._json_safe(summary), markdown, out=out)
     return markdown
 

@@ -60,6 +60,22 @@ def test_the_run_stores_every_part_and_a_second_run_has_nothing_left(fu, followe
     assert fu.run_parts(base, fu.compression.DEFAULT_DATA, results_dir, None) == 0  # resumes: nothing to run
 
 
+def test_the_report_plots_every_method_with_the_new_controllers_and_the_lora_accuracies(fu, followed):
+    summary, md, results_dir, path = followed
+    base = json.loads(path.read_text())
+    for png in (f"{fu.NAME}_pareto.png", f"{fu.NAME}_accuracy.png"):
+        assert (results_dir.parent / png).stat().st_size > 0 and f"]({png})" in md
+    merged = fu.merged_result(base, fu.load_records(results_dir))
+    assert merged["results"][: len(base["results"])] == base["results"]
+    added = {r["strategy"] for r in merged["results"][len(base["results"]) :]}
+    assert added == {"controller_reinforce_best", "controller_a2c_best"}
+    assert [c["strategy"] for c in merged["controllers"][len(base["controllers"]) :]] == [
+        "controller_a2c_best",  # records in name order
+        "controller_reinforce_best",
+    ]
+    assert all(c["running_best_val_loss"] for c in merged["controllers"])
+
+
 def test_new_controllers_keep_exactly_the_budget_and_start_from_the_best_static_ranking(fu, followed):
     summary, md, results_dir, path = followed
     base = json.loads(path.read_text())
