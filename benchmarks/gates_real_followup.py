@@ -1,5 +1,6 @@
 """What gates_real.py's stored run left out (issue 14), without re-running its 104 minutes: task accuracy after a
-short LoRA with each strategy's heads, and the REINFORCE and A2C gate controllers.
+short LoRA with each strategy's heads, the REINFORCE and A2C gate controllers, and a second seed of its PPO
+controllers.
 
 gates_real.py's run (`docs/results/gates_real.json`, the base) stores, per budget, the heads every strategy kept
 (`kept`) with its validation and test loss. This script rebuilds the base's bench from its own settings (model, the
@@ -13,15 +14,17 @@ so a stopped run resumes at the next part:
   (`gates_real.lora_accuracy`: r=8 on q/k/v/o, `lora.steps` steps of 8 answer-labelled training rows, the base's
   seed) with the strategy's stored heads fixed: dense, every strategy of the base at every budget (random: its
   first seed's heads, as gates_real's own `--lora-accuracy` takes), michel_kv_groups;
-* ``controller_<algorithm>_best_<kept %>``: REINFORCE and A2C (`ALGORITHMS`) run as gates_real runs PPO
-  (`gates_real.run_controller`: exactly k heads, `controller_steps` steps rewarded on the validation half, the best
-  validated gates at the budget), from the base's best static ranking at that budget (lowest validation loss among
-  magnitude, Michel, L0 and michel_iterated: the same start as the base's `controller_ppo_best`); each is followed
-  by its ``lora_`` part.
+* ``controller_<algorithm>[_prior]_best[_seed<k>]_<kept %>`` (`CONTROLLERS`): REINFORCE and A2C, and the base's
+  two PPO controllers (plain and with the importance prior) again with the controller seed `seed + k`, each run as
+  gates_real runs PPO (`gates_real.run_controller`: exactly k heads, `controller_steps` steps rewarded on the
+  validation half, the best validated gates at the budget), from the base's best static ranking at that budget
+  (lowest validation loss among magnitude, Michel, L0 and michel_iterated: the same start as the base's
+  `controller_ppo_best`); each is followed by its ``lora_`` part.
 
 Verdicts, per budget: on test loss, gates_real's rule (`gates_real.verdict`: beats / matches / loses the best static
 baseline by the random seeds' standard deviation); on LoRA accuracy, the same rule with the accuracy's binomial
-standard error on the test half (sqrt(p (1 - p) / n), ~6 points at 63 rows) as the band.
+standard error on the test half (sqrt(p (1 - p) / n), ~6 points at 63 rows) as the band. A PPO controller with its
+second seed is also judged on the mean over its two seeds (the base's run and this one).
 
     python benchmarks/gates_real_followup.py [--max-parts N]   # every missing or stale part, then the report
     python benchmarks/gates_real_followup.py --plan            # the parts still to run, with the estimate
@@ -29,7 +32,8 @@ standard error on the test half (sqrt(p (1 - p) / n), ~6 points at 63 rows) as t
     python benchmarks/gates_real_followup.py --quick --base B --out DIR   # on a `gates_real.py --quick` run
 
 Cost on 2 cores (gates_real's estimates): loading ~0.5 min; a LoRA part ~1.1 min (24 steps + scoring), 23 of them;
-a controller part ~12-14 min (40 steps of importance, entropy and 8 validation batches); ~110 min in all.
+a controller part ~12-14 min (40 steps of importance, entropy and 8 validation batches), 12 of them; ~190 min in
+all.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +61,37 @@ NAME = "gates_real_followup"
 RESULTS_DIR = RESULTS / NAME
 BASE = RESULTS / f"{gr.NAME}.json"
 SCRIPTS = (Path(__file__).resolve(), *gr.SCRIPTS)
-#: the controllers the base run did not have (it ran PPO)
-ALGORITHMS = ("reinforce", "a2c")
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """A controller run from the best static start: its algorithm, policy (`gates_real.PRIORS`) and the offset of its
+    seed from the base's (0: the base's seed)."""
+
+    algorithm: str
+    prior: str = "none"
+    seed_offset: int = 0
+
+    @property
+    def name(self) -> str:
+        seed = f"_seed{self.seed_offset}" if self.seed_offset else ""
+        return f"controller_{self.algorithm}{gr.PRIOR_SUFFIX[self.prior]}_best{seed}"
+
+    @property
+    def replicates(self) -> str | None:
+        """The base's strategy this run repeats with another seed (None: a controller the base did not run)."""
+        return f"controller_{self.algorithm}{gr.PRIOR_SUFFIX[self.prior]}_best" if self.seed_offset else None
+
+
+#: the controllers the base run did not have (it ran PPO, plain and with the prior, on one seed): REINFORCE, A2C,
+#: and both PPO policies with a second seed
+CONTROLLERS = (
+    ControllerSpec("reinforce"),
+    ControllerSpec("a2c"),
+    ControllerSpec("ppo", "none", 1),
+    ControllerSpec("ppo", "importance", 1),
+)
+ALGORITHMS = tuple(dict.fromkeys(c.algorithm for c in CONTROLLERS if c.replicates is None))
 #: relative tolerance of the bench check against the base's stored losses (other CPUs differ in the last bits)
 TOLERANCE = 1e-4
 #: gates_real's unit costs (seconds on 2 threads) for the plan's estimate
@@ -72,25 +106,30 @@ def lora_part(strategy: str, fraction: float) -> str:
     return f"lora_{strategy}_{percent(fraction)}"
 
 
-def controller_name(algorithm: str) -> str:
-    return f"controller_{algorithm}_best"
+def _spec(controller: str | ControllerSpec) -> ControllerSpec:
+    return controller if isinstance(controller, ControllerSpec) else ControllerSpec(controller)
 
 
-def controller_part(algorithm: str, fraction: float) -> str:
-    return f"{controller_name(algorithm)}_{percent(fraction)}"
+def controller_name(controller: str | ControllerSpec) -> str:
+    """The strategy name of a controller (an algorithm alone: its plain policy on the base's seed)."""
+    return _spec(controller).name
 
 
-def parts(base: dict[str, Any], algorithms: tuple[str, ...] = ALGORITHMS) -> list[dict[str, Any]]:
+def controller_part(controller: str | ControllerSpec, fraction: float) -> str:
+    return f"{controller_name(controller)}_{percent(fraction)}"
+
+
+def parts(base: dict[str, Any], controllers: tuple[ControllerSpec, ...] = CONTROLLERS) -> list[dict[str, Any]]:
     """Every part, in run order: the base's strategies' LoRA parts (dense first, then by budget), then per budget
     each new controller and its LoRA part."""
     out = []
     for row in base["results"]:
         out.append({"kind": "lora", "name": lora_part(row["strategy"], row["fraction"]), "row": row})
     for fraction in base["meta"]["settings"]["budgets"]:
-        for algorithm in algorithms:
-            name = controller_part(algorithm, fraction)
-            out.append({"kind": "controller", "name": name, "algorithm": algorithm, "fraction": fraction})
-            out.append({"kind": "lora", "name": lora_part(controller_name(algorithm), fraction), "after": name})
+        for spec in controllers:
+            name = controller_part(spec, fraction)
+            out.append({"kind": "controller", "name": name, "controller": spec, "fraction": fraction})
+            out.append({"kind": "lora", "name": lora_part(spec.name, fraction), "after": name})
     return out
 
 
@@ -173,10 +212,14 @@ def rows_at(base: dict[str, Any], fraction: float) -> list[dict[str, Any]]:
     return [r for r in base["results"] if r["fraction"] == fraction]
 
 
-def run_controller_part(bench: gr.Bench, base: dict[str, Any], algorithm: str, fraction: float) -> dict[str, Any]:
-    """`algorithm` from the best static ranking at `fraction`, as gates_real's `budget_rows` runs PPO."""
+def run_controller_part(
+    bench: gr.Bench, base: dict[str, Any], controller: str | ControllerSpec, fraction: float
+) -> dict[str, Any]:
+    """A controller from the best static ranking at `fraction`, as gates_real's `budget_rows` runs PPO."""
     from hf_adaptive.control.config import GateControllerConfig
 
+    spec = _spec(controller)
+    algorithm, seed = spec.algorithm, bench.s["seed"] + spec.seed_offset
     s, (L, H) = bench.s, bench.shape
     at = rows_at(base, fraction)
     k = at[0]["heads"]
@@ -190,17 +233,18 @@ def run_controller_part(bench: gr.Bench, base: dict[str, Any], algorithm: str, f
             f"{start_row['val_loss']:.6f}: the bench differs from the base run's"
         )
     cfg = GateControllerConfig(
-        algorithm=algorithm, min_active_heads=k, max_active_heads=k, seed=s["seed"], **s["controller"]
+        algorithm=algorithm, min_active_heads=k, max_active_heads=k, seed=seed, **s["controller"]
     )
+    strength = s["prior_strength"] if spec.prior == "importance" else 0.0
     t = time.perf_counter()
     ctrl = gr.run_controller(
-        bench.model, bench.gated, bench.val_batches, bench.stats_batches, cfg, s["controller_steps"], start
+        bench.model, bench.gated, bench.val_batches, bench.stats_batches, cfg, s["controller_steps"], start, strength
     )
     best = min((pt for pt in ctrl.archive.points if pt.active_heads == k), key=lambda pt: pt.loss)
     gates = best.gates.view(L, H)
     seconds = round(time.perf_counter() - t, 1)
     row = {
-        "strategy": controller_name(algorithm),
+        "strategy": spec.name,
         "fraction": fraction,
         "heads": k,
         "val_loss": best.loss,
@@ -213,7 +257,9 @@ def run_controller_part(bench: gr.Bench, base: dict[str, Any], algorithm: str, f
         "strategy": row["strategy"],
         "algorithm": algorithm,
         "init": "best",
-        "prior": "none",
+        "prior": spec.prior,
+        "seed": seed,
+        "replicates": spec.replicates,
         "start": source,
         "fraction": fraction,
         "heads": k,
@@ -246,7 +292,7 @@ def run_parts(base: dict[str, Any], data: Path, results_dir: Path, max_parts: in
         print(f"=== {name} ({why})", flush=True)
         t = time.perf_counter()
         if part["kind"] == "controller":
-            result = run_controller_part(bench, base, part["algorithm"], part["fraction"])
+            result = run_controller_part(bench, base, part["controller"], part["fraction"])
         elif "row" in part:
             row = part["row"]
             result = run_lora_part(bench, row["kept"], row["strategy"], row["fraction"])
@@ -270,6 +316,47 @@ def _se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
+
+
+def _seed_means(
+    rows: list[dict[str, Any]],
+    seed: int,
+    best: float,
+    issue: float,
+    spread: float,
+    best_acc: dict[str, Any] | None,
+    n_test: int,
+) -> list[dict[str, Any]]:
+    """Each base controller with a second seed at this budget: both seeds' test loss and LoRA accuracy, their means,
+    and the means' verdicts by the same rules as one run's."""
+    by_strategy = {r["strategy"]: r for r in rows}
+    out = []
+    for c in CONTROLLERS:
+        if c.replicates is None or c.replicates not in by_strategy or c.name not in by_strategy:
+            continue
+        pair = [by_strategy[c.replicates], by_strategy[c.name]]
+        loss = _mean([r["test_loss"] for r in pair])
+        acc = _mean([r["lora_accuracy"] for r in pair])
+        out.append(
+            {
+                "strategy": c.replicates,
+                "seeds": [seed, seed + c.seed_offset],
+                "test_loss": [r["test_loss"] for r in pair],
+                "mean_test_loss": loss,
+                "vs_best_static": gr.verdict(loss, best, spread),
+                "vs_issue_static": gr.verdict(loss, issue, spread),
+                "lora_accuracy": [r["lora_accuracy"] for r in pair],
+                "mean_lora_accuracy": acc,
+                "accuracy_vs_best_static": None
+                if acc is None or best_acc is None
+                else gr.verdict(-acc, -best_acc["lora_accuracy"], _se(best_acc["lora_accuracy"], n_test)),
+            }
+        )
+    return out
+
+
 def summarize(base: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per budget: every strategy's test loss and LoRA accuracy, the new controllers' rows and their verdicts."""
     current = {n: cl_real.is_current(r, code_version(base, n)) for n, r in records.items()}
@@ -279,7 +366,7 @@ def summarize(base: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[
     for verdict in base["verdicts"]:
         fraction = verdict["fraction"]
         rows = [dict(r) for r in rows_at(base, fraction)]
-        new = [records[controller_part(a, fraction)] for a in ALGORITHMS if controller_part(a, fraction) in records]
+        new = [records[controller_part(c, fraction)] for c in CONTROLLERS if controller_part(c, fraction) in records]
         rows += [dict(r["row"]) for r in new]
         for r in rows:
             entry = lora.get((r["strategy"], fraction))
@@ -304,18 +391,22 @@ def summarize(base: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[
             for r in rows:
                 if r["strategy"].startswith("controller") and r["lora_accuracy"] is not None:
                     accuracy_verdicts[r["strategy"]] = gr.verdict(-r["lora_accuracy"], -best_acc["lora_accuracy"], band)
+        seed_means = _seed_means(rows, base["meta"]["settings"]["seed"], best, issue, spread, best_acc, n_test)
         budgets.append(
             {
                 "fraction": fraction,
                 "heads": verdict["heads"],
                 "rows": rows,
                 "best_static": verdict["best_static"],
+                "best_static_test_loss": best,
+                "best_issue_static_test_loss": issue,
                 "random_std": spread,
                 "loss_verdicts": loss_verdicts,
                 "best_static_accuracy": None if best_acc is None else {
                     "strategy": best_acc["strategy"], "accuracy": best_acc["lora_accuracy"],
                     "standard_error": _se(best_acc["lora_accuracy"], n_test)},
                 "accuracy_verdicts": accuracy_verdicts,
+                "seed_means": seed_means,
                 "controller_runs": [r["run"] for r in new],
             }
         )  # fmt: skip
@@ -337,7 +428,8 @@ def _f(value: float | None, digits: int = 4) -> str:
 def report_markdown(summary: dict[str, Any]) -> str:
     base = summary["base"]
     lines = [
-        "# Head gates on SmolLM2: accuracy after a short LoRA, and the REINFORCE / A2C controllers (issue 14)",
+        "# Head gates on SmolLM2: accuracy after a short LoRA, the REINFORCE / A2C controllers and PPO's second seed "
+        "(issue 14)",
         "",
         f"Follow-up of gates_real.py's stored run (code version {base['code_version']}, commit {base['code_commit']}; "
         f"dense test loss {base['dense']['test_loss']:.4f}) by `benchmarks/gates_real_followup.py`: the same bench, "
@@ -366,6 +458,16 @@ def report_markdown(summary: dict[str, Any]) -> str:
                     f"- {name}, LoRA accuracy: {v} the best static baseline's ({acc['strategy']} "
                     f"{acc['accuracy']:.3f}; band: its standard error {acc['standard_error']:.3f})."
                 )
+        for m in b.get("seed_means", []):
+            acc = "" if m["mean_lora_accuracy"] is None else (
+                f"; LoRA accuracy {m['mean_lora_accuracy']:.3f} [{m['lora_accuracy'][0]:.3f}, "
+                f"{m['lora_accuracy'][1]:.3f}]: {m['accuracy_vs_best_static']} the best static baseline's"
+            )  # fmt: skip
+            lines.append(
+                f"- {m['strategy']} over seeds {m['seeds']}: test loss {m['mean_test_loss']:.4f} "
+                f"[{m['test_loss'][0]:.4f}, {m['test_loss'][1]:.4f}]: {m['vs_best_static']} the best static baseline "
+                f"({b['best_static']}), {m['vs_issue_static']} the best of the issue's four{acc}."
+            )
         for run in b["controller_runs"]:
             lines.append(
                 f"- {run['strategy']}: start {run['start']} (val {run['start_val_loss']:.4f}), first action "
@@ -383,7 +485,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
 
 def merged_result(base: dict[str, Any], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The base's result with the new controllers' rows and runs added: what `gates_real.plot` draws, so the
-    Pareto plot has every method (PPO from the base, REINFORCE and A2C from here) on one figure."""
+    Pareto plot has every method (PPO from the base, REINFORCE, A2C and PPO's second seed from here) on one
+    figure."""
     new = [records[name] for name in sorted(records) if records[name].get("kind") == "controller"]
     return {
         **base,

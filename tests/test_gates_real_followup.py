@@ -47,6 +47,10 @@ def test_parts_cover_every_stored_strategy_then_each_new_controller_and_its_lora
         "lora_controller_reinforce_best_50",
         "controller_a2c_best_50",
         "lora_controller_a2c_best_50",
+        "controller_ppo_best_seed1_50",
+        "lora_controller_ppo_best_seed1_50",
+        "controller_ppo_prior_best_seed1_50",
+        "lora_controller_ppo_prior_best_seed1_50",
     ]
     assert len(set(names)) == len(names)
 
@@ -68,9 +72,11 @@ def test_the_report_plots_every_method_with_the_new_controllers_and_the_lora_acc
     merged = fu.merged_result(base, fu.load_records(results_dir))
     assert merged["results"][: len(base["results"])] == base["results"]
     added = {r["strategy"] for r in merged["results"][len(base["results"]) :]}
-    assert added == {"controller_reinforce_best", "controller_a2c_best"}
+    assert added == {c.name for c in fu.CONTROLLERS}
     assert [c["strategy"] for c in merged["controllers"][len(base["controllers"]) :]] == [
         "controller_a2c_best",  # records in name order
+        "controller_ppo_best_seed1",
+        "controller_ppo_prior_best_seed1",
         "controller_reinforce_best",
     ]
     assert all(c["running_best_val_loss"] for c in merged["controllers"])
@@ -81,20 +87,50 @@ def test_new_controllers_keep_exactly_the_budget_and_start_from_the_best_static_
     base = json.loads(path.read_text())
     (budget,) = summary["budgets"]
     start = fu.gr.best_static(fu.rows_at(base, 0.5))
-    for algorithm in fu.ALGORITHMS:
-        record = json.loads((results_dir / f"{fu.controller_part(algorithm, 0.5)}.json").read_text())
+    seed = base["meta"]["settings"]["seed"]
+    for spec in fu.CONTROLLERS:
+        record = json.loads((results_dir / f"{fu.controller_part(spec, 0.5)}.json").read_text())
         row, run = record["row"], record["run"]
         assert len(row["kept"]) == row["heads"] == budget["heads"]
-        assert run["algorithm"] == algorithm and run["start"] == start
+        assert run["algorithm"] == spec.algorithm and run["start"] == start
+        assert run["prior"] == spec.prior and run["seed"] == seed + spec.seed_offset
         assert run["curve"][0]["loss"] == pytest.approx(
             next(r["val_loss"] for r in base["results"] if r["strategy"] == start)
         )
         assert row["val_loss"] <= run["curve"][0]["loss"] + 1e-9  # the best validated gates: never worse than the start
-        assert f"- {fu.controller_name(algorithm)}, test loss: " in md
+        assert f"- {fu.controller_name(spec)}, test loss: " in md
     strategies = {r["strategy"] for r in budget["rows"]}
-    assert {"controller_reinforce_best", "controller_a2c_best", "controller_ppo_best", "michel_kv_groups"} <= strategies
+    assert {c.name for c in fu.CONTROLLERS} | {"controller_ppo_best", "michel_kv_groups"} <= strategies
     assert all(0.0 <= r["lora_accuracy"] <= 1.0 for r in budget["rows"])
     assert 0.0 <= summary["dense_lora_accuracy"] <= 1.0
+
+
+def test_a_controller_part_on_the_bases_seed_reproduces_the_bases_controller(fu, base):
+    """run_controller_part is gates_real's own controller run: PPO on the base's seed gives the base's stored row."""
+    result, _ = base
+    bench = fu.build_bench(result, fu.compression.DEFAULT_DATA)
+    out = fu.run_controller_part(bench, result, fu.ControllerSpec("ppo"), 0.5)
+    stored = next(r for r in result["results"] if r["strategy"] == "controller_ppo_best")
+    assert out["row"]["strategy"] == "controller_ppo_best" and out["run"]["replicates"] is None
+    assert out["row"]["kept"] == stored["kept"]
+    assert out["row"]["test_loss"] == pytest.approx(stored["test_loss"], rel=1e-5)
+
+
+def test_ppo_with_a_second_seed_is_judged_on_the_mean_of_both_seeds(fu, followed):
+    summary, md, _, path = followed
+    base = json.loads(path.read_text())
+    (budget,) = summary["budgets"]
+    rows = {r["strategy"]: r for r in budget["rows"]}
+    (mean,) = budget["seed_means"]  # the quick base ran no prior: only plain PPO has both seeds
+    first, second = rows["controller_ppo_best"], rows["controller_ppo_best_seed1"]
+    seed = base["meta"]["settings"]["seed"]
+    assert mean["strategy"] == "controller_ppo_best" and mean["seeds"] == [seed, seed + 1]
+    assert mean["test_loss"] == [first["test_loss"], second["test_loss"]]
+    loss = (first["test_loss"] + second["test_loss"]) / 2
+    assert mean["mean_test_loss"] == pytest.approx(loss)
+    assert mean["vs_best_static"] == fu.gr.verdict(loss, budget["best_static_test_loss"], budget["random_std"])
+    assert mean["mean_lora_accuracy"] == pytest.approx((first["lora_accuracy"] + second["lora_accuracy"]) / 2)
+    assert f"- controller_ppo_best over seeds [{seed}, {seed + 1}]: test loss {loss:.4f}" in md
 
 
 def test_a_lora_part_is_gates_reals_lora_accuracy_with_the_stored_heads(fu, followed):
@@ -122,7 +158,8 @@ def test_a_bench_that_differs_from_the_base_is_refused_by_name(fu, base):
 
 def test_accuracy_verdicts_use_the_best_static_accuracy_and_its_standard_error(fu):
     base = {
-        "meta": {"code_version": "v", "test_rows": 100, "settings": {"budgets": [0.5], "controller_steps": 4}},
+        "meta": {"code_version": "v", "test_rows": 100,
+                 "settings": {"budgets": [0.5], "controller_steps": 4, "seed": 0}},
         "dense": {"val_loss": 1.0, "test_loss": 1.0},
         "results": [
             {"strategy": "dense", "fraction": 1.0, "heads": 4, "test_loss": 1.0, "kept": [0, 1, 2, 3]},
