@@ -1,0 +1,176 @@
+"""Figures of issue 14's freezing and routing measurements, drawn from their stored results (no model is loaded).
+
+freezing_real.py and routing_real.py / routing_reuse_cost.py report their numbers as tables only; this script draws
+them, so every section of issue 14 in docs/results.md has its plot, without touching (and so staling) the scripts
+whose runs made the numbers:
+
+* ``freezing_real_figure.png``: step-time speedup of each frozen configuration over its unfrozen baseline
+  (`freezing_real_speed.json`, with the issue's 1.3x target), accuracy against training time per arm and seed, and
+  the number of frozen layers at each step per arm and seed (`freezing_real.json`): the time saved per task and
+  which layers froze when;
+* ``routing_real_figure.png``: the router's score of its best match at every decision of routing_real's stream,
+  recurring and new tasks apart, with the reuse and fork thresholds and the wrong decisions marked
+  (`routing_real.json`), and each forced decision's two-task average against create's, per case and seed, with
+  routing_reuse_cost's 1-point band (`routing_reuse_cost.json`).
+
+    python benchmarks/issue14_figures.py [--results DIR] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
+
+#: the stored results each figure reads
+INPUTS = {
+    "freezing_real_figure.png": ("freezing_real_speed.json", "freezing_real.json"),
+    "routing_real_figure.png": ("routing_real.json", "routing_reuse_cost.json"),
+}
+#: the issue's freezing target (step-time ratio with half the layers frozen)
+SPEEDUP_TARGET = 1.3
+ARMS_ORDER = ("create", "reuse", "reuse_unchecked", "fork")
+
+
+def load(results: Path, name: str) -> dict[str, Any]:
+    path = results / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the benchmark that writes {name} first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _need(data: dict[str, Any], key: str, source: str) -> Any:
+    if key not in data:
+        raise KeyError(f"{source} has no '{key}' entry (keys: {sorted(data)}): not the benchmark's result file")
+    return data[key]
+
+
+def _save(fig, path: Path) -> None:
+    """Written under a temporary name, then renamed: a stopped run leaves no half-written figure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def freezing_figure(speed: dict[str, Any], runs: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Draws the freezing figure; returns what it drew (speedup per frozen configuration, frozen layers per run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = _need(speed, "speed", "freezing_real_speed.json")
+    arms = _need(runs, "runs", "freezing_real.json")
+    fig, (ax_s, ax_a, ax_f) = plt.subplots(1, 3, figsize=(17, 4.8))
+    frozen = {k: v for k, v in configs.items() if "half" in k}  # the unfrozen baselines are 1.0 by definition
+    names = sorted(frozen)
+    ax_s.barh(names, [frozen[n]["speedup"] for n in names], color="tab:blue")
+    ax_s.axvline(SPEEDUP_TARGET, color="k", ls="--", lw=1, label=f"target {SPEEDUP_TARGET}x")
+    ax_s.axvline(1.0, color="grey", lw=0.8)
+    for i, n in enumerate(names):
+        ax_s.text(frozen[n]["speedup"], i, f" {frozen[n]['speedup']:.2f}x", va="center", fontsize=7)
+    ax_s.set(xlabel="step-time speedup over the unfrozen run", title="Layers 0-14 frozen: step speed")
+    ax_s.tick_params(axis="y", labelsize=7)
+    ax_s.legend(fontsize=7)
+    markers = ("o", "s")
+    arm_names = list(dict.fromkeys(r["arm"] for r in arms))
+    colors = {a: f"C{i}" for i, a in enumerate(arm_names)}
+    for r in arms:
+        m = markers[int(r["seed"]) % len(markers)]
+        ax_a.scatter(r["train_s"], r["accuracy"], color=colors[r["arm"]], marker=m)
+        ax_f.plot(range(1, len(r["frozen_layers_per_step"]) + 1), r["frozen_layers_per_step"], color=colors[r["arm"]],
+                  ls="-" if m == "o" else "--", lw=1)  # fmt: skip
+    for a in arm_names:
+        ax_a.scatter([], [], color=colors[a], label=a)
+        ax_f.plot([], [], color=colors[a], label=a)
+    ax_a.set(xlabel="training time (s)", ylabel="accuracy", title="Accuracy vs training time (o seed 0, s seed 1)")
+    ax_a.legend(fontsize=7)
+    ax_f.set(xlabel="step", ylabel="frozen layers", title="Layers frozen per step (solid seed 0, dashed seed 1)")
+    ax_f.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return {
+        "speedup": {n: frozen[n]["speedup"] for n in names},
+        "frozen_layers": {(r["arm"], r["seed"]): r["frozen_layers_per_step"] for r in arms},
+    }
+
+
+def routing_figure(real: dict[str, Any], cost: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Draws the routing figure; returns what it drew (the wrong decisions, each arm's points vs create by seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decisions = _need(real, "decisions", "routing_real.json")
+    settings = _need(_need(real, "meta", "routing_real.json"), "settings", "routing_real.json's meta")
+    cases = _need(cost, "cases", "routing_reuse_cost.json")
+    band = _need(cost, "cost_points", "routing_reuse_cost.json")  # its rule: a cost is below create by more than this
+    fig, (ax_d, ax_c) = plt.subplots(1, 2, figsize=(15, 4.8))
+    for truth, color in (("reuse", "tab:green"), ("new", "tab:orange")):
+        pts = [(i, d) for i, d in enumerate(decisions) if d["truth"] == truth and d["best_score"] is not None]
+        label = "recurring task" if truth == "reuse" else "new task"
+        ax_d.scatter([i for i, _ in pts], [d["best_score"] for _, d in pts], color=color, s=18, label=label)
+    wrong = [(i, d) for i, d in enumerate(decisions) if not d["correct"]]
+    ax_d.scatter([i for i, _ in wrong], [d["best_score"] for _, d in wrong], marker="x", color="r", s=60,
+                 label="wrong decision")  # fmt: skip
+    for i, d in wrong:
+        ax_d.annotate(f"{d['task']} -> {d['best']}", (i, d["best_score"]), fontsize=7, xytext=(4, 4),
+                      textcoords="offset points")  # fmt: skip
+    ax_d.axhline(settings["reuse_threshold"], color="k", ls="--", lw=1, label="reuse threshold")
+    ax_d.axhline(settings["fork_threshold"], color="grey", ls=":", lw=1, label="fork threshold")
+    ax_d.set(xlabel="decision (stream order)", ylabel="best match's score",
+             title="Router on SmolLM2 signatures: every decision")  # fmt: skip
+    ax_d.legend(fontsize=7)
+    labels, positions, x, drawn = [], [], 0.0, {}
+    for case, data in cases.items():
+        for arm in ARMS_ORDER[1:]:
+            entry = data["arms"].get(arm)
+            points = (entry or {}).get("vs_create_points") or {}
+            if not points:
+                continue
+            diffs = [points[k] for k in sorted(points)]
+            drawn[(case, arm)] = diffs
+            ax_c.bar(x, sum(diffs) / len(diffs), color="tab:grey", alpha=0.6)
+            ax_c.scatter([x] * len(diffs), diffs, color="k", s=14, zorder=3)
+            labels.append(f"{case}\n{arm}")
+            positions.append(x)
+            x += 1
+        x += 0.5  # a gap between the cases
+    ax_c.axhspan(-band, band, color="tab:green", alpha=0.15, label=f"within {band:g} point of create")
+    ax_c.axhline(0.0, color="k", lw=0.8)
+    ax_c.set_xticks(positions, labels, fontsize=7)
+    ax_c.set(ylabel="two-task average vs create (points)",
+             title="Forced decision for the related task vs create (bars: seed mean, dots: seeds)")  # fmt: skip
+    ax_c.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return {"wrong": [(d["task"], d["best"]) for _, d in wrong], "vs_create_points": drawn}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the stored results (JSON)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the figures (PNG)")
+    ns = parser.parse_args(argv)
+    for name, (first, second) in INPUTS.items():
+        a, b = load(ns.results, first), load(ns.results, second)
+        (freezing_figure if name.startswith("freezing") else routing_figure)(a, b, ns.out / name)
+        print(f"written: {ns.out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
