@@ -17,12 +17,11 @@ def fu():
 
 @pytest.fixture(scope="module")
 def base(fu, tmp_path_factory):
-    """A small `gates_real.py --quick` run (one budget, PPO from the best static start): (result, its path)."""
+    """A small `gates_real.py --quick` run (one budget, PPO with and without the prior from the best static start):
+    (result, its path)."""
     out = tmp_path_factory.mktemp("gates_real_base")
-    assert (
-        fu.gr.main(["--quick", "--out", str(out), "--budgets", "0.5", "--seeds", "0,1", "--controller-prior", "none"])
-        == 0
-    )
+    args = ["--quick", "--out", str(out), "--budgets", "0.5", "--seeds", "0,1", "--controller-prior", "none,importance"]
+    assert fu.gr.main(args) == 0
     path = out / "gates_real.json"
     return json.loads(path.read_text()), path
 
@@ -47,8 +46,6 @@ def test_parts_cover_every_stored_strategy_then_each_new_controller_and_its_lora
         "lora_controller_reinforce_best_50",
         "controller_a2c_best_50",
         "lora_controller_a2c_best_50",
-        "controller_ppo_best_seed1_50",
-        "lora_controller_ppo_best_seed1_50",
         "controller_ppo_prior_best_seed1_50",
         "lora_controller_ppo_prior_best_seed1_50",
     ]
@@ -75,7 +72,6 @@ def test_the_report_plots_every_method_with_the_new_controllers_and_the_lora_acc
     assert added == {c.name for c in fu.CONTROLLERS}
     assert [c["strategy"] for c in merged["controllers"][len(base["controllers"]) :]] == [
         "controller_a2c_best",  # records in name order
-        "controller_ppo_best_seed1",
         "controller_ppo_prior_best_seed1",
         "controller_reinforce_best",
     ]
@@ -121,16 +117,16 @@ def test_ppo_with_a_second_seed_is_judged_on_the_mean_of_both_seeds(fu, followed
     base = json.loads(path.read_text())
     (budget,) = summary["budgets"]
     rows = {r["strategy"]: r for r in budget["rows"]}
-    (mean,) = budget["seed_means"]  # the quick base ran no prior: only plain PPO has both seeds
-    first, second = rows["controller_ppo_best"], rows["controller_ppo_best_seed1"]
+    (mean,) = budget["seed_means"]  # only PPO with the prior has a second seed
+    first, second = rows["controller_ppo_prior_best"], rows["controller_ppo_prior_best_seed1"]
     seed = base["meta"]["settings"]["seed"]
-    assert mean["strategy"] == "controller_ppo_best" and mean["seeds"] == [seed, seed + 1]
+    assert mean["strategy"] == "controller_ppo_prior_best" and mean["seeds"] == [seed, seed + 1]
     assert mean["test_loss"] == [first["test_loss"], second["test_loss"]]
     loss = (first["test_loss"] + second["test_loss"]) / 2
     assert mean["mean_test_loss"] == pytest.approx(loss)
     assert mean["vs_best_static"] == fu.gr.verdict(loss, budget["best_static_test_loss"], budget["random_std"])
     assert mean["mean_lora_accuracy"] == pytest.approx((first["lora_accuracy"] + second["lora_accuracy"]) / 2)
-    assert f"- controller_ppo_best over seeds [{seed}, {seed + 1}]: test loss {loss:.4f}" in md
+    assert f"- controller_ppo_prior_best over seeds [{seed}, {seed + 1}]: test loss {loss:.4f}" in md
 
 
 def test_a_lora_part_is_gates_reals_lora_accuracy_with_the_stored_heads(fu, followed):
