@@ -8,12 +8,17 @@ whose runs made the numbers:
   (`freezing_real_speed.json`, with the issue's 1.3x target), accuracy against training time per arm and seed, and
   the number of frozen layers at each step per arm and seed (`freezing_real.json`): the time saved per task and
   which layers froze when;
+* ``gates_real_lora_figure.png`` and ``gates_real_lora.md|json``: accuracy and balanced accuracy (the mean of the
+  per-class recalls, averaged over the tasks) after gates_real's short LoRA with each strategy's heads at each
+  budget (`gates_real_followup/lora_*.json`), against the strategy's test loss (`gates_real.json`), with the
+  balanced accuracy of a constant prediction (the mean over the tasks of 1 / labels, from the tasks' `labels.json`):
+  plain accuracy credits a model that predicts each task's majority label, balanced accuracy does not;
 * ``routing_real_figure.png``: the router's score of its best match at every decision of routing_real's stream,
   recurring and new tasks apart, with the reuse and fork thresholds and the wrong decisions marked
   (`routing_real.json`), and each forced decision's two-task average against create's, per case and seed, with
   routing_reuse_cost's 1-point band (`routing_reuse_cost.json`).
 
-    python benchmarks/issue14_figures.py [--results DIR] [--out DIR]
+    python benchmarks/issue14_figures.py [--results DIR] [--out DIR] [--data DIR]
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
-#: the stored results each figure reads
+#: the stored results each figure reads (a name ending in "/": a folder of per-part JSON files)
 INPUTS = {
     "freezing_real_figure.png": ("freezing_real_speed.json", "freezing_real.json"),
     "routing_real_figure.png": ("routing_real.json", "routing_reuse_cost.json"),
+    "gates_real_lora_figure.png": ("gates_real.json", "gates_real_followup/"),
 }
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cl_benchmark"
+GATES_TABLE = "gates_real_lora"
 #: the issue's freezing target (step-time ratio with half the layers frozen)
 SPEEDUP_TARGET = 1.3
 ARMS_ORDER = ("create", "reuse", "reuse_unchecked", "fork")
@@ -40,6 +48,10 @@ ARMS_ORDER = ("create", "reuse", "reuse_unchecked", "fork")
 
 def load(results: Path, name: str) -> dict[str, Any]:
     path = results / name
+    if name.endswith("/"):
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is missing: run the benchmark that writes {name} first")
+        return {p.stem: load(path, p.name) for p in sorted(path.glob("*.json"))}
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the benchmark that writes {name} first")
     try:
@@ -160,14 +172,130 @@ def routing_figure(real: dict[str, Any], cost: dict[str, Any], path: Path) -> di
     return {"wrong": [(d["task"], d["best"]) for _, d in wrong], "vs_create_points": drawn}
 
 
+def chance_balanced(tasks: list[str], data: Path) -> float:
+    """The balanced accuracy of a constant prediction: per task 1 / its number of labels, averaged over `tasks`."""
+    counts = []
+    for task in tasks:
+        path = data / task / "labels.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: --data={data} must be the CL benchmark folder with {task}")
+        counts.append(len(json.loads(path.read_text())))
+    return sum(1.0 / c for c in counts) / len(counts)
+
+
+def gates_lora_table(base: dict[str, Any], records: dict[str, Any], chance: float) -> dict[str, Any]:
+    """Per budget, each strategy with a LoRA part: its test loss (the base's), accuracy, balanced accuracy and
+    per-task accuracy; the dense model's; and the chance level of balanced accuracy."""
+    # random's row holds the mean over its seeds; its LoRA part used the first seed's heads
+    loss = {
+        (r["strategy"], r["fraction"]): (r.get("test_loss_seeds") or [r["test_loss"]])[0]
+        for r in _need(base, "results", "gates_real.json")
+    }
+    for r in records.values():
+        if r.get("kind") == "controller":
+            loss[(r["row"]["strategy"], r["row"]["fraction"])] = r["row"]["test_loss"]
+    budgets: dict[float, list[dict[str, Any]]] = {}
+    dense = None
+    for r in records.values():
+        if r.get("kind") != "lora":
+            continue
+        row = {
+            "strategy": r["strategy"],
+            "test_loss": loss.get((r["strategy"], r["fraction"])),
+            "accuracy": r["accuracy"],
+            "balanced": r["balanced"],
+            "per_task": r["per_task"],
+        }
+        if r["strategy"] == "dense":
+            dense = row
+        else:
+            budgets.setdefault(r["fraction"], []).append(row)
+    return {
+        "tasks": base["meta"]["settings"]["tasks"],
+        "chance_balanced": chance,
+        "dense": dense,
+        "budgets": [
+            {"fraction": f, "rows": sorted(rows, key=lambda r: -r["balanced"])}
+            for f, rows in sorted(budgets.items(), reverse=True)
+        ],
+    }
+
+
+def gates_lora_markdown(table: dict[str, Any]) -> str:
+    lines = [
+        "# Accuracy after a short LoRA with each strategy's heads, plain and balanced (issue 14)",
+        "",
+        "From `gates_real_followup`'s LoRA parts and `gates_real.json`'s test losses (random: its first seed's, "
+        f"whose heads the LoRA used), by `benchmarks/issue14_figures.py`. Tasks {', '.join(table['tasks'])}; a "
+        f"constant prediction has balanced accuracy {table['chance_balanced']:.3f} (the mean of 1 / labels); plain "
+        "accuracy gives it each task's majority share.",
+        "",
+    ]
+    if table["dense"] is not None:
+        d = table["dense"]
+        lines += [f"Dense: accuracy {d['accuracy']:.3f}, balanced {d['balanced']:.3f}.", ""]
+    for b in table["budgets"]:
+        lines += [f"## {round(100 * b['fraction'])} % of the heads kept", ""]
+        lines += ["| strategy | test loss | accuracy | balanced | per task |", "|---|---|---|---|---|"]
+        for r in b["rows"]:
+            test_loss = "n/a" if r["test_loss"] is None else f"{r['test_loss']:.3f}"
+            per_task = ", ".join(f"{a:.2f}" for a in r["per_task"])
+            lines.append(f"| {r['strategy']} | {test_loss} | {r['accuracy']:.3f} | {r['balanced']:.3f} | {per_task} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def gates_lora_figure(base: dict[str, Any], records: dict[str, Any], path: Path, chance: float) -> dict[str, Any]:
+    """Draws balanced accuracy against heads kept per strategy, and against test loss; returns the table drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = gates_lora_table(base, records, chance)
+    fig, (ax_k, ax_l) = plt.subplots(1, 2, figsize=(14, 4.8))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for b in table["budgets"]:
+        for r in b["rows"]:
+            series.setdefault(r["strategy"], []).append((b["fraction"], r["balanced"]))
+            if r["test_loss"] is not None:
+                ax_l.scatter(r["test_loss"], r["balanced"], color=f"C{table['budgets'].index(b)}", s=18)
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax_k.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if name.startswith("controller") else "s",
+                  lw=1, label=name)  # fmt: skip
+    for i, b in enumerate(table["budgets"]):
+        ax_l.scatter([], [], color=f"C{i}", label=f"{round(100 * b['fraction'])} % of heads")
+    for ax in (ax_k, ax_l):
+        ax.axhline(chance, color="r", ls=":", lw=1, label="constant prediction")
+        if table["dense"] is not None:
+            ax.axhline(table["dense"]["balanced"], color="k", ls="--", lw=1, label="dense")
+    ax_k.set(xlabel="fraction of query heads kept", ylabel="balanced accuracy after the short LoRA",
+             title="Balanced accuracy vs heads kept")  # fmt: skip
+    ax_l.set(xlabel="test loss with the heads (no LoRA)", ylabel="balanced accuracy after the short LoRA",
+             title="Does a lower loss give a better adaptation?")  # fmt: skip
+    ax_k.legend(fontsize=6)
+    ax_l.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the stored results (JSON)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the figures (PNG)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the figures (PNG) and tables")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the CL benchmark folder (labels.json)")
     ns = parser.parse_args(argv)
     for name, (first, second) in INPUTS.items():
         a, b = load(ns.results, first), load(ns.results, second)
-        (freezing_figure if name.startswith("freezing") else routing_figure)(a, b, ns.out / name)
+        if name.startswith("gates"):
+            chance = chance_balanced(_need(a, "meta", "gates_real.json")["settings"]["tasks"], ns.data)
+            table = gates_lora_figure(a, b, ns.out / name, chance)
+            write_results(GATES_TABLE, table, gates_lora_markdown(table), out=ns.out)
+        else:
+            (freezing_figure if name.startswith("freezing") else routing_figure)(a, b, ns.out / name)
         print(f"written: {ns.out / name}")
     return 0
 

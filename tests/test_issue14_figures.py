@@ -56,16 +56,44 @@ def results(tmp_path):
             },
         },
     }
+    stored["gates_real.json"] = {
+        "meta": {"settings": {"tasks": ["A", "B"]}},
+        "results": [
+            {"strategy": "dense", "fraction": 1.0, "test_loss": 3.0},
+            {"strategy": "random", "fraction": 0.5, "test_loss": 7.0, "test_loss_seeds": [6.0, 8.0]},
+            {"strategy": "michel", "fraction": 0.5, "test_loss": 4.0},
+        ],
+    }
     for name, data in stored.items():
         (tmp_path / name).write_text(json.dumps(data))
+    parts = tmp_path / "gates_real_followup"
+    parts.mkdir()
+    lora = {
+        "lora_dense_100": ("dense", 1.0, 0.7, 0.65),
+        "lora_random_50": ("random", 0.5, 0.55, 0.42),
+        "lora_michel_50": ("michel", 0.5, 0.5, 0.5),
+        "lora_controller_a2c_best_50": ("controller_a2c_best", 0.5, 0.6, 0.58),
+    }
+    for name, (strategy, fraction, acc, bal) in lora.items():
+        record = {"kind": "lora", "strategy": strategy, "fraction": fraction, "accuracy": acc, "balanced": bal,
+                  "per_task": [acc, acc]}  # fmt: skip
+        (parts / f"{name}.json").write_text(json.dumps(record))
+    controller = {"kind": "controller", "row": {"strategy": "controller_a2c_best", "fraction": 0.5, "test_loss": 3.5}}
+    (parts / "controller_a2c_best_50.json").write_text(json.dumps(controller))
+    data = tmp_path / "data"
+    for task, labels in (("A", ["x", "y"]), ("B", ["x", "y", "z", "w"])):
+        (data / task).mkdir(parents=True)
+        (data / task / "labels.json").write_text(json.dumps(labels))
     return tmp_path
 
 
 def test_both_figures_are_written_whole_from_the_stored_results(figs, results, tmp_path):
     out = tmp_path / "figures"
-    assert figs.main(["--results", str(results), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(figs.INPUTS)  # no temporary file left behind
+    assert figs.main(["--results", str(results), "--out", str(out), "--data", str(results / "data")]) == 0
+    tables = [f"{figs.GATES_TABLE}.json", f"{figs.GATES_TABLE}.md"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*figs.INPUTS, *tables])  # no temporary file left behind
     assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in figs.INPUTS)
+    assert "| controller_a2c_best | 3.500 | 0.600 | 0.580 | 0.60, 0.60 |" in (out / tables[1]).read_text()
 
 
 def test_the_figures_draw_what_the_results_hold(figs, results, tmp_path):
@@ -76,6 +104,23 @@ def test_the_figures_draw_what_the_results_hold(figs, results, tmp_path):
     drawn = figs.routing_figure(load("routing_real.json"), load("routing_reuse_cost.json"), tmp_path / "r.png")
     assert drawn["wrong"] == [("B", "expert_A")]
     assert drawn["vs_create_points"] == {("b_after_a", "reuse"): [-1.0, 0.5]}  # seeds in order; no runs: no bar
+
+
+def test_the_lora_table_ranks_by_balanced_accuracy_with_each_strategys_own_loss(figs, results, tmp_path):
+    chance = figs.chance_balanced(["A", "B"], results / "data")
+    assert chance == pytest.approx((1 / 2 + 1 / 4) / 2)
+    base = json.loads((results / "gates_real.json").read_text())
+    records = figs.load(results, "gates_real_followup/")
+    table = figs.gates_lora_figure(base, records, tmp_path / "g.png", chance)
+    assert table["chance_balanced"] == chance and table["dense"]["balanced"] == 0.65
+    (budget,) = table["budgets"]
+    assert [(r["strategy"], r["test_loss"]) for r in budget["rows"]] == [
+        ("controller_a2c_best", 3.5),  # a controller's loss comes from its own part
+        ("michel", 4.0),
+        ("random", 6.0),  # the first seed's loss: its heads are the ones the LoRA part used
+    ]
+    with pytest.raises(FileNotFoundError, match=r"C/labels\.json is missing: --data="):
+        figs.chance_balanced(["A", "C"], results / "data")
 
 
 def test_a_missing_or_foreign_result_is_refused_by_name(figs, results, tmp_path):
