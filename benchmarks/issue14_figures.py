@@ -1,8 +1,10 @@
-"""Figures of issue 14's freezing and routing measurements, drawn from their stored results (no model is loaded).
+"""Figures (and one table) of issue 14's freezing, routing and head-gate measurements, drawn from their stored
+results (no model is loaded).
 
-freezing_real.py and routing_real.py / routing_reuse_cost.py report their numbers as tables only; this script draws
-them, so every section of issue 14 in docs/results.md has its plot, without touching (and so staling) the scripts
-whose runs made the numbers:
+freezing_real.py and routing_real.py / routing_reuse_cost.py report their numbers as tables only, and
+gates_real_followup.py judges LoRA accuracy on plain accuracy; this script draws and re-reads them, so every section
+of issue 14 in docs/results.md has its plot, without touching (and so staling) the scripts whose runs made the
+numbers:
 
 * ``freezing_real_figure.png``: step-time speedup of each frozen configuration over its unfrozen baseline
   (`freezing_real_speed.json`, with the issue's 1.3x target), accuracy against training time per arm and seed, and
