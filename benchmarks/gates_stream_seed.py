@@ -4,8 +4,9 @@
 stream (the same rows and batches: `data_seed` is unchanged), the same model and the same static, oracle and greedy
 arms, with the two PPO controllers seeded by `--seed`, and writes `gates_stream_seed<k>.md|json|png` (into
 `docs/results/gates_stream_seeds/` by default). Only the controllers' rows should differ from the stored run; the
-other arms repeat it, which checks the run. A separate script so that gates_stream's stored record, which hashes
-gates_stream.py, stays current.
+other arms repeat it, which checks the run (in `--quick` the tiny model is built from the seed too, so every arm
+differs). A separate script, repeating gates_stream's `main` with the seed set, so that gates_stream's stored record,
+which hashes gates_stream.py, stays current; folding `--seed` into gates_stream.py waits for its next re-run.
 
     python benchmarks/gates_stream_seed.py --seed 1            # SmolLM2, ~29 min on 2 cores
     python benchmarks/gates_stream_seed.py --seed 1 --quick    # tiny GQA Llama, seconds, into a temporary folder
